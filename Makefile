@@ -1,0 +1,28 @@
+# Two commands set everything up from nothing: `make test` and `make demo`. Both build .venv if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench-kernels clean
+
+# torch goes first and alone, pinned, so that a machine without CUDA takes the CPU wheel it keeps on disk
+# and never a multi-GB CUDA build; everything else is then resolved against it.
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import ladder_kernels as lk; print('backends:', {k: v for k, v in lk.backend_info().items() if k != 'why_not'})"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench-kernels: $(STAMP)
+	$(BIN)/python bench/bench_nf4_matmul.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info ladder_kernels/_C*.so

@@ -1,0 +1,145 @@
+"""`nf4_matmul(x, q, bias)` = x @ dequant(W).T + bias, with W a frozen NF4 weight [N, K].
+
+One torch.library op pair, `ladder::nf4_matmul` (forward) and `ladder::nf4_matmul_grad_input`
+(grad_x = grad_out @ W, reading the packed weight in transposed order), each with a fake implementation
+so FakeTensorMode / torch.compile see through them. The weight is frozen: no gradient for it.
+
+Backends (chosen per call by `ladder_kernels._backend.resolve_backend`):
+  triton  ladder_kernels.triton.nf4_matmul   (CUDA; CPU under TRITON_INTERPRET=1)
+  cpu     torch.ops.ladder_cpu.*              (csrc/nf4_matmul.cpp)
+  torch   the reference below: dequantize whole, then matmul
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend
+from ..quant.nf4 import NF4Weight
+
+
+# --- reference (the oracle the other backends are tested against) -------------------------------------
+def dequantize_packed(packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only)."""
+    flat = packed.reshape(-1)
+    codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[: n * k].long()
+    vals = code[codes]
+    pad = (-(n * k)) % blocksize
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, blocksize) * absmax.view(-1, 1)
+    return vals.reshape(-1)[: n * k].view(n, k).to(dtype)
+
+
+def reference_forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
+    w = dequantize_packed(packed, absmax, code, n, k, blocksize, x2d.dtype)
+    out = x2d @ w.t()
+    return out + bias.to(out.dtype) if bias is not None else out
+
+
+def reference_grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int) -> Tensor:
+    return g2d @ dequantize_packed(packed, absmax, code, n, k, blocksize, g2d.dtype)
+
+
+# --- backend dispatch ----------------------------------------------------------------------------------
+def _forward_impl(backend: str):
+    if backend == "triton":
+        from ..triton import nf4_matmul as tk
+
+        return tk.forward
+    if backend == "cpu":
+        return torch.ops.ladder_cpu.nf4_matmul
+    return reference_forward
+
+
+def _grad_input_impl(backend: str):
+    if backend == "triton":
+        from ..triton import nf4_matmul as tk
+
+        return tk.grad_input
+    if backend == "cpu":
+        return torch.ops.ladder_cpu.nf4_matmul_grad_input
+    return reference_grad_input
+
+
+# --- the ops -------------------------------------------------------------------------------------------
+@torch.library.custom_op("ladder::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
+    out_features: int, in_features: int, blocksize: int, bias: Optional[Tensor], backend: str,
+) -> Tensor:
+    x2d = x.reshape(-1, in_features)
+    out = _forward_impl(backend)(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+@_nf4_matmul_op.register_fake
+def _(x, packed, absmax, code, out_features, in_features, blocksize, bias, backend):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("ladder::nf4_matmul_grad_input", mutates_args=())
+def _nf4_matmul_grad_input_op(
+    grad_out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
+    out_features: int, in_features: int, blocksize: int, backend: str,
+) -> Tensor:
+    g2d = grad_out.reshape(-1, out_features)
+    gx = _grad_input_impl(backend)(g2d, packed, absmax, code, out_features, in_features, blocksize)
+    return gx.reshape(*grad_out.shape[:-1], in_features)
+
+
+@_nf4_matmul_grad_input_op.register_fake
+def _(grad_out, packed, absmax, code, out_features, in_features, blocksize, backend):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, code, n, k, blocksize, bias, backend = inputs
+    ctx.save_for_backward(packed, absmax, code)
+    ctx.meta = (n, k, blocksize, backend)
+    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[7]
+
+
+def _backward(ctx, grad_out):
+    packed, absmax, code = ctx.saved_tensors
+    n, k, blocksize, backend = ctx.meta
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _nf4_matmul_grad_input_op(grad_out.contiguous(), packed, absmax, code, n, k, blocksize, backend)
+    grad_bias = grad_out.reshape(-1, n).sum(0) if ctx.bias_needs_grad else None
+    return grad_x, None, None, None, None, None, None, grad_bias, None
+
+
+_nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public entry point --------------------------------------------------------------------------------
+def check_nf4_matmul_args(x: Tensor, q: NF4Weight, bias: Optional[Tensor]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"nf4_matmul: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"nf4_matmul: q must be an NF4Weight, got {type(q).__name__}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"nf4_matmul: x must be float32, bfloat16 or float16, got {x.dtype}")
+    n, k = q.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"nf4_matmul: x's last dim must equal the weight's in_features {k}, got x of shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"nf4_matmul: x is on {x.device} but the weight q is on {q.device}")
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"nf4_matmul: bias must have shape ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+
+
+def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None, backend: Optional[str] = None, absmax: Optional[Tensor] = None) -> Tensor:
+    """x [..., K] @ dequant(q).T [K, N] (+ bias) -> [..., N] in x's dtype; differentiable in x and bias.
+
+    backend: None (by device), "triton", "cpu" or "torch". absmax: q.block_absmax() if the caller caches it.
+    """
+    check_nf4_matmul_args(x, q, bias)
+    backend = resolve_backend(x.device, backend, "nf4_matmul")
+    n, k = q.shape
+    if absmax is None:
+        absmax = q.block_absmax()
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _nf4_matmul_op(x, q.packed, absmax, q.code, n, k, q.blocksize, bias, backend)
