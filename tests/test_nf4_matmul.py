@@ -1,0 +1,137 @@
+"""nf4_matmul on every backend against a float64 reference: forward, gradients, odd shapes, dtypes."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import rel_err
+from ladder_kernels import nf4_matmul, quantize_nf4
+from ladder_kernels.quant import dequantize_nf4
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
+BACKENDS = ["torch", "cpu", "triton"]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Allocations made through torch.empty/empty_like (how the Python launchers allocate outputs) start as
+    NaN, so an element a kernel forgets to write cannot pass by luck."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def reference(x, q, bias=None):
+    out = x.double() @ dequantize_nf4(q, torch.float64).t()
+    return out + bias.double() if bias is not None else out
+
+
+def make_weight(n, k, blocksize=64, double_quant=True):
+    w = torch.randn(n, k) * (1 + torch.rand(n, 1))  # rows of different scales
+    return quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+
+
+# Triton under the interpreter is slow: it gets the odd shapes, the others get bigger ones too.
+SHAPES = [(1, 33, 100), (7, 130, 72), (37, 64, 256), (300, 96, 160)]
+
+
+def shapes_for(backend):
+    return SHAPES[:3] if backend == "triton" else SHAPES
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_matches_float64_reference(backend, dtype, poisoned_empty):
+    for m, n, k in shapes_for(backend):
+        for blocksize, dq in ((64, True), (128, False)):
+            q = make_weight(n, k, blocksize, dq)
+            x = torch.randn(m, k).to(dtype)
+            bias = torch.randn(n).to(dtype)
+            out = nf4_matmul(x, q, bias, backend=backend)
+            assert out.dtype == dtype and out.shape == (m, n)
+            assert rel_err(out, reference(x, q, bias)) <= TOL[dtype], (m, n, k, blocksize)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_float64_reference(backend, dtype, poisoned_empty):
+    for m, n, k in shapes_for(backend):
+        q = make_weight(n, k)
+        x = torch.randn(m, k).to(dtype).requires_grad_()
+        bias = torch.randn(n).to(dtype).requires_grad_()
+        grad_out = torch.randn(m, n).to(dtype)
+        nf4_matmul(x, q, bias, backend=backend).backward(grad_out)
+        w64 = dequantize_nf4(q, torch.float64)
+        assert rel_err(x.grad, grad_out.double() @ w64) <= TOL[dtype]
+        assert rel_err(bias.grad, grad_out.double().sum(0)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_non_contiguous_input(backend):
+    q = make_weight(40, 96)
+    base = torch.randn(3, 96, 5)
+    x = base.transpose(1, 2)  # [3, 5, 96], non-contiguous
+    assert not x.is_contiguous()
+    x.requires_grad_()
+    out = nf4_matmul(x, q, backend=backend)
+    assert out.shape == (3, 5, 40)
+    assert rel_err(out, reference(x, q)) <= 1e-5
+    out.sum().backward()
+    assert rel_err(x.grad, torch.ones(3, 5, 40, dtype=torch.float64) @ dequantize_nf4(q, torch.float64)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_backends_agree_with_torch_backend(backend):
+    q = make_weight(72, 200)
+    x = torch.randn(19, 200)
+    assert rel_err(nf4_matmul(x, q, backend=backend), nf4_matmul(x, q, backend="torch")) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q = make_weight(24, 80)
+    args = (torch.randn(5, 80, requires_grad=True), q.packed, q.block_absmax(), q.code, 24, 80, 64, torch.randn(24), backend)
+    torch.library.opcheck(torch.ops.ladder.nf4_matmul.default, args)
+    grad_args = (torch.randn(5, 24), q.packed, q.block_absmax(), q.code, 24, 80, 64, backend)
+    torch.library.opcheck(torch.ops.ladder.nf4_matmul_grad_input.default, grad_args)
+
+
+def test_fake_tensor_shapes():
+    q = make_weight(48, 64)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 9, 64))
+        out = nf4_matmul(x, q, backend="torch")
+        assert out.shape == (2, 9, 48) and out.dtype == torch.float32
+
+
+def test_weight_never_gets_gradient_and_is_unchanged():
+    q = make_weight(16, 64)
+    before = q.packed.clone()
+    x = torch.randn(3, 64, requires_grad=True)
+    nf4_matmul(x, q).sum().backward()
+    assert not q.packed.requires_grad and torch.equal(q.packed, before)
+
+
+def test_bad_input():
+    q = make_weight(16, 64)
+    with pytest.raises(ValueError, match="in_features 64"):
+        nf4_matmul(torch.randn(3, 65), q)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        nf4_matmul(torch.ones(3, 64, dtype=torch.int64), q)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nf4_matmul(torch.randn(3, 64), q, backend="cuda-magic")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        nf4_matmul(torch.randn(3, 64), q, bias=torch.randn(15))
+    with pytest.raises(TypeError, match="NF4Weight"):
+        nf4_matmul(torch.randn(3, 64), torch.randn(16, 64))
+    meta_x = torch.randn(3, 64, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        nf4_matmul(meta_x, q)
