@@ -29,3 +29,18 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 CPU_BACKENDS = ["torch", "cpu", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_backend(backend: str) -> None:
+    """Skip a backend's test only where it was switched off on purpose (LADDER_KERNELS_NO_CPU_EXT=1, or no
+    triton installed); a backend that should work here but does not is a failure, not a skip."""
+    from ladder_kernels import backend_info
+
+    info = backend_info()
+    usable = {"torch": True, "cpu": info["cpu_ext"], "triton": info["triton"] or info["triton_interpret"]}
+    if usable[backend]:
+        return
+    why = info["why_not"].get("cpu_ext" if backend == "cpu" else "triton_interpret")
+    if backend == "cpu" and os.environ.get("LADDER_KERNELS_NO_CPU_EXT") == "1" or "not installed" in str(why):
+        pytest.skip(f"backend {backend!r} switched off here: {why}")
+    pytest.fail(f"backend {backend!r} should be available here but is not: {why}")

@@ -1,0 +1,130 @@
+"""Pieces shared by the Triton kernels: the interpreter / autotune switches, device facts, config checks, and
+`nf4_tile`, the in-register NF4 dequantization of one weight tile that every kernel reading a packed NF4
+weight (matmul, down-projection, LM head cross-entropy) reuses.
+
+Interpreter sharp edges (DESIGN.md): `tl.dot` on bf16/fp16 operands returns garbage under TRITON_INTERPRET=1,
+so kernels take a DOT_FP32 constexpr (see `dot_in_fp32`); autotuning needs a GPU driver to time configs, so
+launchers call the bare kernel with one config when interpreting (see `autotuning_enabled`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreting
+
+# Offsets are int32 unless a tensor spans this many elements; then kernels take their INDEX_64 path.
+INT32_SPAN_LIMIT = 2**31 - 1
+# H100/H200 shared memory per block; configs above it can never launch there.
+MAX_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def autotuning_enabled() -> bool:
+    """Autotune on a GPU unless LADDER_KERNELS_AUTOTUNE=0 (quick runs, tests); never when interpreting."""
+    return not triton_interpreting() and os.environ.get("LADDER_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must take fp32 operands: fp32 inputs, or the interpreter (its bf16/fp16 dot is broken)."""
+    return dtype == torch.float32 or triton_interpreting()
+
+
+def fp32_dot_precision() -> str:
+    """tl.dot input_precision for fp32 operands: "tf32x3" on a GPU (fp32-accurate on tensor cores; "ieee"
+    compiles to FMA loops that spill heavily at these tile sizes), "ieee" in the interpreter."""
+    return "ieee" if triton_interpreting() else "tf32x3"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a fixed 4 when interpreting: keeps the programs few)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def needs_int64_offsets(*spans: int) -> bool:
+    """True when any tensor spans more elements than int32 offsets reach."""
+    return max(spans) > INT32_SPAN_LIMIT
+
+
+def span(t: torch.Tensor) -> int:
+    """Elements between a tensor's first and last addressed element (its offset range), strides included."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def config_problems(config: triton.Config, tile_keys: tuple[str, ...], operand_bytes: int = 2) -> list[str]:
+    """Why `config` is not valid on a GPU (empty list when it is): dot tiles power-of-two and >= 16, sane
+    warps and stages, and the pipelined operand tiles fitting in shared memory."""
+    problems = []
+    kw = config.kwargs
+    for key in tile_keys:
+        v = kw.get(key)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            problems.append(f"{key}={v!r} must be a power of two >= 16")
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        problems.append(f"num_warps={config.num_warps} must be one of 1, 2, 4, 8, 16")
+    if not 1 <= config.num_stages <= 6:
+        problems.append(f"num_stages={config.num_stages} must be between 1 and 6")
+    if not problems and len(tile_keys) == 3:
+        m, p, r = (kw[key] for key in tile_keys)
+        smem = (m * r + r * p) * operand_bytes * config.num_stages  # rough: every stage holds both operand tiles
+        if smem > MAX_SHARED_MEMORY_BYTES:
+            problems.append(f"operand tiles need {smem} B of shared memory, more than {MAX_SHARED_MEMORY_BYTES}")
+    return problems
+
+
+@triton.jit
+def nf4_tile(
+    packed_ptr, absmax_ptr, code_ptr,
+    rows, col0, n_rows, n_cols,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS_HOLD_WHOLE_BLOCKS: tl.constexpr,
+):
+    """W[rows, col0:col0+BLOCK_COLS] of an NF4 weight W [n_rows, n_cols], as fp32 [BLOCK_ROWS, BLOCK_COLS];
+    0 outside W. `rows` holds BLOCK_ROWS row indices (int32, or int64 for weights past 2**31 elements);
+    col0 is a multiple of BLOCK_COLS (a power of two).
+
+    bitsandbytes' flat-block layout: element i of W's row-major flattening is in byte i >> 1 (high nibble
+    when i is even) and scaled by absmax[i // BLOCKSIZE]; blocks straddle rows unless
+    ROWS_HOLD_WHOLE_BLOCKS (n_cols % BLOCKSIZE == 0, true of every real model's layers).
+    """
+    if ROWS_HOLD_WHOLE_BLOCKS:
+        # Rows of whole blocks have an even length: each byte holds two neighbours of one row (even column in
+        # the high nibble) and each block's absmax is loaded once, then both are spread over the tile.
+        byte_cols = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+        byte_mask = (rows[:, None] < n_rows) & (byte_cols[None, :] < n_cols // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * (n_cols // 2) + byte_cols[None, :], mask=byte_mask, other=0)
+        byte = byte.to(tl.int32)
+        even = tl.load(code_ptr + (byte >> 4))
+        odd = tl.load(code_ptr + (byte & 15))
+        if BLOCK_COLS <= BLOCKSIZE:  # the tile lies inside one block of each row
+            scale = tl.load(absmax_ptr + rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE, mask=rows < n_rows, other=0.0)
+            scale = scale[:, None]
+        else:
+            blocks: tl.constexpr = BLOCK_COLS // BLOCKSIZE
+            block_cols = col0 // BLOCKSIZE + tl.arange(0, blocks)
+            scale = tl.load(
+                absmax_ptr + rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :],
+                mask=(rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE), other=0.0,
+            )
+            scale = tl.reshape(
+                tl.broadcast_to(scale[:, :, None], (BLOCK_ROWS, blocks, BLOCKSIZE // 2)), (BLOCK_ROWS, BLOCK_COLS // 2)
+            )
+        return tl.reshape(tl.join(even * scale, odd * scale), (BLOCK_ROWS, BLOCK_COLS))
+    else:
+        # Blocks straddle rows (and odd rows alternate nibble parity): address each element on its own.
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        idx = rows[:, None] * n_cols + cols[None, :]
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> (((idx & 1) ^ 1) * 4).to(tl.int32)) & 15
+        scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(code_ptr + nibble) * scale
