@@ -11,9 +11,17 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_device(request):
+    """Seed every test; on a GPU machine, tests parametrized with backend="triton" build their tensors on
+    CUDA (the compiled kernels), while the torch and cpu backends stay on CPU."""
     torch.manual_seed(1234)
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    on_gpu = params.get("backend") == "triton" and torch.cuda.is_available()
+    if on_gpu:
+        torch.set_default_device("cuda")
     yield
+    if on_gpu:
+        torch.set_default_device(None)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._backend import triton_interpreting
 from ..ops.downproj import ROW_ABSMAX_FLOOR, saves_input_itself
-from ._common import autotuning_enabled, config_problems, dot_in_fp32, needs_int64_offsets, span
+from ._common import autotuning_enabled, config_problems, dot_in_fp32, fp32_dot_precision, needs_int64_offsets, span
 
 SAVE_NONE, SAVE_BF16, SAVE_INT8 = 0, 1, 2
 FWD_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -58,7 +58,7 @@ def _downproj_fwd_kernel(
     M, N, K,
     stride_hm, stride_hk, stride_wn, stride_wk, stride_zm, stride_sm,
     m_bucket,  # autotuning key only: M rounded up to a power of two
-    ABSMAX_FLOOR: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr,
+    ABSMAX_FLOOR: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -94,7 +94,7 @@ def _downproj_fwd_kernel(
         w_t = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                       mask=mask_n[None, :] & (offs_k[:, None] < K), other=0.0).to(h_ptr.dtype.element_ty)
         if DOT_FP32:
-            acc = tl.dot(h.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(h.to(tl.float32), w_t.to(tl.float32), acc, input_precision=FP32_PRECISION)
         else:
             acc = tl.dot(h, w_t, acc)
         if SAVE != 0:
@@ -119,7 +119,7 @@ def _downproj_bwd_kernel(
     M, N, K,
     stride_gm, stride_sm, stride_sk,
     m_bucket,  # autotuning key only: M rounded up to a power of two
-    INT8: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr,
+    INT8: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -153,7 +153,7 @@ def _downproj_bwd_kernel(
                 g_t = g_t.to(g_ptr.dtype.element_ty)
                 h = h.to(tl.float32).to(g_ptr.dtype.element_ty)
         if DOT_FP32:
-            acc = tl.dot(g_t.to(tl.float32), h.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(g_t.to(tl.float32), h.to(tl.float32), acc, input_precision=FP32_PRECISION)
         else:
             acc = tl.dot(g_t, h.to(g_ptr.dtype.element_ty), acc)
 
@@ -205,7 +205,7 @@ def launch_forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tenso
         m, n, k, h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
         saved.stride(0) if saved is not None else 0, _m_bucket(m),
     )
-    meta = dict(ABSMAX_FLOOR=ROW_ABSMAX_FLOOR, HAS_BIAS=bias is not None, SAVE=save, DOT_FP32=dot_in_fp32(h2d.dtype),
+    meta = dict(ABSMAX_FLOOR=ROW_ABSMAX_FLOOR, HAS_BIAS=bias is not None, SAVE=save, DOT_FP32=dot_in_fp32(h2d.dtype), FP32_PRECISION=fp32_dot_precision(),
                 INDEX_64=needs_int64_offsets(span(h2d), span(weight), span(z)))
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
     _launch(_downproj_fwd_kernel, _fwd_autotuned, DEFAULT_FWD_CONFIG, INTERPRET_FWD_CONFIG, grid, args, meta)
@@ -226,7 +226,7 @@ def launch_backward(g2d: Tensor, saved: Tensor, scale: Tensor, grad_w: Tensor, g
         g2d, saved, scale if int8 else g2d, grad_w, grad_b if grad_b is not None else grad_w,
         m, n, k, g2d.stride(0), saved.stride(0), saved.stride(1), _m_bucket(m),
     )
-    meta = dict(INT8=int8, HAS_BIAS=grad_b is not None, DOT_FP32=dot_in_fp32(g2d.dtype) or saved.dtype == torch.float32,
+    meta = dict(INT8=int8, HAS_BIAS=grad_b is not None, DOT_FP32=dot_in_fp32(g2d.dtype) or saved.dtype == torch.float32, FP32_PRECISION=fp32_dot_precision(),
                 INDEX_64=needs_int64_offsets(span(g2d), span(saved), grad_w.numel()))
     grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))  # noqa: E731
     _launch(_downproj_bwd_kernel, _bwd_autotuned, DEFAULT_BWD_CONFIG, INTERPRET_BWD_CONFIG, grid, args, meta)

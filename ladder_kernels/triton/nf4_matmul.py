@@ -1,0 +1,317 @@
+"""Triton backend of `ladder::nf4_matmul`: x @ W^T (+ bias) and its input gradient g @ W, with W an NF4
+weight [N, K] dequantized tile by tile in registers (no 16-bit copy of W is ever made).
+
+One GEMM kernel serves both directions, C[M, P] = A[M, R] @ B with B[R, P] read from the packed weight:
+  forward      A = x [M, K],  B = W^T  (P = N, R = K)
+  grad_input   A = g [M, N],  B = W    (P = K, R = N): tiles W[n0:n1, k0:k1], looping over n
+Each loop step loads A's tile, dequantizes B's tile (`_common.nf4_tile`), rounds it to A's dtype (what a
+16-bit weight would hold) and accumulates a tl.dot in fp32. When K % blocksize == 0 (every real model)
+a byte is two neighbours of one row and absmax is read once per block; otherwise (blocks straddle rows)
+each element is addressed on its own, which needs smaller tiles (see `_fits_shared_memory`). Two launch paths:
+  M > 16   tiles up to 256 wide, grouped program order so neighbouring programs share W's bytes in L2;
+  M <= 16  (decode) BLOCK_M = 16 and the reduction split over SPLIT programs, which fp32-atomically add
+           into a zeroed buffer (summation order, hence the last bits, then vary from run to run).
+On a GPU both paths are autotuned per (M bucket, P, R, dtypes); under TRITON_INTERPRET=1 each takes one
+fixed config with fp32 dot operands.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._backend import triton_interpreting
+from ._common import (
+    MAX_SHARED_MEMORY_BYTES, autotuning_enabled, config_problems, dot_in_fp32, fp32_dot_precision,
+    needs_int64_offsets, nf4_tile, sm_count, span,
+)
+
+SMALL_M = 16  # at or below this many rows the split-reduction (decode) path is taken
+TILE_KEYS = ("BLOCK_M", "BLOCK_P", "BLOCK_R")
+
+
+def _cfg(bm, bp, br, warps, stages, split=1, group_m=8):
+    return triton.Config(
+        dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, SPLIT=split, GROUP_M=group_m), num_warps=warps, num_stages=stages
+    )
+
+
+# Prefill / training: the tutorial matmul's tiles plus wider reduction steps (dequantization is amortized
+# over BLOCK_M rows, so taller tiles pay more here than in a plain GEMM).
+LARGE_M_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(64, 256, 32, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(32, 128, 64, 4, 3),
+]
+# Decode: memory-bound, so the split count is what fills the GPU; W is read exactly once either way.
+SMALL_M_CONFIGS = [
+    _cfg(16, 32, 128, 4, 4, split=1, group_m=1),
+    _cfg(16, 32, 128, 4, 4, split=4, group_m=1),
+    _cfg(16, 64, 128, 4, 4, split=2, group_m=1),
+    _cfg(16, 64, 128, 4, 3, split=4, group_m=1),
+    _cfg(16, 64, 256, 4, 3, split=8, group_m=1),
+    _cfg(16, 128, 64, 4, 4, split=8, group_m=1),
+    _cfg(16, 128, 128, 8, 3, split=4, group_m=1),
+    _cfg(16, 32, 256, 4, 3, split=16, group_m=1),
+]
+# Under the interpreter: few programs, big tiles (its time grows with programs x loop trips), still GPU-valid.
+INTERPRET_LARGE_M_CONFIG = _cfg(64, 64, 64, 4, 1)
+INTERPRET_SMALL_M_CONFIG = _cfg(16, 64, 64, 4, 1, split=2, group_m=1)
+
+
+@triton.jit
+def _nf4_gemm_kernel(
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, c_ptr,
+    M, P, R, N, K,
+    stride_am, stride_ar, stride_cm, stride_cp,
+    m_bucket,  # autotuning key only: M rounded up to a power of two
+    BLOCKSIZE: tl.constexpr, GRAD_INPUT: tl.constexpr, ALIGNED_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ATOMIC_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped order: GROUP_M row tiles walk the same column tiles together, so W's bytes are reused in L2.
+    pid = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_p = tl.cdiv(P, BLOCK_P)
+    pids_per_group = GROUP_M * num_pid_p
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_p = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+    mask_m = offs_m < M
+
+    # This program's share of the reduction: whole BLOCK_R steps, so no tile crosses a split boundary.
+    r_per_split = tl.cdiv(tl.cdiv(R, BLOCK_R), SPLIT) * BLOCK_R
+    r_start = pid_split * r_per_split
+    r_end = tl.minimum(r_start + r_per_split, R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+            mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+        )
+        if GRAD_INPUT:  # B = W[r0:r0+BLOCK_R, p0:p0+BLOCK_P]
+            b = nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_r, pid_p * BLOCK_P, N, K,
+                         BLOCK_R, BLOCK_P, BLOCKSIZE, ALIGNED_K)
+        else:  # B = W[p0:p0+BLOCK_P, r0:r0+BLOCK_R]^T
+            b = tl.trans(nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, r0, N, K,
+                                  BLOCK_P, BLOCK_R, BLOCKSIZE, ALIGNED_K))
+        b = b.to(a_ptr.dtype.element_ty)  # the rounding a 16-bit weight would have
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+
+    mask_p = offs_p < P
+    if HAS_BIAS:  # added once: by the first split only
+        acc += tl.load(bias_ptr + offs_p, mask=mask_p & (pid_split == 0), other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
+    mask_c = mask_m[:, None] & mask_p[None, :]
+    if ATOMIC_OUT:
+        tl.atomic_add(c_ptrs, acc, mask=mask_c, sem="relaxed")
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+def _fits_shared_memory(config: triton.Config, operand_bytes: int, aligned_k: bool) -> bool:
+    """Shared-memory model fitted to sm_90 builds (compile_for_gpu; e.g. 128x256x64 bf16, 3 stages: 140 KB
+    predicted 139 KB): per stage the A tile and W's bytes, plus, when blocks straddle rows, the per-element
+    bytes and absmax; and two buffers of the dequantized B tile. Errs high for fp32 and tall tiles."""
+    if config_problems(config, TILE_KEYS, operand_bytes):
+        return False
+    bm, bp, br = (config.kwargs[key] for key in TILE_KEYS)
+    per_stage = bm * br * operand_bytes + bp * br // 2 + (0 if aligned_k else bp * br * 5)
+    return per_stage * config.num_stages + 2 * bp * br * operand_bytes <= MAX_SHARED_MEMORY_BYTES
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot fit in shared memory, tiles far taller than M, and splits with nothing to
+    reduce; keep at least one."""
+    operand_bytes = 4 if kwargs["DOT_FP32"] else 2
+    fitting = [c for c in configs if _fits_shared_memory(c, operand_bytes, kwargs["ALIGNED_K"])] or configs[:1]
+    tallest_useful = max(32, triton.next_power_of_2(named_args["M"]))
+    r_steps = lambda c: triton.cdiv(named_args["R"], c.kwargs["BLOCK_R"])  # noqa: E731
+    kept = [c for c in fitting if c.kwargs["BLOCK_M"] <= tallest_useful and c.kwargs["SPLIT"] <= r_steps(c)]
+    return kept or fitting[:1]
+
+
+_AUTOTUNE_KEY = ["m_bucket", "P", "R", "GRAD_INPUT", "BLOCKSIZE", "HAS_BIAS"]
+_large_m_autotuned = triton.autotune(
+    configs=LARGE_M_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+)(_nf4_gemm_kernel)
+_small_m_autotuned = triton.autotune(
+    configs=SMALL_M_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+    reset_to_zero=["c_ptr"],  # the atomic buffer must start at zero for every timed run
+)(_nf4_gemm_kernel)
+
+
+def default_config(m: int, p: int, r: int, dtype: torch.dtype, device: torch.device) -> triton.Config:
+    """The config used without autotuning (interpreter, or LADDER_KERNELS_AUTOTUNE=0)."""
+    if triton_interpreting():
+        return INTERPRET_SMALL_M_CONFIG if m <= SMALL_M else INTERPRET_LARGE_M_CONFIG
+    if m <= SMALL_M:
+        # Enough splits for about two programs per SM, as a power of two (each value compiles once).
+        p_tiles, r_steps = triton.cdiv(p, 64), triton.cdiv(r, 128)
+        split = 1
+        while split < 16 and p_tiles * split * 2 <= 2 * sm_count(device) and split * 2 <= r_steps:
+            split *= 2
+        return _cfg(16, 64, 128, 4, 3, split=split, group_m=1)
+    bm = 128 if m >= 128 else 64
+    br = 32 if dtype == torch.float32 else 64  # fp32 operand tiles are twice the bytes
+    return _cfg(bm, 128, br, 8 if bm == 128 else 4, 3)
+
+
+def _check_operands(name: str, a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int,
+                    blocksize: int, reduce_dim: int, bias: Optional[Tensor], out: Optional[Tensor], out_cols: int) -> None:
+    """ValueError/TypeError naming the argument, before anything reaches a kernel (which would read out of
+    bounds rather than fail)."""
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [M, {reduce_dim}], got {getattr(a, 'shape', type(a).__name__)}")
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+    if a.shape[1] != reduce_dim:
+        raise ValueError(f"{name} must have {reduce_dim} columns, got shape {tuple(a.shape)}")
+    if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
+        raise ValueError(f"n and k must be positive ints, got n={n!r}, k={k!r}")
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
+    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
+        raise ValueError(f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
+                         f"got {packed.dtype} with {packed.numel()}")
+    if absmax.dtype != torch.float32 or absmax.numel() != triton.cdiv(n * k, blocksize):
+        raise ValueError(f"absmax must be float32 with {triton.cdiv(n * k, blocksize)} entries (one per block of "
+                         f"{blocksize}), got {absmax.dtype} with {absmax.numel()}; pass q.block_absmax()")
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
+        raise ValueError(f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}")
+    devices = {t.device for t in (a, packed, absmax, code, bias, out) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{name}, packed, absmax, code, bias and out must be on one device, got {sorted(map(str, devices))}")
+    if a.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}")
+
+
+def _nf4_gemm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
+              bias: Optional[Tensor], grad_input: bool, out: Optional[Tensor], config: Optional[triton.Config]) -> Tensor:
+    m = a.shape[0]
+    p, r = (k, n) if grad_input else (n, k)
+    if m == 0:
+        return out if out is not None else a.new_empty(0, p)
+    packed, absmax, code = packed.reshape(-1).contiguous(), absmax.reshape(-1).contiguous(), code.contiguous()
+
+    small = m <= SMALL_M
+    if config is None and not autotuning_enabled():
+        config = default_config(m, p, r, a.dtype, a.device)
+    atomic_out = config.kwargs["SPLIT"] > 1 if config is not None else small
+    if atomic_out:
+        c = torch.zeros(m, p, dtype=torch.float32, device=a.device)
+    else:
+        c = out if out is not None else torch.empty(m, p, dtype=a.dtype, device=a.device)
+
+    args = (
+        a, packed, absmax, code, bias if bias is not None else absmax, c,
+        m, p, r, n, k,
+        a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        min(triton.next_power_of_2(m), 8192),
+    )
+    meta = dict(
+        BLOCKSIZE=blocksize, GRAD_INPUT=grad_input, ALIGNED_K=k % blocksize == 0, HAS_BIAS=bias is not None,
+        DOT_FP32=dot_in_fp32(a.dtype), FP32_PRECISION=fp32_dot_precision(), INDEX_64=needs_int64_offsets(n * k, span(a), span(c)),
+        ATOMIC_OUT=atomic_out,
+    )
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT"])  # noqa: E731
+    if config is not None:
+        _nf4_gemm_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        (_small_m_autotuned if small else _large_m_autotuned)[grid](*args, **meta)
+
+    if not atomic_out:
+        return c
+    if out is None:
+        return c.to(a.dtype)
+    return out.copy_(c)
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_for_gpu(config: triton.Config, dtype: torch.dtype = torch.bfloat16, grad_input: bool = False,
+                    aligned_k: bool = True, has_bias: bool = False, blocksize: int = 64, capability: int = 90):
+    """Compile the kernel ahead of time for a CUDA compute capability (default 90: H100/H200) with no GPU
+    present (Triton ships ptxas). The result's .metadata.shared and .asm["ptx"] / ["cubin"] show what a GPU
+    would run: shared memory, wgmma use, spills. Needs a process without TRITON_INTERPRET=1."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_interpreting():
+        raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET unset (the kernel is interpreted otherwise)")
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"dtype must be one of {list(_TRITON_DTYPES)}, got {dtype}")
+    fn = _nf4_gemm_kernel
+    atomic = config.kwargs["SPLIT"] > 1
+    elem = _TRITON_DTYPES[dtype]
+    # Contiguous operands (unit inner strides, 16-aligned pointers and sizes), as the specializer sees them.
+    signature = dict(
+        a_ptr=f"*{elem}", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr=f"*{elem}",
+        c_ptr="*fp32" if atomic else f"*{elem}", M="i32", P="i32", R="i32", N="i32", K="i32",
+        stride_am="i32", stride_ar="constexpr", stride_cm="i32", stride_cp="constexpr", m_bucket="i32",
+    )
+    constexprs = dict(
+        stride_ar=1, stride_cp=1, BLOCKSIZE=blocksize, GRAD_INPUT=grad_input, ALIGNED_K=aligned_k,
+        HAS_BIAS=has_bias, DOT_FP32=dtype == torch.float32, FP32_PRECISION="tf32x3", INDEX_64=False,
+        ATOMIC_OUT=atomic, **config.kwargs,
+    )
+    signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
+    aligned = [[["tt.divisibility", 16]]]
+    attrs = {(i,): aligned[0] for i, name in enumerate(fn.arg_names)
+             if name.endswith("_ptr") or name in ("P", "R", "N", "K", "stride_am", "stride_cm")}
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
+
+
+def forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
+            bias: Optional[Tensor], *, out: Optional[Tensor] = None, config: Optional[triton.Config] = None) -> Tensor:
+    """x2d [M, K] @ W^T (+ bias) -> [M, n] in x2d's dtype. W [n, k] is NF4 in bitsandbytes' flat-block order:
+    packed uint8 (n*k+1)//2 bytes, absmax fp32 per block of `blocksize` (already un-nested), code fp32 [16].
+
+    x2d may have any strides. out: optional [M, n] tensor to write into. config: a fixed triton.Config
+    (BLOCK_M/BLOCK_P/BLOCK_R/SPLIT/GROUP_M) instead of autotuning; SPLIT > 1 takes the atomic split path.
+    """
+    _check_operands("x2d", x2d, packed, absmax, code, n, k, blocksize, k, bias, out, n)
+    return _nf4_gemm(x2d, packed, absmax, code, n, k, blocksize, bias, False, out, config)
+
+
+def grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
+               *, out: Optional[Tensor] = None, config: Optional[triton.Config] = None) -> Tensor:
+    """g2d [M, n] @ W -> [M, k] in g2d's dtype, W [n, k] as in `forward` (read in transposed order)."""
+    _check_operands("g2d", g2d, packed, absmax, code, n, k, blocksize, n, None, out, k)
+    return _nf4_gemm(g2d, packed, absmax, code, n, k, blocksize, None, True, out, config)
+
+
+__all__ = ["forward", "grad_input", "default_config", "compile_for_gpu", "LARGE_M_CONFIGS", "SMALL_M_CONFIGS", "SMALL_M", "TILE_KEYS"]
