@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import rel_err
+from conftest import rel_err, require_backend
 from ladder_kernels import nf4_matmul, quantize_nf4
 from ladder_kernels.quant import dequantize_nf4
 
@@ -50,6 +50,7 @@ def shapes_for(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_matches_float64_reference(backend, dtype, poisoned_empty):
+    require_backend(backend)
     for m, n, k in shapes_for(backend):
         for blocksize, dq in ((64, True), (128, False)):
             q = make_weight(n, k, blocksize, dq)
@@ -63,6 +64,7 @@ def test_forward_matches_float64_reference(backend, dtype, poisoned_empty):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_match_float64_reference(backend, dtype, poisoned_empty):
+    require_backend(backend)
     for m, n, k in shapes_for(backend):
         q = make_weight(n, k)
         x = torch.randn(m, k).to(dtype).requires_grad_()
@@ -76,6 +78,7 @@ def test_gradients_match_float64_reference(backend, dtype, poisoned_empty):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_and_non_contiguous_input(backend):
+    require_backend(backend)
     q = make_weight(40, 96)
     base = torch.randn(3, 96, 5)
     x = base.transpose(1, 2)  # [3, 5, 96], non-contiguous
@@ -90,6 +93,7 @@ def test_leading_dims_and_non_contiguous_input(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_backends_agree_with_torch_backend(backend):
+    require_backend(backend)
     q = make_weight(72, 200)
     x = torch.randn(19, 200)
     assert rel_err(nf4_matmul(x, q, backend=backend), nf4_matmul(x, q, backend="torch")) <= 1e-6
@@ -97,6 +101,7 @@ def test_backends_agree_with_torch_backend(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
+    require_backend(backend)
     q = make_weight(24, 80)
     args = (torch.randn(5, 80, requires_grad=True), q.packed, q.block_absmax(), q.code, 24, 80, 64, torch.randn(24), backend)
     torch.library.opcheck(torch.ops.ladder.nf4_matmul.default, args)
