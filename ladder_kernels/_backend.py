@@ -114,15 +114,23 @@ def backend_info() -> dict:
     return info
 
 
-def resolve_backend(device: torch.device, backend: str | None, op: str) -> str:
-    """The backend an op call on `device` takes: `backend` if given (checked), else the fastest usable one."""
+def cpu_op_available(name: str) -> bool:
+    """The C++ extension is loaded and registers torch.ops.ladder_cpu.<name> (an extension built from older
+    sources may lack a newer op)."""
+    return cpu_ext_available() and hasattr(torch.ops.ladder_cpu, name)
+
+
+def resolve_backend(device: torch.device, backend: str | None, op: str, cpu_op: str | None = None) -> str:
+    """The backend an op call on `device` takes: `backend` if given (checked), else the fastest usable one.
+    cpu_op: the ladder_cpu op the "cpu" backend calls (default: `op`)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+    cpu_op = cpu_op or op
     if backend is None:
         if device.type == "cuda":
             return "triton" if _triton_import_error() is None else "torch"
         if device.type == "cpu":
-            return "cpu" if cpu_ext_available() else "torch"
+            return "cpu" if cpu_op_available(cpu_op) else "torch"
         return "torch"
     if backend == "triton":
         if _triton_import_error() is not None:
@@ -134,4 +142,6 @@ def resolve_backend(device: torch.device, backend: str | None, op: str) -> str:
             raise ValueError(f"{op}: backend='cpu' needs CPU tensors, got device {device}")
         if not cpu_ext_available():
             raise RuntimeError(f"{op}: backend='cpu' unavailable: {_cpu_ext_error}")
+        if not cpu_op_available(cpu_op):
+            raise RuntimeError(f"{op}: backend='cpu' unavailable: the C++ extension has no ladder_cpu::{cpu_op} (rebuild it)")
     return backend

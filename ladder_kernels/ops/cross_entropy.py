@@ -192,7 +192,7 @@ def fused_linear_cross_entropy(
     Returns fp32. Differentiable in hidden only. backend: None (by device), "triton", "cpu" or "torch".
     """
     check_cross_entropy_args(hidden, weight, labels, bias, chunk_size, reduction, softcap, ignore_index)
-    backend = resolve_backend(hidden.device, backend, "fused_linear_cross_entropy")
+    backend = resolve_backend(hidden.device, backend, "fused_linear_cross_entropy", cpu_op="cross_entropy_rows_")
     compute_grad = torch.is_grad_enabled() and hidden.requires_grad
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     losses, _ = _flce_op(
