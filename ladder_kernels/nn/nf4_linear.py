@@ -12,7 +12,8 @@ from ..ops.nf4_matmul import nf4_matmul
 from ..quant.nf4 import NF4Weight, quantize_nf4
 
 
-def _bnb_linear4bit_class():
+def bnb_linear4bit_class():
+    """bitsandbytes' Linear4bit class, or None where bitsandbytes is not installed."""
     try:
         import bitsandbytes as bnb
     except Exception:  # bitsandbytes is optional for everything but interop
@@ -100,7 +101,7 @@ def quantize_model_(model: nn.Module, skip_modules: Iterable[str] = ("lm_head",)
     """Replace, in place, every nn.Linear and bitsandbytes nf4 Linear4bit (except `skip_modules`, matched by
     name or leaf name, glob patterns allowed) by an NF4Linear. Returns the model."""
     skip_modules = tuple(skip_modules)
-    linear4bit = _bnb_linear4bit_class()
+    linear4bit = bnb_linear4bit_class()
     replacements = []
     for name, module in model.named_modules():
         if not name or _matches(name, skip_modules):
@@ -128,7 +129,7 @@ def _patched_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
 def patch_bnb_(model: nn.Module) -> int:
     """Make a model's bitsandbytes nf4 Linear4bit layers (e.g. inside a peft QLoRA model) compute through
     `nf4_matmul`; nothing else changes (parameters, state dict, LoRA adapters). Returns how many were patched."""
-    linear4bit = _bnb_linear4bit_class()
+    linear4bit = bnb_linear4bit_class()
     if linear4bit is None:
         raise RuntimeError("patch_bnb_: bitsandbytes is not installed")
     patched = 0

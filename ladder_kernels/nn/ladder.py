@@ -1,0 +1,486 @@
+"""LadderModel: a frozen (NF4) transformers causal LM streamed forward-only, plus a trainable side network.
+
+The backbone runs its own forward under torch.no_grad() (so its masks, RoPE, sliding windows and embedding
+scaling stay its business); forward hooks on its decoder layers turn each ladder layer's output h_l into
+z_l = downproj_l(h_l) as it appears, and the backbone's loop then drops h_l. Only the ladder inputs kept for
+the down-projections' weight gradients (bf16 or int8) and the side network's own activations (width D/r)
+live until backward. The loss goes through the frozen lm_head by the fused chunked cross-entropy.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..ops.cross_entropy import fused_linear_cross_entropy
+from ..quant.nf4 import dequantize_nf4
+from .config import LadderConfig, write_bytes_atomic
+from .nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
+from .side import (
+    DenseLayerWeights, SideKVCache, SideNetwork, SideShape, attention_mask_for, hidden_channel_scores,
+    load_pruned_block_, load_selection_ladders_,
+)
+
+CONFIG_NAME = "ladder_config.json"
+WEIGHTS_NAME = "ladder_model.safetensors"
+TRAINER_WEIGHTS_NAME = "model.safetensors"  # what HF Trainer writes for a non-PreTrainedModel (our state_dict)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- backbone introspection --------------------------------------------------------------------------------
+def decoder_parts(backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
+    """(backbone.model, its decoder layers, its final norm, backbone.lm_head), or a ValueError naming what is missing."""
+    what = type(backbone).__name__
+    needed = "a decoder-only causal LM exposing model.model.layers, model.model.embed_tokens, model.model.norm and model.lm_head"
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"LadderModel: backbone must be a torch.nn.Module (a transformers causal LM), got {what}")
+    inner = getattr(backbone, "model", None)
+    missing = [name for name, ok in (
+        ("model.model", inner is not None),
+        ("model.model.layers", isinstance(getattr(inner, "layers", None), nn.ModuleList)),
+        ("model.model.embed_tokens", getattr(inner, "embed_tokens", None) is not None),
+        ("model.model.norm", getattr(inner, "norm", None) is not None),
+        ("model.lm_head", getattr(getattr(backbone, "lm_head", None), "weight", None) is not None),
+        ("model.config", getattr(backbone, "config", None) is not None),
+    ) if not ok]
+    if missing:
+        raise ValueError(f"LadderModel: unsupported backbone {what}: missing {', '.join(missing)} (needs {needed})")
+    if len(inner.layers) == 0:
+        raise ValueError(f"LadderModel: backbone {what} has no decoder layers")
+    return inner, inner.layers, inner.norm, backbone.lm_head
+
+
+def dense_weight(linear: nn.Module) -> Tensor:
+    """A linear layer's weight as a dense float32 tensor, whether plain, NF4Linear or bitsandbytes 4-bit."""
+    if isinstance(linear, NF4Linear):
+        return dequantize_nf4(linear.nf4_weight, torch.float32)
+    linear4bit = bnb_linear4bit_class()
+    if linear4bit is not None and isinstance(linear, linear4bit):
+        return dequantize_nf4(NF4Linear.from_bnb(linear).nf4_weight, torch.float32)
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"side_init='pruned': cannot read a dense weight from {type(linear).__name__}")
+    return weight.detach().float()
+
+
+@torch.no_grad()
+def norm_gain(norm: nn.Module, width: int, device: torch.device) -> Tensor:
+    """The per-channel gain of an RMS-style norm, whatever its parametrization (w, 1 + w): norm(ones)."""
+    dtype = next((p.dtype for p in norm.parameters()), torch.float32)
+    return norm(torch.ones(1, width, device=device, dtype=dtype)).float().reshape(-1)
+
+
+def dense_layer_weights(layer: nn.Module, width: int) -> DenseLayerWeights:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attn is None or mlp is None or not all(hasattr(attn, n) for n in names) or not all(
+            hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise ValueError(
+            f"side_init='pruned' needs decoder layers with self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj; "
+            f"{type(layer).__name__} lacks them (use side_init='random')")
+    device = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else attn.q_proj.packed.device
+    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+    bias = lambda m: None if getattr(m, "bias", None) is None else m.bias.detach().float()  # noqa: E731
+    return DenseLayerWeights(
+        q=dense_weight(attn.q_proj), k=dense_weight(attn.k_proj), v=dense_weight(attn.v_proj), o=dense_weight(attn.o_proj),
+        gate=dense_weight(mlp.gate_proj), up=dense_weight(mlp.up_proj), down=dense_weight(mlp.down_proj),
+        attn_gain=norm_gain(layer.input_layernorm, width, device), mlp_gain=norm_gain(mlp_norm, width, device),
+        q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj), v_bias=bias(attn.v_proj),
+    )
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+        for key in ("full_attention", *params):  # per-layer-type parameters (Gemma3)
+            if isinstance(params.get(key), dict) and "rope_theta" in params[key]:
+                return float(params[key]["rope_theta"])
+    return float(getattr(cfg, "rope_theta", 10000.0))
+
+
+def backbone_inv_freq(inner: nn.Module, head_dim: int, theta: float) -> Tensor:
+    """The backbone's rotary inverse frequencies [head_dim/2] (with any rope scaling it applies)."""
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:
+        buffers = dict(rotary.named_buffers())
+        for name in ("inv_freq", "full_attention_inv_freq", *sorted(buffers)):
+            buf = buffers.get(name)
+            if buf is not None and name.endswith("inv_freq") and "original" not in name and buf.numel() == head_dim // 2:
+                return buf.detach().float().cpu()
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def side_shape(backbone_cfg, layers: nn.ModuleList, config: LadderConfig) -> SideShape:
+    D, r = backbone_cfg.hidden_size, config.reduction_factor
+    heads = backbone_cfg.num_attention_heads
+    kv = getattr(backbone_cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(backbone_cfg, "head_dim", None) or D // heads
+    width = D // r
+    if width < 1:
+        raise ValueError(f"LadderConfig.reduction_factor {r} is larger than the backbone's hidden_size {D}")
+    side_heads = config.side_num_heads or heads
+    side_kv = config.side_num_kv_heads or (kv if config.side_num_heads is None else side_heads)
+    if side_heads % side_kv:
+        raise ValueError(f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)")
+    side_head_dim = config.side_head_dim or max(2, (head_dim // r) // 2 * 2)
+    activation = getattr(backbone_cfg, "hidden_activation", None) or getattr(backbone_cfg, "hidden_act", None) or "silu"
+    if activation not in ACT2FN:
+        raise ValueError(f"side network: the backbone's activation {activation!r} is not a transformers activation name")
+    q_proj = layers[0].self_attn.q_proj if hasattr(getattr(layers[0], "self_attn", None), "q_proj") else None
+    return SideShape(
+        hidden_size=D, width=width, num_heads=side_heads, num_kv_heads=side_kv, head_dim=side_head_dim,
+        intermediate_size=config.side_intermediate_size or max(1, backbone_cfg.intermediate_size // r),
+        rms_norm_eps=float(getattr(backbone_cfg, "rms_norm_eps", 1e-6)), rope_theta=_rope_theta(backbone_cfg),
+        qkv_bias=getattr(q_proj, "bias", None) is not None,
+        activation=activation,
+    )
+
+
+def side_wiring(num_layers: int, config: LadderConfig) -> tuple[int, list[int], int]:
+    """(branch_source, ladder_sources, num_free_blocks); see SideNetwork."""
+    delta = config.xladder_depth
+    if delta:
+        if delta > num_layers:
+            raise ValueError(f"LadderConfig.xladder_depth {delta} exceeds the backbone's {num_layers} layers")
+        return num_layers - delta - 1, list(range(num_layers - delta, num_layers)), delta
+    layers = config.ladder_layers if config.ladder_layers is not None else list(range(num_layers))
+    if layers[-1] >= num_layers:
+        raise ValueError(f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)")
+    return -1, list(layers), 0
+
+
+def _contains(model: nn.Module, cls) -> bool:
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def _drop_backbone_state(module, state_dict, prefix, local_metadata) -> None:
+    """A LadderModel's state is its side network: the frozen backbone is restored from its own source."""
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_backbone(module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".backbone." not in "." + k]
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+class LadderModel(nn.Module):
+    """A frozen transformers causal LM (`.backbone`) with a trainable ladder side network (`.side`).
+
+    Only `.side` trains; `state_dict()` holds only it (so HF Trainer checkpoints hold only it). `.config` is the
+    backbone's transformers config, `.ladder_config` the LadderConfig.
+    """
+
+    accepts_loss_kwargs = True  # HF Trainer passes num_items_in_batch: exact loss under gradient accumulation
+    main_input_name = "input_ids"
+
+    def __init__(self, backbone: nn.Module, config: Optional[LadderConfig] = None, *, _initialize_side: bool = True):
+        super().__init__()
+        config = LadderConfig() if config is None else config
+        if not isinstance(config, LadderConfig):
+            raise TypeError(f"LadderModel: config must be a LadderConfig or None, got {type(config).__name__}")
+        inner, layers, final_norm, lm_head = decoder_parts(backbone)
+        self.ladder_config = config
+        if config.compute_dtype != "auto":
+            dtype = _DTYPES[config.compute_dtype]
+            for p in backbone.parameters():
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        device = inner.embed_tokens.weight.device
+        shape = side_shape(backbone.config, layers, config)
+        branch, sources, free = side_wiring(len(layers), config)
+        side = SideNetwork(
+            shape, branch, sources, free, gate=config.gate, gate_temperature=config.gate_temperature,
+            gate_init=config.gate_init, output_mix=config.output_mix, dropout=config.dropout,
+            init_std=config.init_std, ladder_storage=config.ladder_storage, backend=config.backend,
+            checkpointing=config.side_checkpointing,
+        ).to(device)
+        if _initialize_side and config.side_init == "pruned":
+            _prune_into_side_(side, backbone, inner, layers, final_norm)
+        linear4bit = bnb_linear4bit_class()
+        if _contains(backbone, linear4bit):
+            patch_bnb_(backbone)
+        elif config.backbone_quant == "nf4" and not _contains(backbone, NF4Linear):
+            quantize_model_(backbone, skip_modules=("lm_head",))
+        if config.backend is not None:
+            for module in backbone.modules():
+                if isinstance(module, NF4Linear):
+                    module.backend = config.backend
+        backbone.requires_grad_(False)
+        backbone.eval()
+        self.backbone, self.side = backbone, side
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self.register_state_dict_post_hook(_drop_backbone_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_backbone)
+
+    # --- conveniences ------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.model.embed_tokens.weight.device
+
+    def train(self, mode: bool = True) -> "LadderModel":
+        super().train(mode)
+        self.backbone.eval()  # the frozen backbone never runs dropout
+        return self
+
+    def connection_map(self) -> list[Optional[int]]:
+        """Per side block, the backbone layer (0-based) feeding its ladder; None for xLadder's free blocks."""
+        return self.side.connection_map()
+
+    # --- streaming forward -------------------------------------------------------------------------------
+    def _stream(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
+                backbone_cache=None, side_cache: Optional[SideKVCache] = None) -> tuple[Tensor, Tensor]:
+        """Backbone under no_grad with ladder hooks, then the side stream: (side stream s [B, T, d], the
+        backbone's final normed hidden state [B, T, D]); `side.mix` of them is what lm_head reads."""
+        inner, layers = self.backbone.model, self.backbone.model.layers
+        side, grad = self.side, torch.is_grad_enabled()
+        ladder_inputs: dict[int, Tensor] = {}
+
+        def ladder_hook(index: int):
+            def hook(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                with torch.set_grad_enabled(grad):
+                    ladder_inputs[index] = side.project(index, h)
+            return hook
+
+        def embedding_hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            with torch.set_grad_enabled(grad):
+                ladder_inputs[0] = side.project(0, h)
+
+        handles = [layers[src].register_forward_hook(ladder_hook(k + 1)) for k, src in enumerate(side.ladder_sources)]
+        if side.branch_source < 0:
+            handles.append(layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
+        else:
+            handles.append(layers[side.branch_source].register_forward_hook(ladder_hook(0)))
+        past = side_cache.get_seq_length() if side_cache is not None else 0
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=backbone_cache is not None)
+        if backbone_cache is not None:
+            kwargs[self._cache_kwarg] = backbone_cache
+        try:
+            with torch.no_grad():
+                out = inner(**kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        h_final = out[0]
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
+        ladders = [ladder_inputs[k + 1] for k in range(len(side.ladder_sources))]
+        return side(ladder_inputs[0], ladders, position_ids, mask, side_cache), h_final
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        lm_head = self.backbone.lm_head
+        logits = lm_head(hidden.to(lm_head.weight.dtype))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, num_items_in_batch=None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Loss (fused cross-entropy, logits None) when labels are given, else logits [B, T, vocab] (only the last
+        `logits_to_keep` positions if > 0, as in transformers).
+
+        labels are shifted inside (position t predicts labels[t + 1]); -100 is ignored. num_items_in_batch (HF
+        Trainer, gradient accumulation): the loss is the sum over tokens divided by it.
+        """
+        # transformers callers may pass these flags; they change nothing here. Anything else is an error.
+        unknown = sorted(k for k, v in kwargs.items() if not (k in ("use_cache", "return_dict") and (v is None or isinstance(v, bool))))
+        if unknown:
+            raise TypeError(f"LadderModel.forward: unexpected arguments {unknown}")
+        _check_ids("input_ids", input_ids, None)
+        if attention_mask is not None:
+            _check_ids("attention_mask", attention_mask, input_ids.shape)
+        if labels is not None:
+            _check_ids("labels", labels, input_ids.shape)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"LadderModel.forward: logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, input_ids)
+        s, h_final = self._stream(input_ids, attention_mask, position_ids)
+        if labels is None:
+            if logits_to_keep:
+                s, h_final = s[:, -logits_to_keep:], h_final[:, -logits_to_keep:]
+            return CausalLMOutputWithPast(logits=self._logits(self.side.mix(s, h_final)))
+        lm_head = self.backbone.lm_head
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+        scored = shifted != -100
+        if not bool(scored.all()):  # e.g. loss on answers only: the output mix and lm_head see only scored rows
+            s, h_final, shifted = s[scored], h_final[scored], shifted[scored]
+        hidden = self.side.mix(s, h_final)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = fused_linear_cross_entropy(
+            hidden.to(lm_head.weight.dtype), lm_head.weight, shifted, bias=getattr(lm_head, "bias", None),
+            ignore_index=-100, chunk_size=self.ladder_config.loss_chunk_size, reduction=reduction,
+            softcap=getattr(self.config, "final_logit_softcapping", None), backend=self.ladder_config.backend,
+        )
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss)
+
+    # --- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """[B, T + n] token ids. Two KV caches (the backbone's transformers cache and the side's) advance together.
+        Finished sequences (eos_token_id: int or list) are padded with their first eos id."""
+        _check_ids("input_ids", input_ids, None)
+        if attention_mask is not None:
+            _check_ids("attention_mask", attention_mask, input_ids.shape)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        positions = positions_from_mask(mask, input_ids)
+        backbone_cache, side_cache = self._new_backbone_cache(), SideKVCache(len(self.side.blocks))
+        s, h_final = self._stream(input_ids, mask, positions, backbone_cache, side_cache)
+        ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            logits = self._logits(self.side.mix(s[:, -1], h_final[:, -1])).float()
+            token = _next_token(logits, do_sample, temperature, top_p, generator)
+            if eos:
+                token = torch.where(done, torch.full_like(token, eos[0]), token)
+                done = done | torch.isin(token, torch.tensor(eos, device=token.device))
+            ids = torch.cat((ids, token[:, None]), dim=1)
+            if step == max_new_tokens - 1 or (eos and bool(done.all())):
+                break
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            positions = positions[:, -1:] + 1
+            s, h_final = self._stream(token[:, None], mask, positions, backbone_cache, side_cache)
+        return ids
+
+    def _new_backbone_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.config)
+        except TypeError:  # older transformers: no config argument
+            return DynamicCache()
+
+    def _backbone_signature(self) -> dict[str, str]:
+        """What a saved side network was trained on (safetensors metadata), checked when loading."""
+        cfg = self.config
+        return {"format": "pt", "backbone_model_type": str(getattr(cfg, "model_type", "")),
+                "backbone_num_layers": str(len(self.backbone.model.layers)), "backbone_hidden_size": str(cfg.hidden_size),
+                "backbone_vocab_size": str(self.backbone.lm_head.weight.shape[0])}
+
+    # --- save / load ------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """ladder_config.json + ladder_model.safetensors (the side network only), each written atomically."""
+        from safetensors.torch import save
+
+        os.makedirs(save_directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.side.state_dict().items()}
+        write_bytes_atomic(os.path.join(save_directory, WEIGHTS_NAME), save(state, metadata=self._backbone_signature()))
+        self.ladder_config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, directory: str | os.PathLike, config: Optional[LadderConfig] = None) -> "LadderModel":
+        """Rebuild from `save_pretrained` output (or an HF Trainer checkpoint plus `config`). Reads only JSON and
+        safetensors."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if config is None:
+            if not os.path.isfile(config_path):
+                raise FileNotFoundError(f"LadderModel.from_pretrained: {config_path} not found (pass config= for a Trainer checkpoint)")
+            config = LadderConfig.from_json_file(config_path)
+        weights = next((os.path.join(directory, n) for n in (WEIGHTS_NAME, TRAINER_WEIGHTS_NAME)
+                        if os.path.isfile(os.path.join(directory, n))), None)
+        if weights is None:
+            raise FileNotFoundError(f"LadderModel.from_pretrained: neither {WEIGHTS_NAME} nor {TRAINER_WEIGHTS_NAME} in {directory}")
+        model = cls(backbone, config, _initialize_side=False)
+        with safe_open(weights, "pt") as f:
+            saved_for = f.metadata() or {}
+        expected = model._backbone_signature()
+        mismatched = {k: (v, expected[k]) for k, v in saved_for.items() if k in expected and v != expected[k]}
+        if mismatched:
+            raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})")
+        state = load_file(weights, device=str(model.device))
+        state = {k.removeprefix("side."): v for k, v in state.items()}
+        try:
+            model.side.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone and config: {exc}") from exc
+        return model
+
+
+def get_ladder_model(backbone: nn.Module, config: Optional[LadderConfig] = None) -> LadderModel:
+    """Wrap `backbone` (quantized to NF4 in place unless config.backbone_quant='none', frozen) with a side network."""
+    return LadderModel(backbone, config)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _prune_into_side_(side: SideNetwork, backbone: nn.Module, inner: nn.Module, layers: nn.ModuleList, final_norm: nn.Module) -> None:
+    """side_init='pruned': hidden channels of largest norm over the source layers; each side block from the
+    backbone layer after its ladder source (the last layer for the last; xLadder's free blocks from the top δ
+    layers again); ladders as channel selections; the side's final norm from the backbone's."""
+    shape, cfg, n = side.shape, backbone.config, len(layers)
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or shape.hidden_size // heads
+    if shape.head_dim > head_dim or shape.intermediate_size > cfg.intermediate_size:
+        raise ValueError(f"side_init='pruned' needs side head_dim <= {head_dim} and intermediate size <= {cfg.intermediate_size}")
+    first_free = n - side.num_free_blocks
+    sources = [min(i + 1, n - 1) for i in side.ladder_sources] + list(range(first_free, n))
+    device = side.ladders[0].device
+    scores = torch.zeros(shape.hidden_size, device=device)
+    for i in sorted(set(sources)):
+        scores += hidden_channel_scores(dense_layer_weights(layers[i], shape.hidden_size)).to(device)
+    channels = torch.topk(scores, shape.width).indices.sort().values
+    inv_freq = backbone_inv_freq(inner, head_dim, shape.rope_theta).to(device)
+    for block, i in zip(side.blocks, sources):
+        w = dense_layer_weights(layers[i], shape.hidden_size)
+        scaling = float(getattr(layers[i].self_attn, "scaling", head_dim ** -0.5))
+        load_pruned_block_(block, w, channels, heads, kv, head_dim, inv_freq, scaling)
+    load_selection_ladders_(side, channels)
+    side.norm.weight.copy_(norm_gain(final_norm, shape.hidden_size, device)[channels])
+
+
+def positions_from_mask(attention_mask: Optional[Tensor], input_ids: Tensor) -> Tensor:
+    """Position ids counting only real tokens (left padding does not shift them); arange without a mask."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _check_ids(name: str, t, shape) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"LadderModel: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"LadderModel: {name} must be an integer tensor, got {t.dtype}")
+    if shape is None and t.dim() != 2:
+        raise ValueError(f"LadderModel: {name} must be 2-D [batch, seq], got shape {tuple(t.shape)}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"LadderModel: {name} must have input_ids' shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest prefix reaching top_p (at least one)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

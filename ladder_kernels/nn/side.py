@@ -1,0 +1,376 @@
+"""The side network: family-agnostic decoder blocks at width d = D / r, fed by ladders from the backbone.
+
+Wiring (one `SideNetwork`, whatever the backbone family):
+    s_0 = downproj_0(h_branch)                       h_branch: the embeddings (plain Ladder) or the output of
+                                                     backbone layer L-δ-1 (xLadder, 0-based)
+    s_k = block_k(gate_k(s_{k-1}, downproj_k(h_{ladder_sources[k-1]})))   k = 1..n: the ladder-fed blocks
+    s_k = block_k(s_{k-1})                           for the δ free blocks that follow (xLadder)
+    (in code: blocks[k-1], gates[k-1], ladders[k]; ladders[0] is downproj_0)
+    out = a ⊙ h_final + up_proj(norm(s))             (`mix`; output_mix "vector"/"scalar"; "side_only": up_proj(norm(s)))
+
+Side parameters are float32 master weights, cast to the activations' dtype where used (bf16 compute works).
+Blocks: RMSNorm, RoPE attention through scaled_dot_product_attention with the side's own KV cache, a gated MLP
+(SwiGLU, or the backbone's gate activation, e.g. Gemma's tanh-GELU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers.activations import ACT2FN
+
+from ..ops.downproj import downproj
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear with float32 master weights cast to the activations' dtype."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(frozen=True)
+class SideShape:
+    """Sizes of the side network, resolved from the backbone's config and the LadderConfig."""
+
+    hidden_size: int          # D, the backbone's width
+    width: int                # d = D // r
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int             # even (rotary pairs)
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    activation: str = "silu"  # the gated MLP's activation, a transformers ACT2FN name (the backbone's)
+
+
+class SideRMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class SideKVCache:
+    """The side network's KV cache: post-RoPE keys and values per block, [B, kv_heads, T, head_dim]."""
+
+    def __init__(self, num_blocks: int):
+        self.keys: list[Optional[Tensor]] = [None] * num_blocks
+        self.values: list[Optional[Tensor]] = [None] * num_blocks
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[index] is not None:
+            k = torch.cat((self.keys[index], k), dim=2)
+            v = torch.cat((self.values[index], v), dim=2)
+        self.keys[index], self.values[index] = k, v
+        return k, v
+
+
+class SideAttention(nn.Module):
+    """Multi-head (grouped-query) attention with RoPE. inv_freq is per kv head: a pruned init keeps each head's
+    own rotary pairs, so each head keeps the frequencies those pairs had in the backbone."""
+
+    def __init__(self, shape: SideShape):
+        super().__init__()
+        h, kv, hd, d = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.width
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=shape.qkv_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=shape.qkv_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq.expand(kv, -1).clone())  # [kv_heads, hd/2], saved
+
+    def _rope(self, x: Tensor, position_ids: Tensor, inv_freq: Tensor) -> Tensor:
+        # x [B, heads, T, hd], position_ids [B, T], inv_freq [heads, hd/2]
+        freqs = position_ids[:, None, :, None].float() * inv_freq[None, :, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        xf = x.float()
+        return (xf * emb.cos() + _rotate_half(xf) * emb.sin()).to(x.dtype)
+
+    def forward(self, x: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int) -> Tensor:
+        b, t, _ = x.shape
+        group = self.num_heads // self.num_kv_heads
+        q = _linear(x, self.q_proj.weight, self.q_proj.bias).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = _linear(x, self.k_proj.weight, self.k_proj.bias).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = _linear(x, self.v_proj.weight, self.v_proj.bias).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._rope(q, position_ids, self.inv_freq.repeat_interleave(group, dim=0))
+        k = self._rope(k, position_ids, self.inv_freq)
+        if cache is not None:
+            k, v = cache.update(index, k, v)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:
+            # CPU flash attention is several times slower in 16-bit than in fp32 (measured, torch 2.13); the
+            # side's q, k, v are small (width D/r), so upcasting them costs little.
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1).to(dtype)
+        return _linear(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
+
+
+class SideMLP(nn.Module):
+    def __init__(self, shape: SideShape):
+        super().__init__()
+        d, i = shape.width, shape.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+        self.act = ACT2FN[shape.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _linear(self.act(_linear(x, self.gate_proj.weight)) * _linear(x, self.up_proj.weight), self.down_proj.weight)
+
+
+class SideBlock(nn.Module):
+    """Pre-norm decoder block at the side width."""
+
+    def __init__(self, shape: SideShape, dropout: float):
+        super().__init__()
+        self.attn_norm = SideRMSNorm(shape.width, shape.rms_norm_eps)
+        self.attn = SideAttention(shape)
+        self.mlp_norm = SideRMSNorm(shape.width, shape.rms_norm_eps)
+        self.mlp = SideMLP(shape)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, s: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int) -> Tensor:
+        s = s + self.dropout(self.attn(self.attn_norm(s), position_ids, mask, cache, index))
+        return s + self.dropout(self.mlp(self.mlp_norm(s)))
+
+
+class LadderGate(nn.Module):
+    """s = μ·s + (1-μ)·z with μ = sigmoid(α/T) ("scalar": one α; "vector": one per channel); "none": s + z."""
+
+    def __init__(self, mode: str, width: int, temperature: float, init: float):
+        super().__init__()
+        self.mode, self.temperature = mode, temperature
+        if mode == "none":
+            self.alpha = None
+        else:
+            self.alpha = nn.Parameter(torch.full(() if mode == "scalar" else (width,), float(init)))
+
+    def mu(self) -> Tensor:
+        return torch.sigmoid(self.alpha / self.temperature)
+
+    def forward(self, s: Tensor, z: Tensor) -> Tensor:
+        if self.alpha is None:
+            return s + z
+        return torch.lerp(z, s, self.mu().to(s.dtype))  # z + μ (s - z) = μ s + (1 - μ) z
+
+
+class SideNetwork(nn.Module):
+    """Ladders (down-projections), gates, side blocks and the output mix; see the module docstring.
+
+    branch_source: -1 for the embeddings (the input of backbone layer 0), else the backbone layer whose output
+    starts the side stream. ladder_sources: the backbone layers (0-based) feeding the ladder blocks, in order.
+    num_free_blocks: xLadder's blocks without a ladder, after the ladder blocks.
+    """
+
+    def __init__(self, shape: SideShape, branch_source: int, ladder_sources: list[int], num_free_blocks: int, *,
+                 gate: str, gate_temperature: float, gate_init: float, output_mix: str, dropout: float,
+                 init_std: float, ladder_storage: str, backend: Optional[str], checkpointing: bool = False):
+        super().__init__()
+        self.shape, self.checkpointing = shape, checkpointing
+        self.branch_source, self.ladder_sources, self.num_free_blocks = branch_source, list(ladder_sources), num_free_blocks
+        self.ladder_storage, self.backend, self.output_mix = ladder_storage, backend, output_mix
+        d, D = shape.width, shape.hidden_size
+        # ladders[0] projects the branch point; ladders[k] (k >= 1) feeds block k-1.
+        self.ladders = nn.ParameterList([nn.Parameter(torch.empty(d, D)) for _ in range(1 + len(ladder_sources))])
+        self.gates = nn.ModuleList([LadderGate(gate, d, gate_temperature, gate_init) for _ in ladder_sources])
+        self.blocks = nn.ModuleList([SideBlock(shape, dropout) for _ in range(len(ladder_sources) + num_free_blocks)])
+        self.norm = SideRMSNorm(d, shape.rms_norm_eps)
+        self.up_proj = nn.Linear(d, D, bias=False)
+        self.mix_weight = None if output_mix == "side_only" else nn.Parameter(torch.ones(() if output_mix == "scalar" else (D,)))
+        self.init_random_(init_std)
+
+    # --- structure -------------------------------------------------------------------------------------
+    def connection_map(self) -> list[Optional[int]]:
+        """For each side block, the backbone layer (0-based) whose output it takes through its ladder; None for
+        xLadder's free blocks."""
+        return self.ladder_sources + [None] * self.num_free_blocks
+
+    @torch.no_grad()
+    def init_random_(self, std: float) -> None:
+        """Normal(0, std) projections, unit norms; ladders scaled to keep h's magnitude; up_proj at 0 when the
+        output mixes in the backbone (so step 0 is the backbone), random otherwise."""
+        for ladder in self.ladders:
+            nn.init.normal_(ladder, std=1.0 / math.sqrt(self.shape.hidden_size))
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, SideRMSNorm):
+                module.weight.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+        if self.mix_weight is None:
+            nn.init.normal_(self.up_proj.weight, std=std)
+        else:
+            self.up_proj.weight.zero_()
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def project(self, index: int, h: Tensor) -> Tensor:
+        """z = ladders[index](h): h [..., D] (from the no-grad backbone) -> [..., d]; keeps h for dW in the
+        configured storage."""
+        return downproj(h, self.ladders[index], storage=self.ladder_storage, backend=self.backend)
+
+    def _gated_block(self, k: int, s: Tensor, z: Optional[Tensor], position_ids: Tensor, mask: Optional[Tensor],
+                     cache: Optional[SideKVCache] = None) -> Tensor:
+        if z is not None:
+            s = self.gates[k](s, z)
+        return self.blocks[k](s, position_ids, mask, cache, k)
+
+    def forward(self, s0: Tensor, ladder_inputs: list[Tensor], position_ids: Tensor, mask: Optional[Tensor] = None,
+                cache: Optional[SideKVCache] = None) -> Tensor:
+        """The side stream: s0 = project(0, h_branch), ladder_inputs[k] = project(k + 1, h) -> s [B, T, d].
+
+        mask: bool [B, 1, T, T_past + T] (True = attend), or None for plain causal attention without a cache.
+        """
+        if len(ladder_inputs) != len(self.ladder_sources):
+            raise ValueError(f"SideNetwork: expected {len(self.ladder_sources)} ladder inputs, got {len(ladder_inputs)}")
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
+        s = s0
+        for k in range(len(self.blocks)):
+            z = ladder_inputs[k] if k < len(ladder_inputs) else None
+            if recompute:
+                s = checkpoint(self._gated_block, k, s, z, position_ids, mask, use_reentrant=False)
+            else:
+                s = self._gated_block(k, s, z, position_ids, mask, cache)
+        return s
+
+    def mix(self, s: Tensor, h_final: Tensor) -> Tensor:
+        """The hidden state the frozen lm_head reads: a ⊙ h_final + up_proj(norm(s)) (up_proj(norm(s)) for
+        side_only), in h_final's dtype. Any leading shape: callers pass only the rows they need."""
+        side_out = _linear(self.norm(s), self.up_proj.weight).to(h_final.dtype)
+        if self.mix_weight is None:
+            return side_out
+        return h_final * self.mix_weight.to(h_final.dtype) + side_out
+
+
+def attention_mask_for(key_padding: Optional[Tensor], query_len: int, past_len: int, device: torch.device) -> Optional[Tensor]:
+    """Bool [B, 1, Tq, past+Tq] mask (True = attend): causal, padded keys masked. Each query may always see
+    itself, so rows of padded queries stay finite (they are ignored anyway). None when no mask is needed:
+    no padding and either no past (plain causal) or a single query (it sees everything)."""
+    if key_padding is None and (past_len == 0 or query_len == 1):
+        return None
+    total = past_len + query_len
+    q_pos = torch.arange(past_len, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_padding is not None:
+        if key_padding.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {key_padding.shape[-1]} positions, expected {total} (past {past_len} + new {query_len})")
+        mask = mask & key_padding.bool()[:, None, None, :]
+    return mask | (k_pos == q_pos)[None, None]
+
+
+# --- pruned initialisation (LST's structural pruning, adapted to RoPE and GQA) -----------------------------
+@dataclass
+class DenseLayerWeights:
+    """A backbone decoder layer's weights as dense float32 tensors ([out, in] like nn.Linear).
+
+    attn_gain / mlp_gain: the per-channel gains of the norms before attention and before the MLP (so Gemma's
+    (1 + w) and Llama's w are handled alike)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    attn_gain: Tensor
+    mlp_gain: Tensor
+    q_bias: Optional[Tensor] = None
+    k_bias: Optional[Tensor] = None
+    v_bias: Optional[Tensor] = None
+
+
+def hidden_channel_scores(w: DenseLayerWeights) -> Tensor:
+    """How much a layer reads from (gain-scaled input columns) and writes to (output rows) each hidden channel."""
+    read = sum((m * gain).pow(2).sum(0) for m, gain in ((w.q, w.attn_gain), (w.k, w.attn_gain), (w.v, w.attn_gain),
+                                                          (w.gate, w.mlp_gain), (w.up, w.mlp_gain)))
+    write = w.o.pow(2).sum(1) + w.down.pow(2).sum(1)
+    return read + write
+
+
+def _top_sorted(scores: Tensor, k: int) -> Tensor:
+    return torch.topk(scores, k).indices.sort().values
+
+
+@torch.no_grad()
+def load_pruned_block_(block: SideBlock, w: DenseLayerWeights, channels: Tensor, backbone_heads: int,
+                       backbone_kv_heads: int, backbone_head_dim: int, backbone_inv_freq: Tensor,
+                       backbone_scaling: float) -> None:
+    """Set a side block to the backbone layer `w` restricted to hidden `channels`, per kv head the rotary pairs
+    (and value dims) of largest norm, and the MLP units of largest norm. backbone_scaling: the layer's
+    attention score scale (head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5)."""
+    attn = block.attn
+    if (attn.num_heads, attn.num_kv_heads) != (backbone_heads, backbone_kv_heads):
+        raise ValueError(
+            f"side_init='pruned' needs the side's heads ({attn.num_heads}, kv {attn.num_kv_heads}) to equal the "
+            f"backbone's ({backbone_heads}, kv {backbone_kv_heads}); leave side_num_heads/side_num_kv_heads unset")
+    hd, hd_s, group = backbone_head_dim, attn.head_dim, backbone_heads // backbone_kv_heads
+    half, half_s = hd // 2, hd_s // 2
+    cols = lambda m, gain: (m * gain)[:, channels]  # noqa: E731  (folds the norm gain in for scoring only)
+    o = w.o[channels].view(len(channels), backbone_heads, hd)
+    q_eff = cols(w.q, w.attn_gain).view(backbone_heads, hd, -1).pow(2).sum(-1)   # [H, hd]
+    k_eff = cols(w.k, w.attn_gain).view(backbone_kv_heads, hd, -1).pow(2).sum(-1)
+    v_eff = cols(w.v, w.attn_gain).view(backbone_kv_heads, hd, -1).pow(2).sum(-1)
+    q_rows, kv_rows, v_rows, o_cols, inv_freq = [], [], [], [], []
+    for g in range(backbone_kv_heads):
+        heads = range(g * group, (g + 1) * group)
+        pair_score = q_eff[list(heads)].sum(0) / group + k_eff[g]
+        pairs = _top_sorted(pair_score[:half] + pair_score[half:], half_s)
+        dims = torch.cat((pairs, pairs + half))
+        vdims = _top_sorted(v_eff[g] + o[:, list(heads)].pow(2).sum((0, 1)), hd_s)
+        inv_freq.append(backbone_inv_freq[pairs])
+        kv_rows.append(g * hd + dims)
+        v_rows.append(g * hd + vdims)
+        for h in heads:
+            q_rows.append(h * hd + dims)
+            o_cols.append(h * hd + vdims)
+    q_rows, kv_rows, v_rows, o_cols = (torch.cat(x) for x in (q_rows, kv_rows, v_rows, o_cols))
+    # The side keeps the backbone's attention temperature: SDPA scales by hd_s^-0.5, so fold the rest into q.
+    q_factor = backbone_scaling * math.sqrt(hd_s)
+    attn.q_proj.weight.copy_(w.q[q_rows][:, channels] * q_factor)
+    attn.k_proj.weight.copy_(w.k[kv_rows][:, channels])
+    attn.v_proj.weight.copy_(w.v[v_rows][:, channels])
+    attn.o_proj.weight.copy_(w.o[channels][:, o_cols])
+    for proj, bias, rows in ((attn.q_proj, w.q_bias, q_rows), (attn.k_proj, w.k_bias, kv_rows), (attn.v_proj, w.v_bias, v_rows)):
+        if proj.bias is not None:
+            proj.bias.copy_(bias[rows] * (q_factor if proj is attn.q_proj else 1.0) if bias is not None else torch.zeros_like(proj.bias))
+    attn.inv_freq.copy_(torch.stack(inv_freq))
+    block.attn_norm.weight.copy_(w.attn_gain[channels])
+    block.mlp_norm.weight.copy_(w.mlp_gain[channels])
+    mlp = block.mlp
+    unit_score = (cols(w.gate, w.mlp_gain).pow(2).sum(1) + cols(w.up, w.mlp_gain).pow(2).sum(1)
+                  + w.down[channels].pow(2).sum(0))
+    units = _top_sorted(unit_score, mlp.gate_proj.out_features)
+    mlp.gate_proj.weight.copy_(w.gate[units][:, channels])
+    mlp.up_proj.weight.copy_(w.up[units][:, channels])
+    mlp.down_proj.weight.copy_(w.down[channels][:, units])
+
+
+@torch.no_grad()
+def load_selection_ladders_(side: SideNetwork, channels: Tensor) -> None:
+    """Every ladder starts as the selection of `channels`: z = h[..., channels]."""
+    for ladder in side.ladders:
+        ladder.zero_()
+        ladder[torch.arange(len(channels)), channels] = 1.0
