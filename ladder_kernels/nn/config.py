@@ -145,7 +145,7 @@ class LadderConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 values = json.load(f)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"LadderConfig.from_json_file: {path} is not valid JSON: {exc}") from exc
         return cls.from_dict(values)
 

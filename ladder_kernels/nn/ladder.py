@@ -396,7 +396,7 @@ class LadderModel(nn.Module):
     def from_pretrained(cls, backbone: nn.Module, directory: str | os.PathLike, config: Optional[LadderConfig] = None) -> "LadderModel":
         """Rebuild from `save_pretrained` output (or an HF Trainer checkpoint plus `config`). Reads only JSON and
         safetensors."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
@@ -409,13 +409,16 @@ class LadderModel(nn.Module):
         if weights is None:
             raise FileNotFoundError(f"LadderModel.from_pretrained: neither {WEIGHTS_NAME} nor {TRAINER_WEIGHTS_NAME} in {directory}")
         model = cls(backbone, config, _initialize_side=False)
-        with safe_open(weights, "pt") as f:
-            saved_for = f.metadata() or {}
+        try:
+            with safe_open(weights, "pt") as f:
+                saved_for = f.metadata() or {}
+            state = load_file(weights, device=str(model.device))
+        except SafetensorError as exc:  # truncated, or not a safetensors file at all
+            raise ValueError(f"LadderModel.from_pretrained: {weights} is not a valid safetensors file: {exc}") from exc
         expected = model._backbone_signature()
         mismatched = {k: (v, expected[k]) for k, v in saved_for.items() if k in expected and v != expected[k]}
         if mismatched:
             raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})")
-        state = load_file(weights, device=str(model.device))
         state = {k.removeprefix("side."): v for k, v in state.items()}
         try:
             model.side.load_state_dict(state, strict=True)
