@@ -1,0 +1,308 @@
+// NF4 matmul on CPU without materializing the dequantized weight.
+//
+//   nf4_matmul(x [M,K], W [N,K] as NF4)      -> x @ W^T (+ bias)  [M,N]
+//   nf4_matmul_grad_input(g [M,N], W [N,K])  -> g @ W             [M,K]
+//
+// W is stored in bitsandbytes' flat-block layout: element i of the row-major flattening sits in byte i>>1
+// (high nibble when i is even) and is scaled by absmax[i / blocksize]; blocks may straddle rows.
+//
+// Both are one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a tile of W
+// (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own small buffer and
+// multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column slice of the output.
+// Extra memory is therefore one tile per thread (a few MiB), never the whole dequantized weight.
+#include <torch/extension.h>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LADDER_NF4_X86 1
+#endif
+
+namespace {
+
+// Bytes per dequantized tile (per thread: one per-core L2 here), and the reduction length of an fp32 tile.
+// Every BLAS call repacks its slice of the activations, so the tile's output width is what amortizes that;
+// cutting the reduction into chunks lets tiles be wide and still small. Measured on one core at M=512,
+// N=4096, K=11008 fp32: full-reduction tiles of 2-8 MiB (47-190 wide) cost 1.4-1.6x the dense matmul,
+// 512-long chunks 1.0x. 16-bit outputs take the whole reduction in one call: accumulating chunks into them
+// would round to 16 bits at every chunk.
+constexpr int64_t kTileBytes = 2 << 20;
+constexpr int64_t kReduceChunk = 512;
+// Narrower tiles make BLAS inefficient; a small weight is still split (down to 16) so every thread gets one.
+constexpr int64_t kMinTile = 64;
+// Reading a column band of W jumps k/2 bytes from row to row, which the hardware prefetchers do not follow:
+// fetching the row this many rows ahead halved the backward pass's dequantization time (4096x4096).
+constexpr int64_t kPrefetchRows = 8;
+
+// The NF4 weight as raw pointers (checked by check_weight).
+struct Nf4Weight {
+  const uint8_t* packed;
+  const float* absmax;
+  const float* code;
+  int64_t n, k, blocksize;
+};
+
+// --- dequantization of a tile W[row0 : row0+rows, col0 : col0+cols] into a dense row-major buffer ------------
+// Each row of the tile is a contiguous run of the flat weight, cut further where quantization blocks end.
+
+template <typename T>
+inline void dequant_run_scalar(const uint8_t* packed, const float* code, float scale, int64_t start, int64_t len, T* dst) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t i = start + j;
+    const uint8_t byte = packed[i >> 1];
+    const int nibble = (i & 1) ? (byte & 0xF) : (byte >> 4);
+    dst[j] = static_cast<T>(code[nibble] * scale);  // c10's float -> bf16/fp16 conversions round to nearest even
+  }
+}
+
+template <typename T>
+void dequant_tile_scalar(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
+  for (int64_t r = 0; r < rows; ++r, dst += cols) {
+    for (int64_t start = (row0 + r) * w.k + col0, end = start + cols, j = 0; start < end;) {
+      const int64_t block = start / w.blocksize;
+      const int64_t run = std::min(end, (block + 1) * w.blocksize) - start;
+      dequant_run_scalar(w.packed, w.code, w.absmax[block], start, run, dst + j);
+      start += run, j += run;
+    }
+  }
+}
+
+#ifdef LADDER_NF4_X86
+#define LADDER_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// fp32 -> 16-bit lanes, rounding to nearest even like c10's conversions (weights are finite: no NaN case).
+template <typename T>
+LADDER_AVX512 inline __m256i to_16bit(__m512 v);
+
+template <>
+LADDER_AVX512 inline __m256i to_16bit<c10::Half>(__m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <>
+LADDER_AVX512 inline __m256i to_16bit<c10::BFloat16>(__m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
+inline __mmask32 first_lanes(int64_t count) { return static_cast<__mmask32>((uint64_t{1} << count) - 1); }
+
+// The 16-entry code table, multiplied by the block's absmax (the same fp32 products as code * absmax, rounded
+// once to T), fits one register, so looking up 16 or 32 values is one permute. 16 packed bytes hold 32
+// values; ragged ends use masked loads and stores (a masked-off byte is never read, so `packed` is never
+// overrun).
+template <typename T>
+LADDER_AVX512 void dequant_tile_avx512(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const uint8_t* packed = w.packed;
+  const int64_t k = w.k;
+  const __m512 table = _mm512_loadu_ps(w.code);
+  // fp32: even (high-nibble) and odd elements are looked up separately, then interleaved
+  const __m512i interleave_first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i interleave_second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i low_nibble = _mm512_set1_epi32(0xF);
+  for (int64_t r = 0; r < rows; ++r, dst += cols) {
+    if (cols < k && r + kPrefetchRows < rows) {  // a column band: each row starts far from the last one
+      const uint8_t* ahead = packed + (((row0 + r + kPrefetchRows) * k + col0) >> 1);
+      for (int64_t b = 0; b < (cols + 1) / 2 + 1; b += 64) __builtin_prefetch(ahead + b);
+    }
+    for (int64_t start = (row0 + r) * k + col0, end = start + cols, j = 0; start < end;) {
+      const int64_t block = start / w.blocksize;
+      const int64_t len = std::min(end, (block + 1) * w.blocksize) - start;
+      const float scale = w.absmax[block];
+      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scale));
+      __m512i scaled_16bit;  // 16-bit types: the table rounded to T, in the low 16 words
+      if constexpr (!kFloat) scaled_16bit = _mm512_castsi256_si512(to_16bit<T>(scaled));
+      T* out = dst + j;
+      const uint8_t* src = packed + (start >> 1);
+      int64_t done = 0;
+      if (start & 1) {  // the run begins on a low nibble
+        out[0] = static_cast<T>(w.code[*src & 0xF] * scale);
+        ++src, done = 1;
+      }
+      while (done < len) {
+        const int64_t count = std::min<int64_t>(len - done, 32);
+        const __mmask16 byte_mask = static_cast<__mmask16>((1u << ((count + 1) / 2)) - 1);
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(byte_mask, src));
+        const __m512i high = _mm512_srli_epi32(bytes, 4), low = _mm512_and_si512(bytes, low_nibble);
+        if constexpr (kFloat) {
+          const __m512 even = _mm512_permutexvar_ps(high, scaled), odd = _mm512_permutexvar_ps(low, scaled);
+          const __mmask32 mask = first_lanes(count);
+          _mm512_mask_storeu_ps(out + done, static_cast<__mmask16>(mask), _mm512_permutex2var_ps(even, interleave_first, odd));
+          _mm512_mask_storeu_ps(out + done + 16, static_cast<__mmask16>(mask >> 16), _mm512_permutex2var_ps(even, interleave_second, odd));
+        } else {
+          // word 2i = high nibble of byte i (element 2i), word 2i+1 = its low nibble: 32 indices in order
+          const __m512i index = _mm512_or_si512(high, _mm512_slli_epi32(low, 16));
+          _mm512_mask_storeu_epi16(out + done, first_lanes(count), _mm512_permutexvar_epi16(index, scaled_16bit));
+        }
+        done += count, src += 16;
+      }
+      start += len, j += len;
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && std::getenv("LADDER_KERNELS_NO_AVX512") == nullptr;
+  return has;
+}
+#endif
+
+// W[row0 : row0+rows, col0 : col0+cols] -> dst, row-major [rows, cols], in T.
+template <typename T>
+void dequant_tile(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
+#ifdef LADDER_NF4_X86
+  if (cpu_has_avx512()) return dequant_tile_avx512(w, row0, rows, col0, cols, dst);
+#endif
+  dequant_tile_scalar(w, row0, rows, col0, cols, dst);
+}
+
+// --- argument checks ------------------------------------------------------------------------------------
+
+void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t n, int64_t k,
+                  int64_t blocksize, const char* op) {
+  TORCH_CHECK(n > 0 && k > 0, op, ": n and k (the weight's shape) must be positive, got n=", n, " k=", k);
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(packed.device().is_cpu() && absmax.device().is_cpu() && code.device().is_cpu(), op,
+              ": packed, absmax and code must be CPU tensors");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(packed.is_contiguous(), op, ": packed must be contiguous");
+  TORCH_CHECK(packed.numel() == (n * k + 1) / 2, op, ": packed must hold (n*k+1)/2 = ", (n * k + 1) / 2,
+              " bytes for n=", n, " k=", k, ", got ", packed.numel());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32 (dequantize double-quantized "
+              "statistics first), got ", absmax.scalar_type());
+  TORCH_CHECK(absmax.is_contiguous(), op, ": absmax must be contiguous");
+  const int64_t n_blocks = (n * k + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == n_blocks, op, ": absmax must hold ceil(n*k/blocksize) = ", n_blocks,
+              " values, got ", absmax.numel());
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16 && code.is_contiguous(), op,
+              ": code must be 16 contiguous float32 values, got ", code.numel(), " of ", code.scalar_type());
+}
+
+void check_activation(const at::Tensor& x, int64_t cols, const char* op, const char* name, const char* dim_name) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == cols, op, ": ", name, ".size(1) must equal ", dim_name, "=", cols, ", got ", x.size(1));
+}
+
+// BLAS reads a matrix with unit stride along one dim; anything else (e.g. a slice with both strides > 1)
+// would be copied by at::mm on every tile, so copy it once here instead.
+at::Tensor blas_compatible(const at::Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const bool row_major = x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(cols, 1);
+  const bool col_major = x.stride(0) == 1 && x.stride(1) >= std::max<int64_t>(rows, 1);
+  return (row_major || col_major) ? x : x.contiguous();
+}
+
+// out = a @ W^T (transpose_w: forward, P = n, R = k) or a @ W (grad_input, P = k, R = n), out [M, P] given.
+template <typename T>
+void nf4_gemm(const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Tensor& out) {
+  const int64_t out_cols = out.size(1), reduce = a.size(1);
+  const int64_t chunk = std::is_same_v<T, float> ? std::min(reduce, kReduceChunk) : reduce;
+  const int64_t threads = at::get_num_threads();
+  // Wide enough to fill kTileBytes, narrow enough that every thread gets a tile; then evened out so that
+  // the tiles split equally between the threads.
+  int64_t width = std::max(kMinTile, kTileBytes / (chunk * static_cast<int64_t>(sizeof(T))));
+  width = std::min({width, std::max<int64_t>((out_cols + threads - 1) / threads, 16), out_cols});
+  int64_t n_tiles = (out_cols + width - 1) / width;
+  if (n_tiles > threads) n_tiles = (n_tiles + threads - 1) / threads * threads;
+  width = (out_cols + n_tiles - 1) / n_tiles;
+  n_tiles = (out_cols + width - 1) / width;
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    // Worker threads do not inherit the caller's dispatch state: without this, BLAS calls on inputs that
+    // require grad (the op runs inside autograd's forward) would go through autograd and refuse out=.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor buffer = at::empty({width * chunk}, a.options());
+    T* buf = buffer.data_ptr<T>();
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      const int64_t p0 = t * width, cols = std::min(width, out_cols - p0);
+      at::Tensor out_slice = out.narrow(1, p0, cols);  // strided columns of out: BLAS writes them in place
+      for (int64_t r0 = 0; r0 < reduce; r0 += chunk) {
+        const int64_t len = std::min(chunk, reduce - r0);
+        at::Tensor tile;
+        if (transpose_w) {  // W[p0:p0+cols, r0:r0+len], used as its transpose
+          dequant_tile(w, p0, cols, r0, len, buf);
+          tile = buffer.narrow(0, 0, cols * len).view({cols, len}).t();
+        } else {  // W[r0:r0+len, p0:p0+cols]
+          dequant_tile(w, r0, len, p0, cols, buf);
+          tile = buffer.narrow(0, 0, len * cols).view({len, cols});
+        }
+        const at::Tensor a_chunk = a.narrow(1, r0, len);
+        if (r0 == 0) {
+          at::mm_out(out_slice, a_chunk, tile);
+        } else {
+          out_slice.addmm_(a_chunk, tile);
+        }
+      }
+    }
+  });
+}
+
+Nf4Weight weight_view(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t n,
+                      int64_t k, int64_t blocksize) {
+  return {packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n, k, blocksize};
+}
+
+}  // namespace
+
+at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t n, int64_t k, int64_t blocksize,
+                          const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "ladder_cpu::nf4_matmul";
+  check_weight(packed, absmax, code, n, k, blocksize, op);
+  check_activation(x, k, op, "x", "k");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, op,
+                ": bias must be a 1-D CPU tensor of size n=", n, ", got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(),
+                ", got ", bias->scalar_type());
+  }
+  at::Tensor out = at::empty({x.size(0), n}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.size(0) == 0) return out;
+  const Nf4Weight w = weight_view(packed, absmax, code, n, k, blocksize);
+  AT_DISPATCH_V2(x.scalar_type(), "nf4_matmul_cpu", AT_WRAP([&] {
+    nf4_gemm<scalar_t>(blas_compatible(x), w, /*transpose_w=*/true, out);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
+  if (bias.has_value()) out.add_(*bias);  // rounds like the reference: product in x's dtype, then + bias
+  return out;
+}
+
+at::Tensor nf4_matmul_grad_input_cpu(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t n, int64_t k, int64_t blocksize) {
+  constexpr const char* op = "ladder_cpu::nf4_matmul_grad_input";
+  check_weight(packed, absmax, code, n, k, blocksize, op);
+  check_activation(g, n, op, "g", "n");
+  at::Tensor out = at::empty({g.size(0), k}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  if (g.size(0) == 0) return out;
+  const Nf4Weight w = weight_view(packed, absmax, code, n, k, blocksize);
+  AT_DISPATCH_V2(g.scalar_type(), "nf4_matmul_grad_input_cpu", AT_WRAP([&] {
+    nf4_gemm<scalar_t>(blas_compatible(g), w, /*transpose_w=*/false, out);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(ladder_cpu, m) {
+  m.def("nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_grad_input(Tensor g, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ladder_cpu, CPU, m) {
+  m.impl("nf4_matmul", &nf4_matmul_cpu);
+  m.impl("nf4_matmul_grad_input", &nf4_matmul_grad_input_cpu);
+}

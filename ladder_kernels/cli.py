@@ -1,0 +1,86 @@
+"""The `ladder-kernels` command: finetune, generate, plan, bench.
+
+Each subcommand's parser sets `func(args) -> exit code`. Input errors (missing file, malformed row, empty
+dataset, unsupported model, an output folder holding another run) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import sys
+
+# Subcommands that other modules add through their own register_cli(subparsers).
+EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.plan", "ladder_kernels.benchmark")
+
+
+def _arg_type(annotation: str):
+    if "int" in annotation:
+        return int
+    if "float" in annotation:
+        return float
+    return str
+
+
+def add_finetune_parser(subparsers) -> None:
+    """One option per FinetuneConfig field; defaults are None here so that explicitly given ones are known."""
+    from .finetune import FinetuneConfig, flag
+
+    p = subparsers.add_parser("finetune", help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
+                              description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
+                                          "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment.")
+    for f in dataclasses.fields(FinetuneConfig):
+        kwargs = {"dest": f.name, "default": None, "help": f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")}
+        if f.type == "bool":
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            choices = f.metadata.get("choices")
+            p.add_argument(flag(f.name), type=_arg_type(f.type), choices=choices, metavar=None if choices else f.name.upper(), **kwargs)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.set_defaults(func=run_finetune_command)
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The finetune options given on the command line (the others are None), by FinetuneConfig field name."""
+    from .finetune import FinetuneConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if getattr(args, f.name) is not None}
+
+
+def run_finetune_command(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, TrainingRun, resume_config
+
+    explicit = given_options(args)
+    cfg = resume_config(explicit.get("output_dir"), explicit) if args.resume else FinetuneConfig(**explicit)
+    summary = TrainingRun(cfg, resume=args.resume).run()
+    return 0 if summary["steps"] > 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ladder-kernels", description="Ladder Side Tuning / xLadder fine-tuning on a frozen 4-bit backbone.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_finetune_parser(subparsers)
+    for module_name in EXTERNAL_SUBCOMMANDS:
+        if importlib.util.find_spec(module_name) is not None:  # plan / bench land with their own issue
+            importlib.import_module(module_name).register_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .finetune import INPUT_ERRORS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except INPUT_ERRORS as exc:
+        print(f"ladder-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nladder-kernels {args.command}: interrupted (a finetune run continues from its last checkpoint with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
