@@ -21,8 +21,8 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +224,9 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> int:
     """Save the side network / LoRA adapter atomically (temp folder, then rename); returns its size in bytes."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    # a plain mkdir (not mkdtemp, which makes it owner-only) gives the folder the user's usual permissions
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         info = {"model": cfg.model if cfg.model == EMBEDDED_MODEL else str(Path(cfg.model).resolve()),

@@ -12,7 +12,7 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -81,7 +81,9 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    # a plain mkdir (not mkdtemp, which makes it owner-only) gives the folder the user's usual permissions
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -171,6 +171,8 @@ class TrackedTraining:
         except BaseException:
             self._stack.close()
             raise
+        # weights loaded from a checkpoint (safetensors) can be created outside the dispatcher: count them too
+        self.mem.track(self.trainer.model)
         self.vocab_size = self.trainer.model.config.vocab_size
         self.weights_bytes = self.mem.current_bytes
         self.last_loss: Optional[torch.Tensor] = None

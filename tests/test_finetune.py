@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_output_dir_holding_a_run_is_refused_untouched(trained_run, tiny_model, 
     ({"eval_samples": 0}, "--eval-samples must be an integer >= 1"),
 ])
 def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, needle):
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "x", **change))
     assert not (tmp_path / "x").exists()
 
@@ -217,4 +218,4 @@ def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
 
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)  # bias correction: no pull towards 0
     curve = smoothed([4.0] * 10 + [1.0] * 30)
-    assert curve[10] > 1.0 and curve[-1] == pytest.approx(1.0, abs=0.2) and all(a >= b for a, b in zip(curve, curve[1:]))
+    assert curve[10] > 1.0 and curve[-1] == pytest.approx(1.0, abs=0.2) and all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))

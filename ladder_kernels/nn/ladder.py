@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
@@ -318,7 +319,9 @@ class LadderModel(nn.Module):
         lm_head = self.backbone.lm_head
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
         scored = shifted != -100
-        if not bool(scored.all()):  # e.g. loss on answers only: the output mix and lm_head see only scored rows
+        # e.g. loss on answers only: the output mix and lm_head see only scored rows. Fake tensors (the memory
+        # planner) have no values to select by: they keep every row, an upper bound.
+        if not isinstance(labels, FakeTensor) and not bool(scored.all()):
             s, h_final, shifted = s[scored], h_final[scored], shifted[scored]
         hidden = self.side.mix(s, h_final)
         reduction = "mean" if num_items_in_batch is None else "sum"

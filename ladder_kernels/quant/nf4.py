@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 # bitsandbytes' NF4 table (create_normal_map(0.9677083)); tests compare it with bitsandbytes' own floats.
 NF4_CODE = (
@@ -26,15 +27,16 @@ NESTED_BLOCKSIZE = 256
 @functools.cache
 def _dynamic_map_cpu() -> torch.Tensor:
     """bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): 256 sorted values."""
-    data = []
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    assert len(data) == 256
-    return torch.tensor(sorted(data), dtype=torch.float32)
+    with unset_fake_temporarily():  # real values even when first asked for inside FakeTensorMode (the planner)
+        data = []
+        for i in range(7):
+            boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+            means = (boundaries[:-1] + boundaries[1:]) / 2.0
+            data += ((10 ** (-6 + i)) * means).tolist()
+            data += (-(10 ** (-6 + i)) * means).tolist()
+        data += [0.0, 1.0]
+        assert len(data) == 256
+        return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -227,7 +229,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError("w must not be empty")
     _check_blocksize(blocksize)
-    if not torch.isfinite(w).all():
+    # fake tensors (the memory planner) carry no values to check
+    if not isinstance(w, FakeTensor) and not torch.isfinite(w).all():
         raise ValueError("w contains NaN or Inf; NF4 cannot represent it")
     code = nf4_code(w.device)
     with torch.no_grad():
