@@ -2,7 +2,9 @@
 """Kernel bench: `nf4_matmul` against bitsandbytes and dense matmuls on the same NF4 weight.
 
 Methods, timed side by side on one weight per shape (double-quantized NF4, bitsandbytes' bytes):
-  nf4_matmul[<backend>]  ladder_kernels' op on each available backend (cpu: "cpu", "torch"; cuda: "triton", "torch")
+  nf4_matmul[<backend>]  ladder_kernels' op on each available backend (cpu: "cpu", "torch"; cuda: "triton", "torch"),
+                         dequantizing the double-quantized absmax on every call (as bitsandbytes does); the
+                         first backend also runs with it dequantized beforehand ("cached absmax")
   bnb.matmul_4bit        bitsandbytes' own 4-bit matmul on the very same packed bytes and QuantState
   dequant+matmul         dequantize the whole weight (ladder_kernels' PyTorch dequantizer), then matmul
   dense                  x @ W.T on a weight dequantized beforehand: the speed limit a 4-bit kernel aims at
@@ -18,7 +20,7 @@ CUDA events. Extra memory of one call (what it allocates beyond its inputs and i
 Writes bench/results/nf4_matmul_<device>.csv (long format, one row per method and case) and a markdown
 table next to it, both atomically.
 
-    .venv/bin/python bench/bench_nf4_matmul.py --quick            # CPU-sized shapes (about 5 minutes on 2 cores)
+    .venv/bin/python bench/bench_nf4_matmul.py --quick            # CPU-sized shapes (about 7 minutes on 2 busy cores)
     .venv/bin/python bench/bench_nf4_matmul.py --device cuda      # LLM shapes on a GPU
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ FULL_MS = (1, 16, 128, 512, 2048)
 FULL_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K) = (out_features, in_features)
 # --quick: a CPU-sized sweep, plus one 8192x8192 weight for the memory figure (a full fp32 copy is 256 MiB)
 QUICK_CASES = tuple(((2048, 2048), m) for m in FULL_MS) + (((8192, 8192), 1), ((8192, 8192), 512))
-DENSE, BNB, DEQUANT = "dense", "bnb.matmul_4bit", "dequant+matmul"
+DENSE, BNB, DEQUANT, CACHED_ABSMAX = "dense", "bnb.matmul_4bit", "dequant+matmul", "cached absmax"
 # how far a method's output may be from the dense matmul's (same dequantized weight, other summation order)
 AGREEMENT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 MIN_BATCH_MS, MAX_BATCH = 5.0, 50  # calls per timed batch: enough to last MIN_BATCH_MS, at most MAX_BATCH
@@ -77,6 +79,11 @@ def make_methods(x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends:
     methods: dict[str, Callable[[], torch.Tensor]] = {}
     for backend in backends:
         methods[f"nf4_matmul[{backend}]"] = lambda b=backend: nf4_matmul(x, q, backend=b)
+    if q.double_quant and backends:
+        # As above, but with the per-block absmax dequantized once beforehand (a layer may cache it): shows
+        # what the per-call dequantization of the double-quantized statistics costs.
+        absmax = q.block_absmax()
+        methods[f"nf4_matmul[{backends[0]}] {CACHED_ABSMAX}"] = lambda: nf4_matmul(x, q, backend=backends[0], absmax=absmax)
     try:
         import bitsandbytes as bnb
 

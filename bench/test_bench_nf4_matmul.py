@@ -9,14 +9,15 @@ against the dense matmul, so a fast but wrong method fails instead of topping th
 import pytest
 import torch
 
-from bench_nf4_matmul import AGREEMENT_TOL, DENSE, default_backends, make_methods, rel_err
+from bench_nf4_matmul import AGREEMENT_TOL, BNB, CACHED_ABSMAX, DEQUANT, DENSE, default_backends, make_methods, rel_err
 from ladder_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 # (M, N, K): decode, a small batch, and the CPU target shape
 CASES = [(1, 2048, 2048), (16, 2048, 2048), (512, 2048, 2048)]
-METHODS = [f"nf4_matmul[{b}]" for b in default_backends(DEVICE)] + ["bnb.matmul_4bit", "dequant+matmul", DENSE]
+BACKENDS = default_backends(DEVICE)
+METHODS = [f"nf4_matmul[{b}]" for b in BACKENDS] + [f"nf4_matmul[{BACKENDS[0]}] {CACHED_ABSMAX}", BNB, DEQUANT, DENSE]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_nf4_matmul_speed(benchmark, weights, case, method):
     m, n, k = case
     q, w_dense = weights(n, k)
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
-    methods = make_methods(x, q, w_dense, default_backends(DEVICE))
+    methods = make_methods(x, q, w_dense, BACKENDS)
     if method not in methods:
         pytest.skip(f"{method} is not available here")
     fn = methods[method]

@@ -9,7 +9,8 @@
 // Both are one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a tile of W
 // (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own small buffer and
 // multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column slice of the output.
-// Extra memory is therefore one tile per thread (a few MiB), never the whole dequantized weight.
+// Extra memory is therefore one tile per thread (2 MiB), never the whole dequantized weight. A forward pass
+// with only a few rows of x (decoding) skips the tiles: fused_rows_avx512 dequantizes in registers.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch_v2.h>
@@ -19,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -33,13 +35,14 @@ namespace {
 // Bytes per dequantized tile (per thread: one per-core L2 here), and the reduction length of an fp32 tile.
 // Every BLAS call repacks its slice of the activations, so the tile's output width is what amortizes that;
 // cutting the reduction into chunks lets tiles be wide and still small. Measured on one core at M=512,
-// N=4096, K=11008 fp32: full-reduction tiles of 2-8 MiB (47-190 wide) cost 1.4-1.6x the dense matmul,
+// N=4096, K=11008 fp32: full-reduction tiles of 2-8 MiB (47-190 wide) cost 1.4-1.7x the dense matmul,
 // 512-long chunks 1.0x. 16-bit outputs take the whole reduction in one call: accumulating chunks into them
 // would round to 16 bits at every chunk.
 constexpr int64_t kTileBytes = 2 << 20;
 constexpr int64_t kReduceChunk = 512;
 // Narrower tiles make BLAS inefficient; a small weight is still split (down to 16) so every thread gets one.
 constexpr int64_t kMinTile = 64;
+constexpr int64_t kTilesPerThread = 4;  // tiles per thread, taken in turn (see nf4_gemm)
 // Reading a column band of W jumps k/2 bytes from row to row, which the hardware prefetchers do not follow:
 // fetching the row this many rows ahead halved the backward pass's dequantization time (4096x4096).
 constexpr int64_t kPrefetchRows = 8;
@@ -168,7 +171,7 @@ LADDER_AVX512 void dequant_tile_avx512(const Nf4Weight& w, int64_t row0, int64_t
   }
 }
 
-// Decode-sized forward (M <= kFusedMaxRows): out[m, j] = sum_c x[m, c] * W[j, c] with each 32-value chunk of
+// Decode-sized forward (M <= fused_max_rows<T>()): out[m, j] = sum_c x[m, c] * W[j, c] with each 32-value chunk of
 // W dequantized in registers and consumed at once, so W is streamed as 4-bit bytes and never written out.
 // x_f32 is x in fp32 [rows, k]; for 16-bit T the table is rounded to T first (the weight a 16-bit matmul
 // would see), products accumulate in fp32 and out_f32 receives the fp32 sums.
@@ -281,22 +284,20 @@ void nf4_gemm(const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Ten
   const int64_t out_cols = out.size(1), reduce = a.size(1);
   const int64_t chunk = std::is_same_v<T, float> ? std::min(reduce, kReduceChunk) : reduce;
   const int64_t threads = at::get_num_threads();
-  // Wide enough to fill kTileBytes, narrow enough that every thread gets a tile; then evened out so that
-  // the tiles split equally between the threads.
+  // Wide enough to fill kTileBytes; narrow enough for kTilesPerThread tiles per thread, which the threads
+  // take in turn, so that one thread slowed down (a busy machine) leaves its share to the others.
   int64_t width = std::max(kMinTile, kTileBytes / (chunk * static_cast<int64_t>(sizeof(T))));
-  width = std::min({width, std::max<int64_t>((out_cols + threads - 1) / threads, 16), out_cols});
-  int64_t n_tiles = (out_cols + width - 1) / width;
-  if (n_tiles > threads) n_tiles = (n_tiles + threads - 1) / threads * threads;
-  width = (out_cols + n_tiles - 1) / n_tiles;
-  n_tiles = (out_cols + width - 1) / width;
+  width = std::min({width, std::max<int64_t>((out_cols + kTilesPerThread * threads - 1) / (kTilesPerThread * threads), 16), out_cols});
+  const int64_t n_tiles = (out_cols + width - 1) / width;
+  std::atomic<int64_t> next_tile{0};
 
-  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  at::parallel_for(0, std::min(threads, n_tiles), 1, [&](int64_t, int64_t) {
     // Worker threads do not inherit the caller's dispatch state: without this, BLAS calls on inputs that
     // require grad (the op runs inside autograd's forward) would go through autograd and refuse out=.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor buffer = at::empty({width * chunk}, a.options());
     T* buf = buffer.data_ptr<T>();
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
+    for (int64_t t; (t = next_tile.fetch_add(1)) < n_tiles;) {
       const int64_t p0 = t * width, cols = std::min(width, out_cols - p0);
       at::Tensor out_slice = out.narrow(1, p0, cols);  // strided columns of out: BLAS writes them in place
       for (int64_t r0 = 0; r0 < reduce; r0 += chunk) {
