@@ -10,6 +10,7 @@ Per cell (model × method × batch × seq_len) a fresh model is built (`baseline
   tracked_peak_bytes  CPU: PeakMemoryTracker over one more step, weights and optimizer state counted
   rss_peak_bytes      CPU: the process's resident set size, sampled every 5 ms during the steps
   planned_peak_bytes  optional (--plan): ladder_kernels.plan's prediction for the cell (fake tensors)
+  load_avg            the 1-minute load average per CPU core after the cell (>1: timings are contended)
 A CUDA out-of-memory is recorded as `oom` = 1 for the cell and the sweep goes on.
 
 Outputs in --out-dir (each written atomically): e2e_<tag>.csv (long format: method, model, seq_len, batch,
@@ -59,8 +60,6 @@ EMBEDDED_ALIASES = ("smollm2", "embedded")
 # qlora-lk shares qlora's memory exactly: dashed so that both stay visible
 METHOD_STYLE = {"ladder": dict(marker="o"), "xladder": dict(marker="s"), "qlora": dict(marker="^"),
                 "qlora-ckpt": dict(marker="v"), "qlora-lk": dict(marker="x", linestyle="--")}
-METRIC_ORDER = ("tracked_peak_bytes", "cuda_peak_bytes", "rss_peak_bytes", "planned_peak_bytes", "tokens_per_s",
-                "step_s", "loss_first", "loss_last", "oom")
 
 
 @dataclass
@@ -186,7 +185,8 @@ def measure_cell(source, method: str, ids: torch.Tensor, settings: BenchSettings
             if i >= settings.warmup:
                 times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    metrics = {"step_s": step_s, "tokens_per_s": ids.numel() / step_s, "loss_first": losses[0], "loss_last": losses[-1]}
+    metrics = {"step_s": step_s, "tokens_per_s": ids.numel() / step_s, "loss_first": losses[0], "loss_last": losses[-1],
+               "load_avg": os.getloadavg()[0] / (os.cpu_count() or 1)}  # >1: the CPU was shared while timing
     if device == "cuda":
         metrics["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -289,6 +289,10 @@ def markdown_table(rows: list[dict]) -> str:
              f"Run: {rows[0]['timestamp']}", "",
              f"Peak = {'torch.cuda.max_memory_allocated' if device == 'cuda' else 'tracked tensor memory (PeakMemoryTracker)'}; "
              "×qlora = ratio to qlora in the same cell (memory: lower is better; speed: higher is better).", ""]
+    loads = [float(r["value"]) for r in rows if r["metric"] == "load_avg"]
+    if loads and max(loads) > 1:
+        lines[-1:-1] = [f"Timings were taken on a shared machine (load up to {max(loads):.1f} per core): tokens/s "
+                        "are indicative only; the memory columns are not affected.", ""]
     header = "| model | batch | seq_len | method | peak GiB | ×qlora mem | " + ("" if device == "cuda" else "RSS GiB | ") + \
              "planned GiB | tokens/s | ×qlora speed | loss first → last |"
     table = _pivot(rows)

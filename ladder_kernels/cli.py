@@ -10,17 +10,16 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+import typing
 
 # Subcommands that other modules add through their own register_cli(subparsers).
 EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.plan", "ladder_kernels.benchmark")
 
 
-def _arg_type(annotation: str):
-    if "int" in annotation:
-        return int
-    if "float" in annotation:
-        return float
-    return str
+def _arg_type(hint):
+    """int, float or str from a field's type hint (Optional[X] -> X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def add_finetune_parser(subparsers) -> None:
@@ -30,13 +29,12 @@ def add_finetune_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
                               description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
                                           "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment.")
+    hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
-        kwargs = {"dest": f.name, "default": None, "help": f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")}
-        if f.type == "bool":
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            choices = f.metadata.get("choices")
-            p.add_argument(flag(f.name), type=_arg_type(f.type), choices=choices, metavar=None if choices else f.name.upper(), **kwargs)
+        choices = f.metadata.get("choices")
+        p.add_argument(flag(f.name), dest=f.name, default=None, type=_arg_type(hints[f.name]), choices=choices,
+                       metavar=None if choices else f.name.upper(),
+                       help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.set_defaults(func=run_finetune_command)
 

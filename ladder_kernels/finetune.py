@@ -38,7 +38,8 @@ from .nn.config import write_bytes_atomic, write_text_atomic
 
 METHODS = ("ladder", "xladder", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_LR = {"ladder": 4e-3, "xladder": 4e-3, "qlora": 5e-4}
+DEFAULT_LR = {"ladder": 6e-3, "xladder": 4e-3, "qlora": 5e-4}
+DEFAULT_LADDER_EVERY = 3  # measured on SmolLM2 sentiment: faster steps, less memory and better accuracy than 1
 DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
 RUN_CONFIG, CHECKPOINT, ADAPTER, SUMMARY_JSON, SUMMARY_MD, LOSS_PNG = (
     "run_config.json", "checkpoint.pt", "adapter", "summary.json", "summary.md", "loss_curve.png")
@@ -76,7 +77,7 @@ class FinetuneConfig:
     lr: Optional[float] = _opt(None, f"peak learning rate (default: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
     reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
-    ladder_every: int = _opt(1, "ladder: a side block on every N-th backbone layer, counted from the top (1: all layers)")
+    ladder_every: Optional[int] = _opt(None, f"ladder: a side block on every N-th backbone layer, counted from the top (default {DEFAULT_LADDER_EVERY}; 1: all layers)")
     xladder_depth: Optional[int] = _opt(None, "xladder: δ, the top backbone layers feeding the side network (default: a quarter of the layers)")
     ladder_storage: str = _opt("bf16", "how ladder inputs are kept for backward: bf16, or int8 (half the memory)", choices=("bf16", "int8"))
     dtype: str = _opt("bfloat16", "compute dtype of the backbone", choices=tuple(DTYPES))
@@ -89,11 +90,11 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         for name, minimum in (("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup_steps", 0),
-                              ("reduction_factor", 1), ("ladder_every", 1), ("checkpoint_every", 1), ("seed", 0)):
+                              ("reduction_factor", 1), ("checkpoint_every", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
-        for name in ("xladder_depth", "eval_samples"):
+        for name in ("xladder_depth", "eval_samples", "ladder_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{flag(name)} must be an integer >= 1, got {value!r}")
@@ -109,7 +110,7 @@ class FinetuneConfig:
                 raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.xladder_depth is not None and self.method != "xladder":
             raise ConfigError(f"--xladder-depth applies to --method xladder only, not {self.method}")
-        if self.ladder_every != 1 and self.method != "ladder":
+        if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
 
     def command_line(self) -> str:
@@ -194,7 +195,8 @@ def ladder_config(cfg: FinetuneConfig, num_layers: int):
         depth = cfg.xladder_depth or max(1, num_layers // 4)
         if depth > num_layers:
             raise ConfigError(f"--xladder-depth must be at most the backbone's {num_layers} layers, got {depth}")
-    layers = None if cfg.ladder_every == 1 else sorted(range(num_layers - 1, -1, -cfg.ladder_every))
+    every = (cfg.ladder_every or DEFAULT_LADDER_EVERY) if cfg.method == "ladder" else 1
+    layers = None if every == 1 else sorted(range(num_layers - 1, -1, -every))
     return LadderConfig(reduction_factor=cfg.reduction_factor, ladder_layers=layers, xladder_depth=depth,
                         ladder_storage=cfg.ladder_storage)
 

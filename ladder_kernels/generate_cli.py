@@ -47,6 +47,12 @@ def load_finetuned(path: str | Path):
     return model.eval(), tokenizer, info
 
 
+def default_max_new_tokens(info: dict, tokenizer) -> int:
+    """A classifier was trained to emit a label, not to stop after it: its longest label; otherwise 32."""
+    labels = info.get("labels") or []
+    return max((len(tokenizer(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=32)
+
+
 def task_prompt(task: str, text: str) -> str:
     return sentiment_prompt(text) if task == "sentiment" else arith_prompt(text)
 
@@ -69,10 +75,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ConfigError("--prompt must not be empty")
     model, tokenizer, info = load_finetuned(args.adapter)
-    max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:  # a classifier was trained to emit a label, not to stop after it
-        labels = info.get("labels") or []
-        max_new_tokens = max((len(tokenizer(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=32)
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(info, tokenizer)
     prompt = task_prompt(info["task"], args.prompt) if args.task_template else args.prompt
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     print(prompt + greedy_complete(model, tokenizer, prompt_ids, max_new_tokens))

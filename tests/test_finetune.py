@@ -219,3 +219,14 @@ def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)  # bias correction: no pull towards 0
     curve = smoothed([4.0] * 10 + [1.0] * 30)
     assert curve[10] > 1.0 and curve[-1] == pytest.approx(1.0, abs=0.2) and all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))
+
+
+def test_ladder_layers_follow_ladder_every_from_the_top():
+    from ladder_kernels.finetune import ladder_config
+
+    cfg = FinetuneConfig(ladder_every=3)
+    assert ladder_config(cfg, 30).ladder_layers == list(range(2, 30, 3))  # the top layer always feeds a block
+    assert ladder_config(FinetuneConfig(ladder_every=1), 30).ladder_layers is None  # every layer
+    assert ladder_config(FinetuneConfig(), 30).ladder_layers == list(range(2, 30, 3))  # the default is 3
+    xl = ladder_config(FinetuneConfig(method="xladder"), 30)
+    assert xl.ladder_layers is None and xl.xladder_depth == 7
