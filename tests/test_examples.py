@@ -91,3 +91,17 @@ def test_generate_script_prints_completion_and_label_probabilities(tiny_model, d
     assert lines[0] == "Tweet: a tweet"
     probs = dict(part.split() for part in lines[-1].removeprefix("label probabilities: ").split(", "))
     assert set(probs) == {"negative", "neutral", "positive"} and abs(sum(map(float, probs.values())) - 1) < 0.02
+
+
+def test_plan_memory_script_says_what_fits(tiny_model, capsys):
+    import ladder_kernels as lk
+
+    ladder, qlora = (lk.plan(str(tiny_model), m, seq_len=64) for m in ("ladder", "qlora"))
+    assert ladder.required_bytes < qlora.required_bytes
+    between = (ladder.required_bytes + qlora.required_bytes) // 2  # fits Ladder, not QLoRA
+    argv = ["--model", str(tiny_model), "--seq-len", "64", "--gpu-memory", str(between), "--no-max-context"]
+    assert load_script("plan_memory").main(argv) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if "peak" in line}
+    assert "-> fits" in lines["ladder"] and "does NOT fit" in lines["qlora"]
+    assert f"peak {ladder.peak_gib:6.2f} GiB" in lines["ladder"]
