@@ -1,7 +1,8 @@
 """The `ladder-kernels` command: finetune, generate, plan, bench.
 
 Each subcommand's parser sets `func(args) -> exit code`. Input errors (missing file, malformed row, empty
-dataset, unsupported model, an output folder holding another run) print one line and exit with 2.
+dataset, unsupported model, an output folder holding another run) and a training run that cannot go on (a NaN/Inf
+loss, out of GPU memory) print one line and exit with 2.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.plan", "l
 
 
 def _arg_type(hint):
-    """int, float or str from a field's type hint (Optional[X] -> X)."""
+    """int, float, str or bool from a field's type hint (Optional[X] -> X)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -28,13 +29,18 @@ def add_finetune_parser(subparsers) -> None:
 
     p = subparsers.add_parser("finetune", help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
                               description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
-                                          "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment.")
+                                          "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment. "
+                                          "Under torchrun / accelerate launch it runs data-parallel (DDP; rank 0 evaluates and "
+                                          "writes the run folder).")
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
         choices = f.metadata.get("choices")
+        text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        if _arg_type(hints[f.name]) is bool:  # --x / --no-x
+            p.add_argument(flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
+            continue
         p.add_argument(flag(f.name), dest=f.name, default=None, type=_arg_type(hints[f.name]), choices=choices,
-                       metavar=None if choices else f.name.upper(),
-                       help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
+                       metavar=None if choices else f.name.upper(), help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.set_defaults(func=run_finetune_command)
 
@@ -47,11 +53,12 @@ def given_options(args: argparse.Namespace) -> dict:
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, TrainingRun, resume_config
+    from .finetune import FinetuneConfig, TrainingRun, distributed_from_env, resume_config
 
     explicit = given_options(args)
     cfg = resume_config(explicit.get("output_dir"), explicit) if args.resume else FinetuneConfig(**explicit)
-    summary = TrainingRun(cfg, resume=args.resume).run()
+    with distributed_from_env():  # data-parallel under torchrun / accelerate launch
+        summary = TrainingRun(cfg, resume=args.resume).run()
     return 0 if summary["steps"] > 0 else 1
 
 

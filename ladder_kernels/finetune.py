@@ -8,9 +8,19 @@ Run folder (--output-dir):
   adapter/            the trained side network (or LoRA adapter) + finetune.json naming its backbone
   summary.json/.md    accuracy before/after, steps, wall time, tokens/s, peak memory, adapter size
   loss_curve.png
+
+Under torchrun / accelerate launch (WORLD_SIZE > 1) the run is data-parallel: one process group (gloo on CPU,
+nccl on CUDA), the model in DistributedDataParallel, each process taking its share of every micro-batch
+(--batch-size is the global micro-batch, so N processes give one process's results), and rank 0 alone
+evaluating, logging and writing the run folder.
+
+A NaN/Inf loss or gradient norm stops the run before its optimizer step (nothing of that step is saved), or
+with --skip-nonfinite skips the step. Out of GPU memory stops with the settings to lower and the planner's
+prediction.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -45,9 +55,10 @@ RUN_CONFIG, CHECKPOINT, ADAPTER, SUMMARY_JSON, SUMMARY_MD, LOSS_PNG = (
     "run_config.json", "checkpoint.pt", "adapter", "summary.json", "summary.md", "loss_curve.png")
 ADAPTER_INFO = "finetune.json"
 # What a run has done so far; a checkpoint holds these plus weights, optimizer, schedule, RNG and data order.
-PROGRESS_KEYS = ("step", "history", "tokens", "train_seconds", "before")
+PROGRESS_KEYS = ("step", "history", "tokens", "train_seconds", "before", "skipped")
 # Changing these between an interrupted run and its --resume does not change the trained weights.
-RESUMABLE_CHANGES = ("max_minutes", "checkpoint_every", "output_dir")
+# (skip_nonfinite only acts on a step that would otherwise stop the run.)
+RESUMABLE_CHANGES = ("max_minutes", "checkpoint_every", "output_dir", "skip_nonfinite")
 
 
 class RunDirError(ValueError):
@@ -56,6 +67,10 @@ class RunDirError(ValueError):
 
 class ConfigError(ValueError):
     """An option outside its domain; the message names the command-line flag."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on as configured (a non-finite loss or gradient, out of memory); the message says what to change."""
 
 
 def _opt(default, help: str, **kw):
@@ -71,7 +86,9 @@ class FinetuneConfig:
     task: str = _opt("sentiment", "sentiment: 3-class tweet sentiment, accuracy by label scores; arith: word problems, exact match of the greedy answer", choices=TASKS)
     method: str = _opt("ladder", "ladder or xladder (side network over the frozen NF4 backbone), or qlora (peft LoRA r=16 on a bitsandbytes NF4 backbone, for comparison)", choices=METHODS)
     seq_len: int = _opt(64, "maximum tokens per example (longer prompts keep their end)")
-    batch_size: int = _opt(32, "examples per micro-batch (on CPU a step costs about the same for 8 to 32 examples)")
+    batch_size: int = _opt(32, "examples per micro-batch (on CPU a step costs about the same for 8 to 32 examples); under torchrun / "
+                               "accelerate launch this is the global micro-batch, split across the N processes (each takes every N-th "
+                               "example), so a run gives one process's results with any N")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     steps: int = _opt(100, "optimizer steps (the learning-rate schedule spans them)")
     lr: Optional[float] = _opt(None, f"peak learning rate (default: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
@@ -85,6 +102,8 @@ class FinetuneConfig:
     eval_samples: Optional[int] = _opt(None, f"held-out examples evaluated before and after training (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EVAL_SAMPLES.items())})")
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (and when training stops)")
     max_minutes: Optional[float] = _opt(None, "stop training after this many minutes (checkpointed; --resume continues), then evaluate")
+    skip_nonfinite: bool = _opt(False, "skip an optimizer step whose loss or gradient norm is NaN/Inf (counted in the summary) "
+                                       "instead of stopping the run there")
     seed: int = _opt(0, "seed of the side-network initialisation and of the training data order")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
 
@@ -98,6 +117,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise ConfigError(f"--skip-nonfinite must be true or false, got {self.skip_nonfinite!r}")
         if isinstance(self.balance, bool) or not isinstance(self.balance, (int, float)) or not 0 <= self.balance <= 1:
             raise ConfigError(f"--balance must be a number in [0, 1], got {self.balance!r}")
         for name in ("lr", "max_minutes"):
@@ -119,7 +140,10 @@ class FinetuneConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value != f.default:
-                parts += [flag(f.name), shlex.quote(str(value))]
+                if isinstance(value, bool):  # argparse.BooleanOptionalAction: --x / --no-x
+                    parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+                else:
+                    parts += [flag(f.name), shlex.quote(str(value))]
         return " ".join(parts)
 
     @property
@@ -184,7 +208,36 @@ def check_output_dir(out: Path, resume: bool) -> None:
 # --- models ----------------------------------------------------------------------------------------------
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # under torchrun: this process's GPU (set_device)
+
+
+# --- data parallel (torchrun / accelerate launch) ----------------------------------------------------------
+
+@contextlib.contextmanager
+def distributed_from_env():
+    """The process group of a torchrun / accelerate launch run (WORLD_SIZE > 1), for the duration of the block;
+    nothing in a single process or when the caller already made one."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of processes) of the current process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def ladder_config(cfg: FinetuneConfig, num_layers: int):
@@ -376,7 +429,9 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class TrainingRun:
-    """One fine-tuning run: prepared (all inputs checked) before anything is written to the output folder."""
+    """One fine-tuning run: prepared (all inputs checked) before anything is written to the output folder.
+
+    In a process group (torchrun, see distributed_from_env) every rank builds the same run; rank 0 alone writes."""
 
     def __init__(self, cfg: FinetuneConfig, resume: bool = False):
         cfg = dataclasses.replace(cfg)
@@ -385,14 +440,23 @@ class TrainingRun:
                 raise RunDirError("--resume needs --output-dir (the folder of the run to continue)")
             cfg.output_dir = default_output_dir(cfg)
         cfg.validate()
+        self.rank, self.world_size = rank_and_world()
+        if cfg.batch_size < self.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is split across {self.world_size} processes: it must be at least {self.world_size}")
         self.cfg, self.resume, self.out = cfg, resume, Path(cfg.output_dir)
         self.command = cfg.command_line() + (" --resume" if resume else "")
         check_output_dir(self.out, resume)
         self.dataset = load_dataset(cfg.task, cfg.data)
-        if cfg.n_eval > len(self.dataset.heldout):
+        if cfg.n_eval > len(self.dataset.heldout) and self.rank == 0:
             print(f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all of them", file=sys.stderr)
         self.eval_set = self.dataset.heldout[: cfg.n_eval]
+        # Rank 0 first: converting a .gguf into the model cache must not race. The barrier also means that every
+        # rank has checked the output folder before rank 0 writes to it.
+        if self.rank > 0:
+            self._barrier()
         self.model_dir = resolve_model(cfg.model)
+        if self.rank == 0:
+            self._barrier()
         check_causal_lm(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         if self.dataset.is_classification:
@@ -405,55 +469,65 @@ class TrainingRun:
         self.model = build_model(cfg, self.model_dir)
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
-        """Train, evaluate, save; `on_step(done)` is called after each optimizer step (progress hooks, tests)."""
+        """Train, evaluate, save; `on_step(done)` is called after each optimizer step (progress hooks, tests).
+        Every rank returns rank 0's summary."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
+        cfg, main = self.cfg, self.rank == 0
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         self._encoded: dict[int, tuple[list[int], list[int]]] = {}
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint written or resumed from
         state = self._start() if self.checkpoint is None else self._restore(self.checkpoint)
+        self.train_model = self._data_parallel()
 
         start_step, stop_reason = state["step"], None
         self.model.train()
         reset_peak_memory()
         session_start = time.perf_counter()
-        with tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {cfg.task}", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {cfg.task}", unit="step", dynamic_ncols=True,
+                  disable=not main) as bar:
             while state["step"] < cfg.steps and stop_reason is None:
-                self._train_step(state)
-                recent = state["history"][-20:]
+                self._guarded_step(state)
                 bar.update(1)
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", tok_s=f"{state['tokens'] / state['train_seconds']:.0f}",
+                recent = _finite_mean(state["history"][-20:])
+                bar.set_postfix(loss="nan" if recent is None else f"{recent:.3f}", tok_s=f"{state['tokens'] / state['train_seconds']:.0f}",
                                 peak=_gib(peak_memory_bytes()), refresh=False)
                 step = state["step"]
                 if cfg.max_minutes is not None and time.perf_counter() - session_start > 60 * cfg.max_minutes and step < cfg.steps:
                     stop_reason = f"--max-minutes {cfg.max_minutes:g} reached at step {step} of {cfg.steps}"
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason:
+                if cfg.max_minutes is not None:
+                    stop_reason = self._from_rank0(stop_reason)  # the ranks' clocks differ: all stop where rank 0 does
+                if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason):
                     self._checkpoint(state)
                 if on_step is not None:
                     on_step(step)
-        peak = peak_memory_bytes()
-        after = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, cfg.seq_len, self.eval_batch, "held-out eval")
-        adapter_bytes = save_adapter(self.model, cfg, self.dataset, self.out / ADAPTER)
-        summary = self._summary(state, state["step"], start_step, peak, after, adapter_bytes,
-                                sum(p.numel() for p in self.params.values()), stop_reason)
-        self._write_reports(summary, state["history"])
-        return summary
+        summary = None
+        if main:
+            peak = peak_memory_bytes()
+            after = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, cfg.seq_len, self.eval_batch, "held-out eval")
+            adapter_bytes = save_adapter(self.model, cfg, self.dataset, self.out / ADAPTER)
+            summary = self._summary(state, state["step"], start_step, peak, after, adapter_bytes,
+                                    sum(p.numel() for p in self.params.values()), stop_reason)
+            self._write_reports(summary, state["history"])
+        return self._from_rank0(summary)
 
     @property
     def eval_batch(self) -> int:
         return max(self.cfg.batch_size, 32)  # forward-only batches: bigger ones are cheaper per example on CPU
 
     def _start(self) -> dict:
-        """A new run: its configuration on disk, then the zero-shot evaluation."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / RUN_CONFIG, json.dumps({"config": dataclasses.asdict(self.cfg), "command": self.command,
-                                                             "model_dir": str(self.model_dir)}, indent=2) + "\n")
-        before = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, self.cfg.seq_len, self.eval_batch, "zero-shot eval")
-        print(f"zero-shot held-out accuracy: {before['accuracy']:.1%} on {before['n']} examples", file=sys.stderr)
-        return dict(zip(PROGRESS_KEYS, (0, [], 0, 0.0, before)))
+        """A new run: its configuration on disk, then the zero-shot evaluation (rank 0; the others wait in DDP's setup)."""
+        before = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / RUN_CONFIG, json.dumps({"config": dataclasses.asdict(self.cfg), "command": self.command,
+                                                                 "model_dir": str(self.model_dir)}, indent=2) + "\n")
+            before = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, self.cfg.seq_len, self.eval_batch, "zero-shot eval")
+            print(f"zero-shot held-out accuracy: {before['accuracy']:.1%} on {before['n']} examples", file=sys.stderr)
+        return dict(zip(PROGRESS_KEYS, (0, [], 0, 0.0, before, [])))
 
     def _restore(self, state: dict) -> dict:
         """Weights, optimizer, schedule and RNG as the checkpoint left them (the data order follows from the step)."""
@@ -463,14 +537,20 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        print(f"resuming {self.out} at step {state['step']} of {self.cfg.steps}", file=sys.stderr)
-        return {k: state[k] for k in PROGRESS_KEYS}
+        self.saved_step = state["step"]
+        if self.rank == 0:
+            # a write killed before its rename leaves a .tmp-* file (or folder): never read, removed here
+            for leftover in self.out.glob(".tmp-*"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            print(f"resuming {self.out} at step {state['step']} of {self.cfg.steps}", file=sys.stderr)
+        return {"skipped": [], **{k: state[k] for k in PROGRESS_KEYS if k in state}}  # "skipped": older checkpoints lack it
 
     def _checkpoint(self, state: dict) -> None:
         save_checkpoint(self.out / CHECKPOINT, {
             **state, "trainable": {n: p.detach().cpu() for n, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
             "data": self.stream.state(state["step"])})
+        self.saved_step = state["step"]
 
     def _rows(self, indices: Sequence[int]) -> list[tuple[list[int], list[int]]]:
         """Tokenized training examples, each encoded once."""
@@ -481,26 +561,130 @@ class TrainingRun:
                 self._encoded[i] = (ids, labels)
         return [self._encoded[i] for i in indices]
 
+    # --- data parallel -----------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def _from_rank0(self, value):
+        """Rank 0's value on every rank (a picklable object)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _all_sum(self, *values: float) -> list[float]:
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device())
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def _data_parallel(self):
+        """The model in DistributedDataParallel in a process group (only the trainable parameters' gradients are
+        all-reduced), else the model itself."""
+        if self.world_size == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The frozen backbone comes from the same checkpoint on every rank and never changes: DDP leaves it alone
+        # (no broadcast at construction or before each forward, a backbone's worth of traffic). Broadcasting it is
+        # also wrong for QLoRA on CPU: bitsandbytes repacks 4-bit weights in place at their first inference, which
+        # only rank 0 (zero-shot evaluation) has done.
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad] + [n for n, _ in self.model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
+        return DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+                                       find_unused_parameters=False)
+
+    def _token_weight(self, labels: torch.Tensor) -> float:
+        """In a process group: the factor that turns this rank's mean loss into its share of the global mean over
+        the micro-batch's scored tokens (DDP averages gradients over ranks, so the share is scaled by N)."""
+        scored = float((labels[:, 1:] != -100).sum())
+        total, = self._all_sum(scored)
+        return scored * self.world_size / total
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def _guarded_step(self, state: dict) -> None:
+        """_train_step, with out-of-memory turned into a TrainingError saying what to lower."""
+        try:
+            self._train_step(state)
+            return
+        except torch.cuda.OutOfMemoryError:  # = torch.OutOfMemoryError (torch >= 2.5)
+            pass  # handled below, outside the except block: its traceback holds the step's tensors
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrainingError(self._out_of_memory_message(state["step"] + 1))
+
     def _train_step(self, state: dict) -> None:
-        """One optimizer step over grad_accum micro-batches; updates step, loss history, tokens and time."""
+        """One optimizer step over grad_accum micro-batches; updates step, loss history, tokens and time. A
+        non-finite loss or gradient norm raises TrainingError before anything changes (or, with --skip-nonfinite,
+        skips the optimizer step)."""
         cfg, dev = self.cfg, device()
         t0 = time.perf_counter()
         indices = self.stream.indices(state["step"])
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         for m in range(cfg.grad_accum):
-            batch = collate(self._rows(indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]), self.tokenizer.pad_token_id)
-            loss = self.model(**{k: v.to(dev) for k, v in batch.items()}).loss / cfg.grad_accum
-            loss.backward()
+            micro = indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            batch = collate(self._rows(micro[self.rank::self.world_size]), self.tokenizer.pad_token_id)  # this rank's share
+            last = m == cfg.grad_accum - 1
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            with contextlib.nullcontext() if self.world_size == 1 or last else self.train_model.no_sync():
+                loss = self.train_model(**{k: v.to(dev) for k, v in batch.items()}).loss / cfg.grad_accum
+                if self.world_size > 1:
+                    loss = loss * self._token_weight(batch["labels"])
+                loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.world_size > 1:
+            step_loss, step_tokens = self._all_sum(step_loss, step_tokens)
+            step_loss, step_tokens = step_loss / self.world_size, int(step_tokens)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0))
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        elif cfg.skip_nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            state["skipped"].append(state["step"] + 1)
+        else:
+            raise TrainingError(self._nonfinite_message(state["step"] + 1, step_loss, grad_norm))
+        self.scheduler.step()  # also for a skipped step: the schedule follows the step number
         state["step"] += 1
         state["train_seconds"] += time.perf_counter() - t0
         state["tokens"] += step_tokens
         state["history"].append(step_loss)
+
+    def _nonfinite_message(self, step: int, loss: float, grad_norm: float) -> str:
+        kept = (f"the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is kept as it was"
+                if self.saved_step is not None else "no checkpoint had been written yet")
+        return (f"step {step} of {self.cfg.steps}: the training loss is {loss} and the gradient norm {grad_norm}; stopped "
+                f"before the optimizer step, {kept}. Lower --lr, or continue with --resume --skip-nonfinite to skip such steps")
+
+    def _out_of_memory_message(self, step: int) -> str:
+        """One line: the settings that lower memory, and what the memory planner predicts for this run."""
+        cfg = self.cfg
+        per_rank = -(-cfg.batch_size // self.world_size)  # one process's share of the micro-batch
+        where = (f" on a {torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.1f} GiB GPU"
+                 if torch.cuda.is_available() else "")
+        lower = (f"lower --batch-size {cfg.batch_size} (and raise --grad-accum {cfg.grad_accum} to keep the batch per "
+                 f"optimizer step) or --seq-len {cfg.seq_len}")
+        if cfg.method != "qlora":
+            lower += (", use --ladder-storage int8" if cfg.ladder_storage != "int8" else "") + f", or raise --reduction-factor {cfg.reduction_factor}"
+        try:
+            from .plan import plan
+
+            options = {}
+            if cfg.method != "qlora":
+                lc = ladder_config(cfg, self.model.config.num_hidden_layers)
+                options = {k: getattr(lc, k) for k in ("reduction_factor", "ladder_layers", "xladder_depth", "ladder_storage")}
+            p = plan(self.model_dir, cfg.method, seq_len=cfg.seq_len, batch_size=per_rank, dtype=DTYPES[cfg.dtype], **options)
+            predicted = (f"`ladder-kernels plan` predicts a peak of {p.peak_bytes / 2**30:.3g} GiB (a GPU needs "
+                         f"{p.required_bytes / 2**30:.3g} GiB) for {cfg.method} at --seq-len {cfg.seq_len}, batch {per_rank}")
+        except Exception as exc:  # noqa: BLE001 - the advice above stands without the prediction
+            first_line = (str(exc).splitlines() or [""])[0]
+            predicted = f"`ladder-kernels plan` could not predict this run ({type(exc).__name__}: {first_line})"
+        return f"out of memory at step {step} of {cfg.steps}{where}: {lower}; {predicted}"
 
     def _summary(self, state, step, start_step, peak, after, adapter_bytes, n_trainable, stop_reason) -> dict:
         cfg, before = self.cfg, state["before"]
@@ -511,6 +695,7 @@ class TrainingRun:
             "eval_examples": after["n"], "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
             "eval_before": before, "eval_after": after, "steps": step, "steps_planned": cfg.steps,
             "resumed_from_step": start_step if self.resume else None, "stopped_early": stop_reason,
+            "skipped_steps": state["skipped"], "processes": self.world_size,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "lr": cfg.learning_rate,
             "dtype": cfg.dtype, "train_seconds": seconds, "seconds_per_step": seconds / max(1, step),
             "tokens_per_second": state["tokens"] / seconds if seconds else 0.0, "tokens": state["tokens"],
@@ -529,16 +714,23 @@ class TrainingRun:
         print(f"\nrun folder: {self.out} (adapter/, {SUMMARY_MD}, {LOSS_PNG})")
 
 
+def _finite_mean(values: Sequence[float]) -> float | None:
+    """The mean of the finite values (a step skipped by --skip-nonfinite logs its NaN/Inf loss); None if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
 def _mean_tail(history: list[float], n: int = 20) -> float | None:
-    return sum(history[-n:]) / len(history[-n:]) if history else None
+    return _finite_mean(history[-n:])
 
 
 def summary_table(s: dict) -> str:
     """The final summary as a markdown table."""
     gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
     metric = "accuracy" if s["task"] == "sentiment" else "exact match"
+    processes = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
     rows = [
-        ("method", f"{s['method']} ({s['dtype']}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}, seq-len {s['seq_len']}, balance {s['config']['balance']:g})"),
+        ("method", f"{s['method']} ({s['dtype']}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}{processes}, seq-len {s['seq_len']}, balance {s['config']['balance']:g})"),
         ("model / task", f"{Path(s['model_dir']).name} / {s['task']} ({s['data']}, {s['train_examples']} train)"),
         (f"held-out {metric} before (zero-shot)", f"{s['accuracy_before']:.1%} on {s['eval_examples']}"),
         (f"held-out {metric} after", f"{s['accuracy_after']:.1%} ({gain:+.1f} points)"),
@@ -547,7 +739,8 @@ def summary_table(s: dict) -> str:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
         rows.append(("predictions before -> after", f"{fmt(s['eval_before']['predicted'])} -> {fmt(s['eval_after']['predicted'])}"))
     rows += [
-        ("steps", f"{s['steps']} of {s['steps_planned']}" + (f" (stopped: {s['stopped_early']})" if s["stopped_early"] else "")),
+        ("steps", f"{s['steps']} of {s['steps_planned']}" + (f" (stopped: {s['stopped_early']})" if s["stopped_early"] else "")
+         + (f"; {len(s['skipped_steps'])} skipped for a non-finite loss/gradient" if s.get("skipped_steps") else "")),
         ("train wall time", f"{s['train_seconds']:.0f} s ({s['seconds_per_step']:.2f} s/step)"),
         ("tokens/s", f"{s['tokens_per_second']:.0f}"),
         ("peak memory", f"{_gib(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
@@ -561,11 +754,14 @@ def summary_table(s: dict) -> str:
 
 
 def smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
-    """Exponential moving average, bias-corrected so that early values are not pulled towards zero."""
-    out, average = [], 0.0
-    for t, v in enumerate(values, start=1):
-        average = beta * average + (1 - beta) * v
-        out.append(average / (1 - beta ** t))
+    """Exponential moving average, bias-corrected so that early values are not pulled towards zero. A non-finite
+    value (a skipped step) leaves the average as it was."""
+    out, average, t = [], 0.0, 0
+    for v in values:
+        if math.isfinite(v):
+            t += 1
+            average = beta * average + (1 - beta) * v
+        out.append(average / (1 - beta ** t) if t else math.nan)
     return out
 
 
@@ -592,4 +788,5 @@ def plot_loss_curve(history: list[float], path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-INPUT_ERRORS = (DataError, ModelError, RunDirError, ConfigError)
+# Errors the command line reports in one line (exit code 2).
+INPUT_ERRORS = (DataError, ModelError, RunDirError, ConfigError, TrainingError)

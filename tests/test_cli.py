@@ -66,7 +66,7 @@ def test_finetune_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--data", "--task", "--method", "--seq-len", "--batch-size", "--grad-accum", "--steps", "--lr",
                    "--reduction-factor", "--xladder-depth", "--ladder-storage", "--eval-samples", "--output-dir", "--resume",
-                   "--seed", "--max-minutes"):
+                   "--seed", "--max-minutes", "--skip-nonfinite", "--no-skip-nonfinite"):
         assert option in text
 
 

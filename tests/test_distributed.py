@@ -3,11 +3,16 @@
 DDP (find_unused_parameters=False) and FSDP2 (fully_shard on each side block and the model root, the frozen
 backbone's parameters ignored) on a fixed global batch split across the ranks must end with the same side
 parameters as one process training on the whole batch. One spawn runs both; the tests read its results.
+`torchrun --nproc_per_node 2 -m ladder_kernels finetune` must likewise match the same command in one process.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ WORLD = 2
 STEPS = 3
 LR = 1e-2
 GLOBAL_BATCH, SEQ = 4, 12
+GATES = ("scalar", "vector")
 
 
 def _batch() -> torch.Tensor:
@@ -115,40 +121,41 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         # --- FSDP2 on the side network: each side block, then the model root (the backbone's parameters ignored).
         # The root is the LadderModel, not .side: side.project (the ladders) runs from the backbone's hooks and
         # side.mix after side.forward, so only a root around the whole forward unshards those parameters.
-        # gate='vector': fully_shard rejects 0-dim parameters, which is what gate='scalar' keeps its α in.
-        try:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+        # gate='scalar' keeps its α in shape [1]: fully_shard rejects 0-dim parameters.
+        for gate in GATES:
+            try:
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
 
-            model = _model(side_seed=0, gate="vector")
-            mesh = init_device_mesh("cpu", (WORLD,))
-            for block in model.side.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh, ignored_params=set(model.backbone.parameters()))
-            losses, grads = _train(model, local, _global_mean)
-            result = dict(params=_side_params(model), grads=grads, losses=losses)
-        except Exception:  # noqa: BLE001 - recorded for the test to report
-            result = dict(error=traceback.format_exc())
-        if rank == 0:
-            torch.save(result, os.path.join(out_dir, "fsdp2.pt"))
-        dist.barrier()
+                model = _model(side_seed=0, gate=gate)
+                mesh = init_device_mesh("cpu", (WORLD,))
+                for block in model.side.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(model, mesh=mesh, ignored_params=set(model.backbone.parameters()))
+                losses, grads = _train(model, local, _global_mean)
+                result = dict(params=_side_params(model), grads=grads, losses=losses)
+            except Exception:  # noqa: BLE001 - recorded for the test to report
+                result = dict(error=traceback.format_exc())
+            if rank == 0:
+                torch.save(result, os.path.join(out_dir, f"fsdp2-{gate}.pt"))
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Single-process references (gate 'scalar' for DDP, 'vector' for FSDP2) plus one 2-process gloo spawn."""
+    """Single-process references (gate 'scalar' for DDP, both for FSDP2) plus one 2-process gloo spawn."""
     tmp = tmp_path_factory.mktemp("dist")
     single = {}
-    for gate in ("scalar", "vector"):
+    for gate in GATES:
         reference = _model(side_seed=0, gate=gate)
         initial, checksums = _side_params(reference), _state_checksums(reference)
         losses, grads = _train(reference, _batch(), float)
         single[gate] = dict(params=_side_params(reference), grads=grads, losses=losses, initial=initial, checksums=checksums)
     mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
     load = lambda name: torch.load(tmp / name, weights_only=True)  # noqa: E731 - our own files
-    return single["scalar"], load("ddp.pt"), (single["vector"], load("fsdp2.pt"))
+    return single["scalar"], load("ddp.pt"), {gate: (single[gate], load(f"fsdp2-{gate}.pt")) for gate in GATES}
 
 
 def _compare(single: dict, run: dict, label: str) -> None:
@@ -180,8 +187,67 @@ def test_ddp_matches_single_process(runs):
     _compare(single, ddp, "DDP")
 
 
-def test_fsdp2_side_network_matches_single_process(runs):
-    _, _, (single, fsdp) = runs
+@pytest.mark.parametrize("gate", GATES)
+def test_fsdp2_side_network_matches_single_process(runs, gate):
+    single, fsdp = runs[2][gate]
     if "error" in fsdp:
         pytest.skip(f"FSDP2 (fully_shard) on CPU/gloo failed in this torch build: {fsdp['error'].strip().splitlines()[-1]}")
-    _compare(single, fsdp, "FSDP2")
+    _compare(single, fsdp, f"FSDP2 gate={gate}")
+
+
+# --- `ladder-kernels finetune` under torchrun ---------------------------------------------------------------
+
+def _flat_adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "ladder_model.safetensors")
+
+
+@pytest.mark.parametrize("task", ["sentiment", "arith"])  # arith: examples of different token counts
+def test_torchrun_finetune_matches_one_process(task, tmp_path):
+    """--batch-size is the global micro-batch: 2 processes take 4 examples each of every 8 and end where one
+    process does with the same command."""
+    from ladder_kernels.cli import main
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "model")
+    args = ["finetune", "--model", str(model), "--task", task, "--seq-len", "48", "--batch-size", "8", "--grad-accum", "2",
+            "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1", "--reduction-factor", "2", "--eval-samples", "3",
+            "--checkpoint-every", "2", "--dtype", "float32"]
+    if task == "sentiment":
+        words = {"negative": "awful", "neutral": "okay", "positive": "great"}
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps({"text": f"car {i} is {w}", "label": label}) + "\n"
+                                for i in range(40) for label, w in words.items()), encoding="utf-8")
+        args += ["--data", str(data)]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+                           "-m", "ladder_kernels", *args, "--output-dir", str(tmp_path / "torchrun")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # rank 0 alone evaluates and reports
+    assert proc.stdout.count("run folder:") == 1 and proc.stderr.count("zero-shot held-out") == 1, proc.stdout + proc.stderr
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--output-dir", str(tmp_path / "single")]) == 0
+        # what a rank alone would see if the ranks did not share the batch: 4 examples per micro-batch
+        assert main([*args, "--batch-size", "4", "--output-dir", str(tmp_path / "half")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    flat = lambda d: torch.cat([d[k].reshape(-1).double() for k in sorted(d)])  # noqa: E731
+    multi, single, half = (_flat_adapter(tmp_path / n) for n in ("torchrun", "single", "half"))
+    diff = rel_err(flat(multi), flat(single))
+    worst = max(rel_err(multi[k], single[k]) for k in single)
+    print(f"\ntorchrun x{WORLD} vs one process ({task}): side weights rel diff {diff:.2e} (worst tensor {worst:.2e}); "
+          f"half the batch: {rel_err(flat(half), flat(single)):.2e}")
+    assert multi.keys() == single.keys() and diff < 1e-4 and worst < 1e-4
+    assert rel_err(flat(half), flat(single)) > 100 * max(diff, 1e-6)  # the comparison tells batches apart
+    summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    reference = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["processes"] == WORLD and summary["steps"] == 4 and summary["tokens"] == reference["tokens"]
+    history = torch.load(tmp_path / "torchrun" / "checkpoint.pt", weights_only=True)["history"]
+    assert history == pytest.approx(torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["history"], rel=1e-5)

@@ -1,7 +1,10 @@
-"""`finetune` end to end on a tiny local checkpoint: training, evaluation, reports, checkpoints and exact resume."""
+"""`finetune` end to end on a tiny local checkpoint: training, evaluation, reports, checkpoints and exact resume
+(after an exception, and after SIGKILL of a real process between checkpoints or during a checkpoint write), a
+NaN/Inf loss or gradient (stop or --skip-nonfinite), and out of memory."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -10,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from ladder_kernels.finetune import (ADAPTER, CHECKPOINT, LOSS_PNG, RUN_CONFIG, SUMMARY_JSON, SUMMARY_MD, ConfigError,
-                                     FinetuneConfig, RunDirError, TrainingRun, load_checkpoint, resume_config)
+                                     FinetuneConfig, RunDirError, TrainingError, TrainingRun, load_checkpoint, resume_config)
+from ladder_kernels.finetune import build_model as _real_build_model
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
@@ -230,3 +234,235 @@ def test_ladder_layers_follow_ladder_every_from_the_top():
     assert ladder_config(FinetuneConfig(), 30).ladder_layers == list(range(2, 30, 3))  # the default is 3
     xl = ladder_config(FinetuneConfig(method="xladder"), 30)
     assert xl.ladder_layers is None and xl.xladder_depth == 7
+
+
+# --- non-finite loss / gradient, out of memory ---------------------------------------------------------------
+
+class _NanGradient(torch.autograd.Function):
+    """The identity whose gradient is NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poisoned_build(monkeypatch, nan_loss_at=(), nan_grad_at=()):
+    """build_model whose model gives a NaN loss (or finite loss, NaN gradient) on these training forwards (1-based
+    counts of forwards with labels, in this process)."""
+    import ladder_kernels.finetune as finetune
+
+    def build(cfg, model_dir):
+        model = _real_build_model(cfg, model_dir)
+        real_forward, calls = model.forward, [0]
+
+        def forward(*args, **kwargs):
+            out = real_forward(*args, **kwargs)
+            if kwargs.get("labels") is not None:
+                calls[0] += 1
+                if calls[0] in nan_loss_at:
+                    out.loss = out.loss * float("nan")
+                if calls[0] in nan_grad_at:
+                    out.loss = _NanGradient.apply(out.loss)
+            return out
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(finetune, "build_model", build)
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model, keyword_data, tmp_path, monkeypatch, capsys):
+    from ladder_kernels.cli import main
+
+    _poisoned_build(monkeypatch, nan_loss_at={4})  # step 4 would write a checkpoint (--checkpoint-every 2)
+    out = tmp_path / "nan"
+    args = ["finetune", "--model", str(tiny_model), "--data", str(keyword_data), "--seq-len", "32", "--batch-size", "8",
+            "--steps", "6", "--lr", "1e-2", "--warmup-steps", "1", "--reduction-factor", "2", "--eval-samples", "6",
+            "--checkpoint-every", "2", "--dtype", "float32", "--output-dir", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ladder-kernels finetune: error: step 4 of 6: the training loss is nan"), err
+    assert "step 2) is kept" in err and "--skip-nonfinite" in err
+    saved = load_checkpoint(out / CHECKPOINT)
+    assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+    assert not (out / ADAPTER).exists() and not (out / SUMMARY_JSON).exists()
+
+    # Continuing with --skip-nonfinite: step 4 (this process's second training forward) is skipped, the rest trains.
+    _poisoned_build(monkeypatch, nan_loss_at={2})
+    assert main(["finetune", "--resume", "--output-dir", str(out), "--skip-nonfinite"]) == 0
+    summary = json.loads((out / SUMMARY_JSON).read_text())
+    assert summary["steps"] == 6 and summary["skipped_steps"] == [4] and summary["config"]["skip_nonfinite"] is True
+    assert math.isfinite(summary["final_loss"]) and "1 skipped" in (out / SUMMARY_MD).read_text()
+
+
+def test_skip_nonfinite_skips_the_optimizer_step(tiny_model, keyword_data, tmp_path, monkeypatch):
+    _poisoned_build(monkeypatch, nan_loss_at={3}, nan_grad_at={5})
+    run = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "skip", skip_nonfinite=True))
+    weights = {}
+    summary = run.run(on_step=lambda step: weights.update({step: {n: p.detach().clone() for n, p in run.params.items()}}))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == [3, 5]
+    history = load_checkpoint(tmp_path / "skip" / CHECKPOINT)["history"]
+    assert [math.isfinite(v) for v in history] == [True, True, False, True, True, True]  # step 5's loss was finite
+    for skipped in (3, 5):  # no optimizer step: the weights are those of the step before
+        assert all(torch.equal(weights[skipped][n], weights[skipped - 1][n]) for n in run.params)
+    assert any(not torch.equal(weights[4][n], weights[3][n]) for n in run.params)
+    assert all(torch.isfinite(p).all() for p in run.params.values())
+
+
+def test_skip_nonfinite_is_a_boolean_flag_on_the_command_line():
+    from ladder_kernels.cli import build_parser, given_options
+
+    parse = lambda *a: FinetuneConfig(**given_options(build_parser().parse_args(["finetune", *a])))  # noqa: E731
+    assert parse("--skip-nonfinite").skip_nonfinite is True and parse("--no-skip-nonfinite").skip_nonfinite is False
+    assert parse().skip_nonfinite is False
+    command = FinetuneConfig(skip_nonfinite=True, steps=3).command_line()
+    assert command.endswith("--steps 3 --skip-nonfinite")
+    assert parse(*command.split()[2:]) == FinetuneConfig(skip_nonfinite=True, steps=3)
+    with pytest.raises(ConfigError, match="--skip-nonfinite must be true or false"):
+        FinetuneConfig(skip_nonfinite="yes").validate()
+
+
+def _out_of_memory_at(monkeypatch, step: int):
+    real_step = TrainingRun._train_step
+
+    def train_step(self, state):
+        if state["step"] + 1 == step:
+            torch.ones(4)  # a tensor alive in the failing frame
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(self, state)
+
+    monkeypatch.setattr(TrainingRun, "_train_step", train_step)
+
+
+def test_out_of_memory_names_the_settings_and_the_plan(tiny_model, keyword_data, tmp_path, monkeypatch, capsys):
+    from ladder_kernels.cli import main
+
+    _out_of_memory_at(monkeypatch, 3)
+    out = tmp_path / "oom"
+    args = ["finetune", "--model", str(tiny_model), "--data", str(keyword_data), "--seq-len", "32", "--batch-size", "8",
+            "--steps", "6", "--reduction-factor", "2", "--eval-samples", "3", "--checkpoint-every", "2", "--dtype", "float32",
+            "--output-dir", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("ladder-kernels finetune: error: out of memory at step 3 of 6"), message
+    for setting in ("--batch-size 8", "--grad-accum 1", "--seq-len 32", "--ladder-storage int8", "--reduction-factor 2"):
+        assert setting in message, (setting, message)
+    predicted = re.search(r"`ladder-kernels plan` predicts a peak of ([\d.e+-]+) GiB \(a GPU needs ([\d.e+-]+) GiB\) "
+                          r"for ladder at --seq-len 32, batch 8", message)
+    assert predicted and 0 < float(predicted.group(1)) < float(predicted.group(2)), message
+    assert load_checkpoint(out / CHECKPOINT)["step"] == 2  # the last checkpoint stays; --resume continues
+
+
+def test_out_of_memory_says_so_when_planning_fails_too(tiny_model, keyword_data, tmp_path, monkeypatch):
+    import importlib
+
+    def failing_plan(*args, **kwargs):
+        raise ValueError("no config here\nmore")
+
+    _out_of_memory_at(monkeypatch, 1)
+    monkeypatch.setattr(importlib.import_module("ladder_kernels.plan"), "plan", failing_plan)  # the module, not the package's plan()
+    with pytest.raises(TrainingError) as failed:
+        TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "oom", method="xladder", ladder_storage="int8")).run()
+    message = str(failed.value)
+    assert message.startswith("out of memory at step 1 of 6") and "\n" not in message
+    assert "--ladder-storage" not in message and "--reduction-factor 2" in message  # int8 is on already
+    assert message.endswith("`ladder-kernels plan` could not predict this run (ValueError: no config here)")
+
+
+# --- killed for real: SIGKILL between checkpoints and during a checkpoint write ------------------------------
+
+# `python -m ladder_kernels finetune ...` with a pause where the test kills it (the marker file says it is there).
+_PAUSED_FINETUNE = r"""
+import os, sys, time
+import ladder_kernels.finetune as finetune
+from ladder_kernels.cli import main
+
+moment, marker = sys.argv[1], sys.argv[2]
+
+def pause(where):
+    open(marker, "w").write(where)
+    time.sleep(300)
+
+if moment == "between":  # after step 3: step 2 is checkpointed, step 3 is not
+    run = finetune.TrainingRun.run
+    finetune.TrainingRun.run = lambda self, on_step=None: run(self, on_step=lambda step: step == 3 and pause("step 3"))
+else:  # the step-4 checkpoint: half of it in the temporary file, not yet renamed to checkpoint.pt
+    replace, writes = os.replace, []
+
+    def paused_replace(src, dst):
+        if os.path.basename(dst) == "checkpoint.pt":
+            writes.append(dst)
+            if len(writes) == 2:
+                os.truncate(src, os.path.getsize(src) // 2)
+                pause("writing the step-4 checkpoint")
+        replace(src, dst)
+
+    os.replace = paused_replace
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, keyword_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    TrainingRun(_cfg(tiny_model, keyword_data, out)).run()
+    return load_file(out / ADAPTER / "ladder_model.safetensors")
+
+
+@pytest.mark.parametrize("moment", ["between", "during"])
+def test_a_killed_process_resumes_to_the_same_weights(moment, uninterrupted, tiny_model, keyword_data, tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ladder_kernels.cli import main
+
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = shlex.split(_cfg(tiny_model, keyword_data, out).command_line())[1:]  # finetune --model ... --output-dir out
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}  # one thread, as in this process
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSED_FINETUNE, moment, str(marker), *args], cwd=repo, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), (tmp_path / "log").read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    leftovers = list(out.glob(".tmp-*checkpoint.pt"))
+    assert load_checkpoint(out / CHECKPOINT)["step"] == 2  # the last complete checkpoint
+    if moment == "during":  # the half-written step-4 checkpoint stayed a temporary file
+        assert len(leftovers) == 1 and leftovers[0].stat().st_size < (out / CHECKPOINT).stat().st_size
+    assert not (out / ADAPTER).exists()
+
+    assert main(["finetune", "--resume", "--output-dir", str(out)]) == 0
+    resumed = load_file(out / ADAPTER / "ladder_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert json.loads((out / SUMMARY_JSON).read_text())["resumed_from_step"] == 2
+    assert not list(out.glob(".tmp-*"))  # the leftover was removed, never read
+
+
+def test_batch_size_must_cover_every_process(tiny_model, keyword_data, tmp_path, monkeypatch):
+    import ladder_kernels.finetune as finetune
+
+    monkeypatch.setattr(finetune, "rank_and_world", lambda: (0, 4))  # as under torchrun --nproc_per_node 4
+    with pytest.raises(ConfigError, match=r"--batch-size 2 is split across 4 processes: it must be at least 4"):
+        TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "x", batch_size=2))
+    assert not (tmp_path / "x").exists()

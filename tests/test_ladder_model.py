@@ -350,6 +350,27 @@ def test_save_load_restores_identical_logits_and_saves_only_the_side(tmp_path):
         LadderModel.from_pretrained(tiny_backbone("gemma", num_layers=3).to(DEVICE), tmp_path)
 
 
+def test_scalar_gate_and_mix_are_shape_1_and_old_0_dim_adapters_still_load(tmp_path):
+    """Shape [1], not 0-dim, so that FSDP2's fully_shard accepts them; adapters saved with 0-dim ones load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = make_model("llama", num_layers=2, gate="scalar", output_mix="scalar")
+    perturb_side_(model)
+    scalars = {k: v for k, v in model.side.state_dict().items() if k.endswith(".alpha") or k == "mix_weight"}
+    assert scalars and all(v.shape == (1,) for v in scalars.values()) and "gates.0.alpha" in scalars
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "ladder_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v.reshape(()) if k in scalars else v for k, v in state.items()}, weights, metadata=metadata)  # the old layout
+    restored = LadderModel.from_pretrained(tiny_backbone("llama", num_layers=2).to(DEVICE), tmp_path)
+    assert all(restored.side.state_dict()[k].shape == (1,) for k in scalars)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, model(ids).logits)
+
+
 def test_hf_trainer_trains_and_checkpoints_only_the_side(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -423,6 +423,9 @@ class LadderModel(nn.Module):
         if mismatched:
             raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})")
         state = {k.removeprefix("side."): v for k, v in state.items()}
+        # adapters saved before the scalar gate / output mix became shape [1] (for FSDP2) hold them 0-dim
+        shapes = {k: v.shape for k, v in model.side.state_dict().items()}
+        state = {k: v.reshape(1) if v.dim() == 0 and shapes.get(k) == (1,) else v for k, v in state.items()}
         try:
             model.side.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -163,7 +163,8 @@ class LadderGate(nn.Module):
         if mode == "none":
             self.alpha = None
         else:
-            self.alpha = nn.Parameter(torch.full(() if mode == "scalar" else (width,), float(init)))
+            # "scalar": shape [1], not 0-dim: FSDP2's fully_shard cannot shard a 0-dim parameter
+            self.alpha = nn.Parameter(torch.full((1,) if mode == "scalar" else (width,), float(init)))
 
     def mu(self) -> Tensor:
         return torch.sigmoid(self.alpha / self.temperature)
@@ -196,7 +197,7 @@ class SideNetwork(nn.Module):
         self.blocks = nn.ModuleList([SideBlock(shape, dropout) for _ in range(len(ladder_sources) + num_free_blocks)])
         self.norm = SideRMSNorm(d, shape.rms_norm_eps)
         self.up_proj = nn.Linear(d, D, bias=False)
-        self.mix_weight = None if output_mix == "side_only" else nn.Parameter(torch.ones(() if output_mix == "scalar" else (D,)))
+        self.mix_weight = None if output_mix == "side_only" else nn.Parameter(torch.ones((1,) if output_mix == "scalar" else (D,)))  # [1]: see LadderGate
         self.init_random_(init_std)
 
     # --- structure -------------------------------------------------------------------------------------
