@@ -196,10 +196,24 @@ def make_qlora_model(
             # the fp32 final norm feeds the LM head: cast as autocast would, so plain training loops work too
             head.register_forward_pre_hook(_cast_input_to_weight_dtype)
     model.config.use_cache = False  # no KV cache in training
+    _keep_bnb_layout_for_training_(model)
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     return peft_model
+
+
+def _keep_bnb_layout_for_training_(model: nn.Module) -> None:
+    """bitsandbytes (0.50, CPUs with AVX512-BF16) repacks a Linear4bit for its CPU gemv kernel at the first
+    no-grad forward in eval mode (a zero-shot evaluation). That kernel has no backward, so later training steps
+    would silently stop gradients at every frozen layer, and undoing the repack is lossy (absmax goes through
+    bf16): a model that trains never takes that path."""
+    from .nn.nf4_linear import bnb_linear4bit_class
+
+    linear4bit = bnb_linear4bit_class()
+    for module in model.modules():
+        if linear4bit is not None and isinstance(module, linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_qlora_lk_model(model_or_dir, **kwargs):

@@ -138,3 +138,30 @@ def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
         BenchSettings(methods=("lora",))
     with pytest.raises(ValueError, match="seq_lens must be positive ints"):
         BenchSettings(seq_lens=(0,))
+
+
+def test_qlora_trains_the_same_after_an_inference_forward():
+    """bitsandbytes repacks 4-bit weights for a gradient-less CPU kernel at an eval-mode no-grad forward;
+    make_qlora_model must undo it, or training after a zero-shot evaluation stops gradients at frozen layers."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 320, (2, 24))
+
+    def lora_grads(evaluate_first: bool) -> dict:
+        torch.manual_seed(1)
+        model = make_qlora_model(_cfg(), compute_dtype=torch.float32)
+        with torch.no_grad():  # lora_B starts at zero: give every LoRA tensor a gradient path
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = lora_grads(False), lora_grads(True)
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    for name, g in plain.items():
+        assert torch.allclose(after_eval[name], g, rtol=1e-4, atol=1e-6), name
