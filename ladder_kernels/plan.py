@@ -27,6 +27,7 @@ import torch
 
 from .baselines import METHODS, MethodTrainer
 from .memory import PeakMemoryTracker
+from .nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
 
 __all__ = [
     "plan", "max_seq_len", "plan_with_max_seq_len", "MemoryPlan", "load_config", "parse_bytes", "planning_fake_mode", "shipped_models",
@@ -378,18 +379,29 @@ def register_cli(subparsers) -> None:
     p.add_argument("--reduction-factor", type=int, default=None, help="Ladder side width = hidden / r (LadderConfig default 8)")
     p.add_argument("--xladder-depth", type=int, default=None, help="δ for xladder (default: a quarter of the layers)")
     p.add_argument("--ladder-storage", choices=("bf16", "int8"), default=None, help="storage of the kept ladder inputs")
+    p.add_argument("--ladder-every", type=int, default=DEFAULT_LADDER_EVERY,
+                   help=f"ladder: a side block on every N-th backbone layer from the top (default {DEFAULT_LADDER_EVERY}, as "
+                        "`ladder-kernels finetune`; 1: every layer)")
+    p.add_argument("--side-checkpointing", action="store_true", help="ladder / xladder: recompute side blocks in backward")
     p.add_argument("--no-max-context", action="store_true", help="skip the longest-context search (faster)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")
     p.set_defaults(func=run_plan_command)
 
 
-def _ladder_options(args, method: str) -> dict:
+def _ladder_options(args, method: str, config) -> dict:
     if method not in ("ladder", "xladder"):
         return {}
-    opts = {"reduction_factor": args.reduction_factor, "ladder_storage": args.ladder_storage}
+    opts = {"reduction_factor": args.reduction_factor, "ladder_storage": args.ladder_storage,
+            "side_checkpointing": args.side_checkpointing or None}
     if method == "xladder":
         opts["xladder_depth"] = args.xladder_depth
+    else:
+        opts["ladder_layers"] = every_nth_layer(config.num_hidden_layers, args.ladder_every)
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _ordinal(n: int) -> str:
+    return "" if n == 1 else f"{n}{ {2: 'nd', 3: 'rd'}.get(n, 'th') }"
 
 
 def _gib(n: int) -> str:
@@ -405,6 +417,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"--methods: expected a comma-separated list from {', '.join(METHODS)}, got {args.methods!r}")
+    if args.ladder_every < 1:
+        raise ConfigError(f"--ladder-every must be an integer >= 1, got {args.ladder_every}")
     try:
         gpu_bytes = parse_bytes(args.gpu_memory)
         config = load_config(args.model)
@@ -412,7 +426,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     rows = []
     for method in tqdm(methods, desc="planning", unit="method", leave=False):
-        options = _ladder_options(args, method)
+        options = _ladder_options(args, method, config)
         if args.no_max_context:
             rows.append((plan(config, method, args.seq_len, args.batch_size, args.dtype, **options), None))
         else:
@@ -423,6 +437,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
         return 0
     print(f"{name}, {args.seq_len} tokens x batch {args.batch_size}, {args.dtype}; GPU {_gib(gpu_bytes)} GiB "
           f"(needs = peak x {1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context)")
+    if "ladder" in methods:
+        print(f"side network of method ladder: a block on every {_ordinal(args.ladder_every)} backbone layer (--ladder-every {args.ladder_every})")
     header = ["method", "peak GiB", "needs GiB", "fits", "weights", "optim", "activations", "logits", "transient", "longest context"]
     table = [header]
     for r, longest in rows:

@@ -15,6 +15,9 @@ LADDER_STORAGES = ("bf16", "int8")
 BACKBONE_QUANTS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("triton", "cpu", "torch")
+# `ladder-kernels finetune` and `plan` put a side block on every 3rd layer: measured on SmolLM2 sentiment, faster
+# steps, less memory and better accuracy than every layer; on Llama-2-7B it triples the context that fits 12 GB.
+DEFAULT_LADDER_EVERY = 3
 
 
 @dataclass
@@ -153,6 +156,13 @@ class LadderConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help string."""
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def every_nth_layer(num_layers: int, every: int) -> Optional[list[int]]:
+    """LadderConfig.ladder_layers for a side block on every `every`-th of `num_layers` backbone layers, counted
+    from the top (the top layer always feeds one); None (every layer) for 1."""
+    _check_int("every", every, 1)
+    return None if every == 1 else sorted(range(num_layers - 1, -1, -every))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
