@@ -192,8 +192,10 @@ class LadderModel(nn.Module):
         self.ladder_config = config
         if config.compute_dtype != "auto":
             dtype = _DTYPES[config.compute_dtype]
+            # NF4 bytes stored as floats (make_backbone_shardable_) are not numbers to cast
+            nf4_storage = {id(m.packed) for m in backbone.modules() if isinstance(m, NF4Linear)}
             for p in backbone.parameters():
-                if p.is_floating_point() and p.dtype != dtype:
+                if p.is_floating_point() and p.dtype != dtype and id(p) not in nf4_storage:
                     p.data = p.data.to(dtype)
         device = inner.embed_tokens.weight.device
         shape = side_shape(backbone.config, layers, config)

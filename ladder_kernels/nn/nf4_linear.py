@@ -31,11 +31,28 @@ def _bnb_standard_layout_(layer) -> None:
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
+# Storage dtypes FSDP2 can flatten and all-gather as they are (bitsandbytes' quant_storage choices).
+SHARDABLE_STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_storage_dtype(storage_dtype) -> None:
+    names = ", ".join(str(d) for d in SHARDABLE_STORAGE_DTYPES)
+    if not isinstance(storage_dtype, torch.dtype):
+        raise TypeError(f"storage_dtype must be a torch.dtype (one of {names}), got {storage_dtype!r}")
+    if not storage_dtype.is_floating_point:
+        raise ValueError(f"storage_dtype must be a floating dtype (one of {names}) that FSDP can flatten, got {storage_dtype}; "
+                         "the NF4 bytes are uint8 already: leave them as buffers when not sharding them")
+    if storage_dtype not in SHARDABLE_STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype {storage_dtype} is not supported for the NF4 bytes; use one of {names}")
+
+
 class NF4Linear(nn.Module):
     """y = x @ dequant(W).T + b with W frozen in NF4 (held as buffers, not Parameters: it never trains).
 
     The 16-bit weight is never materialized: forward and backward run through `nf4_matmul`.
     compute_dtype: dtype the matmul runs in (None: the input's); the output comes back in the input's dtype.
+    After `make_shardable_(storage_dtype)` (or `make_backbone_shardable_`) `packed` is instead a frozen Parameter
+    holding the same bytes viewed as `storage_dtype` (1-D, zero-padded to whole elements), so FSDP2 shards it.
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
@@ -48,6 +65,7 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.backend = backend
         self.register_buffer("packed", weight.packed)
+        self.packed_nbytes = weight.packed.numel()  # the true byte count (storage may pad it)
         self.register_buffer("absmax", weight.absmax)
         self.register_buffer("code", weight.code)
         for name in ("nested_absmax", "nested_code", "offset"):
@@ -57,9 +75,45 @@ class NF4Linear(nn.Module):
         self.bias = bias
 
     @property
+    def storage_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the NF4 bytes are stored as when shardable (a Parameter), else None (a uint8 buffer)."""
+        return None if self.packed.dtype == torch.uint8 else self.packed.dtype
+
+    @property
+    def packed_bytes(self) -> torch.Tensor:
+        """The NF4 bytes, uint8 [n, 1], whatever they are stored as (a view: no copy). Under FSDP2 this reads the
+        full parameter it all-gathered before forward."""
+        if self.packed.dtype == torch.uint8:
+            return self.packed
+        return self.packed.view(torch.uint8).reshape(-1)[: self.packed_nbytes].reshape(-1, 1)
+
+    @torch.no_grad()
+    def make_shardable_(self, storage_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+        """Store the NF4 bytes as a frozen nn.Parameter of `storage_dtype` (FSDP2 shards Parameters, not
+        buffers, and flattens floating dtypes), as bitsandbytes' quant_storage does. The small quantization
+        metadata (absmax, code, nested statistics) stay buffers. Returns self."""
+        _check_storage_dtype(storage_dtype)
+        data = self.packed_bytes.reshape(-1)
+        # a fresh copy, zero-padded to whole elements (view(dtype) needs that, and an aligned start)
+        data = torch.cat([data, data.new_zeros((-data.numel()) % storage_dtype.itemsize)])
+        del self.packed  # drop the buffer (or a previous Parameter) so the name can be registered again
+        self.packed = nn.Parameter(data.view(storage_dtype), requires_grad=False)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() would convert the stored bytes as numbers and corrupt them: when a cast
+        # changed their dtype, redo the move on the uint8 bytes (fn only moves non-floating tensors).
+        packed = self._parameters.get("packed")
+        old = packed.detach() if packed is not None else None
+        super()._apply(fn, recurse)
+        if old is not None and self.packed.dtype != old.dtype:
+            self.packed = nn.Parameter(fn(old.view(torch.uint8)).view(old.dtype), requires_grad=False)
+        return self
+
+    @property
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(
-            packed=self.packed, absmax=self.absmax, blocksize=self.blocksize, shape=(self.out_features, self.in_features),
+            packed=self.packed_bytes, absmax=self.absmax, blocksize=self.blocksize, shape=(self.out_features, self.in_features),
             dtype=self.weight_dtype, code=self.code, nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset,
         )
 
@@ -88,7 +142,27 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, blocksize={self.blocksize}{dq}"
+        storage = f", storage_dtype={self.storage_dtype}" if self.storage_dtype is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}{dq}{storage}")
+
+
+def make_backbone_shardable_(model: nn.Module, storage_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Make every NF4Linear in `model` (a LadderModel or its backbone) shardable by FSDP2 (`fully_shard`): its
+    NF4 bytes become a frozen Parameter of `storage_dtype`, its quantization metadata stay buffers. Opt-in, for
+    backbones that do not fit one GPU; forward results are unchanged. Call it after quantizing (LadderModel
+    quantizes its backbone when built). With an FSDP2 MixedPrecisionPolicy, use param_dtype=storage_dtype (as
+    bitsandbytes asks of quant_storage): FSDP would otherwise cast the bytes as numbers. Returns how many
+    layers were converted."""
+    _check_storage_dtype(storage_dtype)
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    linear4bit = bnb_linear4bit_class()
+    if not layers and linear4bit is not None and any(isinstance(m, linear4bit) for m in model.modules()):
+        raise ValueError("make_backbone_shardable_: the model holds bitsandbytes Linear4bit layers, not NF4Linear; "
+                         "load them with bnb_4bit_quant_storage instead, or convert them with quantize_model_")
+    for layer in layers:
+        layer.make_shardable_(storage_dtype)
+    return len(layers)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
