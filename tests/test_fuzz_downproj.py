@@ -1,0 +1,72 @@
+"""Property-based tests (hypothesis) for the ladder down-projection: random shapes, leading dims, strides,
+dtypes, storages and backends against a float64 reference (output, dW, db, dh); malformed arguments must raise
+a clear error naming the argument, never return an answer."""
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import rel_err, require_backend  # noqa: E402
+from ladder_kernels.ops.downproj import downproj  # noqa: E402
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# output tolerance per h dtype; dW also carries the stored copy of h (bf16: 2^-8 relative, int8: per-row 1/254)
+OUT_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DW_TOL = {"bf16": 1e-2, "int8": 2e-2}
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), lead=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       D=st.integers(1, 130), d=st.integers(1, 40), dtype=st.sampled_from(list(OUT_TOL)),
+       storage=st.sampled_from(["bf16", "int8"]), backend=st.sampled_from(["torch", "cpu", "triton"]),
+       transposed=st.booleans(), with_bias=st.booleans(), h_grad=st.booleans(), scale=st.sampled_from([1e-2, 1.0, 50.0]))
+def test_downproj_matches_float64_reference(seed, lead, D, d, dtype, storage, backend, transposed, with_bias, h_grad, scale):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(seed)
+    rows = 1
+    for n in lead:
+        rows *= n
+    if transposed:  # non-contiguous h: a view of a transposed [D, rows] buffer
+        h = (torch.randn(D, rows, generator=g) * scale).t().reshape(*lead, D)
+        assert D == 1 or rows == 1 or not h.is_contiguous()
+    else:
+        h = torch.randn(*lead, D, generator=g) * scale
+    h = h.to(dtype).requires_grad_(h_grad)
+    w = (torch.randn(d, D, generator=g) / D**0.5).requires_grad_()
+    b = torch.randn(d, generator=g).requires_grad_() if with_bias else None
+
+    z = downproj(h, w, b, storage=storage, backend=backend)
+    up = torch.randn(z.shape, generator=g).to(z.dtype)  # the reference sees the same rounded upstream gradient
+    inputs = [w] + ([b] if with_bias else []) + ([h] if h_grad else [])
+    grads = torch.autograd.grad(z, inputs, up)
+
+    h64, up64 = h.detach().double().reshape(-1, D), up.double().reshape(-1, d)
+    z_ref = h64 @ w.detach().double().t() + (b.detach().double() if with_bias else 0)
+    assert z.shape == (*lead, d) and z.dtype == dtype
+    assert rel_err(z.reshape(-1, d), z_ref) < OUT_TOL[dtype]
+    assert rel_err(grads[0], up64.t() @ h64) < max(DW_TOL[storage], OUT_TOL[dtype])
+    if with_bias:
+        assert rel_err(grads[1], up64.sum(0)) < 1e-5
+    if h_grad:
+        assert rel_err(grads[-1].reshape(-1, D), up64 @ w.detach().double()) < OUT_TOL[dtype]
+
+
+@settings(max_examples=40, deadline=None)
+@given(D=st.integers(2, 40), d=st.integers(1, 10), fault=st.sampled_from(["width", "bias_len", "w_rank", "storage", "dtype"]))
+def test_malformed_arguments_raise_clear_errors(D, d, fault):
+    h, w, b, storage = torch.randn(3, D), torch.randn(d, D), torch.randn(d), "bf16"
+    if fault == "width":
+        w = torch.randn(d, D - 1)
+    elif fault == "bias_len":
+        b = torch.randn(d + 1)
+    elif fault == "w_rank":
+        w = torch.randn(d, D, 1)
+    elif fault == "storage":
+        storage = "fp8"
+    else:
+        h = h.to(torch.int32)
+    with pytest.raises((ValueError, TypeError)) as info:
+        downproj(h, w, b, storage=storage, backend="torch")
+    assert any(name in str(info.value) for name in ("h", "weight", "bias", "storage")), str(info.value)
