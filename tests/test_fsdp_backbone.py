@@ -21,11 +21,10 @@ from conftest import rel_err
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from ladder_kernels.nn.nf4_linear import NF4Linear, make_backbone_shardable_
+from test_distributed import _train  # the same AdamW loop as the other 2-process tests
 from tiny_models import tiny_backbone
 
 WORLD = 2
-STEPS = 3
-LR = 1e-2
 GLOBAL_BATCH, SEQ = 4, 10
 # Odd-ish shapes: hidden 30 (3 heads of 10, 1 kv head), intermediate 45. Blocks of 64 straddle rows, and the
 # packed byte counts (450, 150, 675) are not all multiples of 2 or 4, so bf16 and fp32 storage need padding.
@@ -59,19 +58,6 @@ def _nf4_bytes(model: nn.Module) -> torch.Tensor:
 def _side_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _train(model: nn.Module, ids: torch.Tensor, reduce_loss) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
-    losses = []
-    model.train()
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(reduce_loss(loss.detach()))
-        opt.step()
-    return losses
 
 
 # --- one process ----------------------------------------------------------------------------------------------
@@ -193,7 +179,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(loss)
             return loss.item() / WORLD
 
-        losses = _train(model, _batch().chunk(WORLD)[rank], global_mean)
+        losses, _ = _train(model, _batch().chunk(WORLD)[rank], global_mean)
         result = dict(params=_side_params(model), losses=losses, nf4=_nf4_bytes(model), sharded=sharded,
                       resharded=all(isinstance(m.packed, DTensor) for m in layers), local_bytes=local_bytes,
                       total_bytes=total_bytes)
@@ -209,7 +195,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_fsdp2_sharded_backbone_matches_single_process(tmp_path):
     reference = _model()
     initial, original = _side_params(reference), _nf4_bytes(reference)
-    losses = _train(reference, _batch(), float)
+    losses, _ = _train(reference, _batch(), float)
     single = _side_params(reference)
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
