@@ -204,10 +204,13 @@ def _flat_adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("task", ["sentiment", "arith"])  # arith: examples of different token counts
-def test_torchrun_finetune_matches_one_process(task, tmp_path):
+def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
     """--batch-size is the global micro-batch: 2 processes take 4 examples each of every 8 and end where one
-    process does with the same command."""
+    process does with the same command. On the CPU with gloo everywhere (a GPU machine may have one GPU only)."""
+    import ladder_kernels.finetune
     from ladder_kernels.cli import main
+
+    monkeypatch.setattr(ladder_kernels.finetune, "device", lambda: torch.device("cpu"))
     from tests.tiny_checkpoint import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
@@ -221,7 +224,7 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path):
                                 for i in range(40) for label, w in words.items()), encoding="utf-8")
         args += ["--data", str(data)]
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                            "-m", "ladder_kernels", *args, "--output-dir", str(tmp_path / "torchrun")],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
