@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) for the ladder down-projection: random shapes, leading dims, strides,
 dtypes, storages and backends against a float64 reference (output, dW, db, dh); malformed arguments must raise
-a clear error naming the argument, never return an answer. FUZZ_EXAMPLES=600 runs a longer search.
+a clear error naming the argument, never return an answer. FUZZ_EXAMPLES=600 runs a longer search."""
 import os
 
 import pytest
