@@ -24,6 +24,24 @@ def _seed_and_device(request):
         torch.set_default_device(None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny end-to-end runs (pytestmark = usefixtures("one_thread")): tiny tensors gain nothing
+    from threads, and on a busy shared CPU OpenMP spinning makes them 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny Llama checkpoint folder (config, safetensors, tokenizer), one per test module."""
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
     out, ref = out.double(), ref.double()

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from ladder_kernels.finetune import FinetuneConfig, TrainingRun
-from tests.tiny_checkpoint import write_tiny_checkpoint
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "python"
 
@@ -22,17 +21,7 @@ def load_script(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,11 @@ from safetensors.torch import load_file
 from ladder_kernels.finetune import (ADAPTER, CHECKPOINT, LOSS_PNG, RUN_CONFIG, SUMMARY_JSON, SUMMARY_MD, ConfigError,
                                      FinetuneConfig, RunDirError, TrainingError, TrainingRun, load_checkpoint, resume_config)
 from ladder_kernels.finetune import build_model as _real_build_model
-from tests.tiny_checkpoint import write_tiny_checkpoint
 
 WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU OpenMP spinning makes them 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
