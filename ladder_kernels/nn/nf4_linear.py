@@ -83,7 +83,7 @@ class NF4Linear(nn.Module):
     def packed_bytes(self) -> torch.Tensor:
         """The NF4 bytes, uint8 [n, 1], whatever they are stored as (a view: no copy). Under FSDP2 this reads the
         full parameter it all-gathered before forward."""
-        if self.packed.dtype == torch.uint8:
+        if self.storage_dtype is None:
             return self.packed
         return self.packed.view(torch.uint8).reshape(-1)[: self.packed_nbytes].reshape(-1, 1)
 
