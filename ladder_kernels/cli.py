@@ -1,4 +1,4 @@
-"""The `ladder-kernels` command: finetune, generate, plan, bench.
+"""The `ladder-kernels` command: finetune, generate, evaluate, plan, bench.
 
 Each subcommand's parser sets `func(args) -> exit code`. Input errors (missing file, malformed row, empty
 dataset, unsupported model, an output folder holding another run) and a training run that cannot go on (a NaN/Inf
@@ -14,7 +14,7 @@ import sys
 import typing
 
 # Subcommands that other modules add through their own register_cli(subparsers).
-EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.plan", "ladder_kernels.benchmark")
+EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.evaluate_cli", "ladder_kernels.plan", "ladder_kernels.benchmark")
 
 
 def _arg_type(hint):

@@ -45,7 +45,7 @@ def test_help_lists_all_subcommands():
     proc = subprocess.run([sys.executable, "-m", "ladder_kernels", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     listed = set(re.findall(r"^ {4}(\w+)\s", proc.stdout, flags=re.M))  # one help row per registered subcommand
-    assert listed >= {"finetune", "generate", "plan", "bench"}, proc.stdout
+    assert listed >= {"finetune", "generate", "evaluate", "plan", "bench"}, proc.stdout
 
 
 def test_finetune_help_documents_every_option(capsys):
@@ -74,6 +74,21 @@ def test_generate_prints_prompt_and_completion(cli_run, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("Tweet: great car\nSentiment (negative, neutral or positive):")
     assert len(printed.strip()) > len("Tweet: great car\nSentiment (negative, neutral or positive):")
+
+
+@pytest.mark.parametrize("case", ["missing_adapter", "zero_samples", "other_labels"])
+def test_evaluate_bad_input(capsys, cli_run, tmp_path, case):
+    out, _ = cli_run
+    if case == "missing_adapter":
+        argv, needle = ["evaluate", "--adapter", str(tmp_path / "nope")], "--adapter: no such folder"
+    elif case == "zero_samples":
+        argv, needle = ["evaluate", "--adapter", str(out), "--eval-samples", "0"], "--eval-samples must be an integer >= 1"
+    else:
+        other = tmp_path / "yes_no.jsonl"
+        other.write_text("".join(json.dumps({"text": f"t {i}", "label": ("yes", "no")[i % 2]}) + "\n" for i in range(10)), encoding="utf-8")
+        argv, needle = ["evaluate", "--adapter", str(out), "--data", str(other), "--json", str(tmp_path / "r.json")], "--data: its labels"
+    _expect_input_error(capsys, argv, needle)
+    assert not (tmp_path / "r.json").exists()
 
 
 def _expect_input_error(capsys, argv, needle):

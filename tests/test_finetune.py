@@ -66,6 +66,19 @@ def test_training_learns_and_writes_every_report(trained_run):
     assert not [p.name for p in out.rglob(".tmp*")]  # atomic writes leave no temporaries
 
 
+def test_evaluate_command_reloads_the_adapter_to_the_same_accuracy(trained_run, keyword_data, tmp_path, capsys):
+    from ladder_kernels.cli import main
+
+    out, summary = trained_run
+    result_file = tmp_path / "eval.json"
+    assert main(["evaluate", "--adapter", str(out), "--data", str(keyword_data), "--eval-samples", "24", "--seq-len", "32",
+                 "--json", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["n"] == 24 and result["accuracy"] == summary["accuracy_after"]
+    assert result["predicted"] == summary["eval_after"]["predicted"]
+    assert f"held-out accuracy {summary['accuracy_after']:.1%} on 24 examples" in capsys.readouterr().out
+
+
 def test_adapter_holds_only_the_side_network(trained_run, tiny_model):
     out, summary = trained_run
     side = load_file(out / ADAPTER / "ladder_model.safetensors")

@@ -1,0 +1,293 @@
+"""Ladder side-network sweeps on cached backbone features: many variants in the time of a few real runs.
+
+The backbone is frozen, so its hidden states for a fixed set of training batches do not depend on the side
+network. This script computes them once (the embeddings, every backbone layer's output and the final normed
+hidden state, for the `--steps` batches that `ladder-kernels finetune --seed S` draws, and for the held-out
+prompts), then trains each variant's side network on them exactly as `finetune` does (AdamW, warm-up +
+cosine, gradient clipping 1.0, loss on the label token through the frozen lm_head) and reports held-out
+accuracy. Each variant is trained in `--orders` data orders: order 0 is finetune's, order k > 0 permutes the
+same examples within each class, so every batch keeps its class mix; the spread over orders is the run-to-run
+noise that a single real run hides.
+
+    .venv/bin/python bench/sweep_cached.py [--variants default,head_dim16] [--orders 4] [--steps 100]
+        [--eval-samples 1000] [--out bench/results/ladder_sweep_sentiment]
+
+Memory: (1 + layers + 1) x tokens x hidden_size bf16 values (about 7 GB for SmolLM2-135M at 100 steps of
+32 tweets plus 1000 held-out ones).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ladder_kernels.benchmark import command_line  # noqa: E402
+from ladder_kernels.data import BatchStream, encode_example, encode_prompts, label_first_tokens, load_dataset  # noqa: E402
+from ladder_kernels.finetune import DEFAULT_LR, DTYPES, FinetuneConfig, _lr_lambda, ladder_config  # noqa: E402
+from ladder_kernels.models import load_backbone, load_tokenizer, resolve_model  # noqa: E402
+from ladder_kernels.nn.config import write_text_atomic  # noqa: E402
+from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
+from ladder_kernels.nn.side import attention_mask_for  # noqa: E402
+from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A change from finetune's Ladder defaults: LadderConfig fields, the peak lr and warm-up, and lr
+    multipliers for side parameters whose name contains a key."""
+
+    config: dict = dataclasses.field(default_factory=dict)
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    lr_scale: dict = dataclasses.field(default_factory=dict)
+
+
+VARIANTS = {
+    "default": Variant(),
+    "lr3e-3": Variant(lr=3e-3),
+    "lr1.2e-2": Variant(lr=1.2e-2),
+    "warmup25": Variant(warmup_steps=25),
+    "head_dim16": Variant(config={"side_head_dim": 16}),
+    "head_dim64": Variant(config={"side_head_dim": 64}),
+    "r4": Variant(config={"reduction_factor": 4}),
+    "every2": Variant(config={"ladder_layers": "every2"}),
+    "gate_vector": Variant(config={"gate": "vector"}),
+    "gate_temperature1": Variant(config={"gate_temperature": 1.0}),
+    "output_side_only": Variant(config={"output_mix": "side_only"}),
+    "up_proj_lr0.3": Variant(lr_scale={"up_proj": 0.3}),
+    "mix_weight_lr0.1": Variant(lr_scale={"mix_weight": 0.1}),
+}
+
+
+# --- features --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def backbone_features(model: LadderModel, rows: Sequence[list[int]], pad_id: int, batch_size: int = 32,
+                      desc: str = "features") -> list[torch.Tensor]:
+    """Per row, [L + 2, T, D]: the input of layer 0, each layer's output, the final normed hidden state (the
+    tensors LadderModel's hooks see), in the backbone's dtype."""
+    inner, layers = model.backbone.model, model.backbone.model.layers
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = rows[start:start + batch_size]
+        ids, mask = _pad(chunk, pad_id)
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+                 for i, layer in enumerate(layers)]
+        hooks.append(layers[0].register_forward_pre_hook(
+            lambda m, a, kw: seen.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+        try:
+            final = inner(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, ids), use_cache=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stack = torch.stack([seen[i] for i in range(-1, len(layers))] + [final])
+        out += [stack[:, j, :len(r)].clone() for j, r in enumerate(chunk)]
+    return out
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def stack_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [L + 2, B, T, D] and the attention mask [B, T]."""
+    width = max(f.shape[1] for f in feats)
+    H = feats[0].new_zeros(feats[0].shape[0], len(feats), width, feats[0].shape[2])
+    mask = torch.zeros(len(feats), width, dtype=torch.long)
+    for j, f in enumerate(feats):
+        H[:, j, :f.shape[1]], mask[j, :f.shape[1]] = f, 1
+    return H, mask
+
+
+def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What LadderModel._stream returns, from cached features: (side stream s, final normed hidden state)."""
+    side = model.side
+    padding = mask if not bool(mask.all()) else None
+    positions = positions_from_mask(mask, mask)
+    z0 = side.project(0, H[1 + side.branch_source])  # H[0] is the embeddings (branch_source -1)
+    ladders = [side.project(k + 1, H[1 + src]) for k, src in enumerate(side.ladder_sources)]
+    return side(z0, ladders, positions, attention_mask_for(padding, mask.shape[1], 0, mask.device)), H[-1]
+
+
+def loss_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """LadderModel.forward's loss (shifted labels, scored rows only) from cached features."""
+    s, h_final = side_from_features(model, H, mask)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    scored = shifted != -100
+    lm_head = model.backbone.lm_head
+    hidden = model.side.mix(s[scored], h_final[scored])
+    return fused_linear_cross_entropy(hidden.to(lm_head.weight.dtype), lm_head.weight, shifted[scored],
+                                      bias=getattr(lm_head, "bias", None), ignore_index=-100,
+                                      chunk_size=model.ladder_config.loss_chunk_size, reduction="mean")
+
+
+# --- one variant -----------------------------------------------------------------------------------------
+class Sweep:
+    """Cached features of a finetune configuration's training batches and held-out prompts."""
+
+    def __init__(self, cfg: FinetuneConfig, eval_samples: int):
+        self.cfg = cfg
+        self.model_dir = resolve_model(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.dataset = load_dataset(cfg.task, cfg.data)
+        if not self.dataset.is_classification:
+            raise SystemExit("sweep_cached: --task must be a classification task (accuracy by label scores)")
+        self.label_ids = torch.tensor(label_first_tokens(self.tokenizer, self.dataset.labels))
+        stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed, cfg.balance)
+        self.order = [stream.indices(s) for s in range(cfg.steps)]
+        used = sorted({i for batch in self.order for i in batch})
+        encoded = {i: encode_example(self.tokenizer, self.dataset.train[i], cfg.seq_len, add_eos=False)[:2] for i in used}
+        model = self.build(Variant())
+        pad = self.tokenizer.pad_token_id
+        feats = backbone_features(model, [encoded[i][0] for i in used], pad, desc="training features")
+        self.train = {i: (torch.tensor(encoded[i][1]), f) for i, f in zip(used, feats)}
+        held = self.dataset.heldout[:eval_samples]
+        self.heldout_labels = [self.dataset.labels.index(self.dataset.label_of(ex)) for ex in held]
+        self.heldout = backbone_features(model, encode_prompts(self.tokenizer, [ex.prompt for ex in held], cfg.seq_len),
+                                         pad, desc="held-out features")
+
+    def build(self, variant: Variant) -> LadderModel:
+        torch.manual_seed(self.cfg.seed)
+        backbone = load_backbone(self.model_dir, DTYPES[self.cfg.dtype])
+        base = ladder_config(self.cfg, backbone.config.num_hidden_layers)
+        overrides = dict(variant.config)
+        if str(overrides.get("ladder_layers", "")).startswith("every"):
+            every = int(overrides["ladder_layers"][5:])
+            overrides["ladder_layers"] = ladder_config(dataclasses.replace(self.cfg, ladder_every=every),
+                                                       backbone.config.num_hidden_layers).ladder_layers
+        return LadderModel(backbone, dataclasses.replace(base, **overrides))
+
+    def data_order(self, order: int) -> list[list[int]]:
+        """Order 0: finetune's batches; order k: the same examples permuted within each class (same class mix)."""
+        if order == 0:
+            return self.order
+        flat = [i for batch in self.order for i in batch]
+        by_class: dict[int, list[int]] = {}
+        label_of = lambda i: int(self.train[i][0][-1])  # noqa: E731  (the label token ends the labels)
+        for i in flat:
+            by_class.setdefault(label_of(i), []).append(i)
+        for label, members in by_class.items():
+            random.Random(f"{order}:{label}").shuffle(members)
+        flat = [by_class[label_of(i)].pop() for i in flat]
+        size = self.cfg.batch_size
+        return [flat[k:k + size] for k in range(0, len(flat), size)]
+
+    def run(self, variant: Variant, order: int) -> dict:
+        start = time.perf_counter()
+        model = self.build(variant)
+        lr = variant.lr or DEFAULT_LR["ladder"]
+        groups: dict[float, list] = {}
+        for name, p in model.side.named_parameters():
+            groups.setdefault(next((v for k, v in variant.lr_scale.items() if k in name), 1.0), []).append(p)
+        params = [p for ps in groups.values() for p in ps]
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0)
+        warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps))
+        model.train()
+        history = []
+        for batch in self.data_order(order):
+            H, mask = stack_features([self.train[i][1] for i in batch])
+            labels = torch.full(mask.shape, -100, dtype=torch.long)
+            for j, i in enumerate(batch):
+                labels[j, :len(self.train[i][0])] = self.train[i][0]
+            loss = loss_from_features(model, H, mask, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            history.append(loss.item())
+        return {"accuracy": self.accuracy(model), "final_loss": statistics.fmean(history[-20:]),
+                "seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def accuracy(self, model: LadderModel, batch_size: int = 64) -> float:
+        model.eval()
+        label_rows = model.backbone.lm_head.weight[self.label_ids].float()
+        correct = 0
+        for start in range(0, len(self.heldout), batch_size):
+            H, mask = stack_features(self.heldout[start:start + batch_size])
+            s, h_final = side_from_features(model, H, mask)
+            rows, last = torch.arange(mask.shape[0]), mask.sum(1) - 1
+            predicted = (model.side.mix(s[rows, last], h_final[rows, last]).float() @ label_rows.T).argmax(-1)
+            correct += sum(int(p) == y for p, y in zip(predicted, self.heldout_labels[start:start + batch_size]))
+        return correct / len(self.heldout)
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, command: str, seconds: float) -> str:
+    lines = [f"# Ladder variants on cached backbone features ({cfg.task}, {cfg.steps} steps x {cfg.batch_size})", "",
+             f"Command: `{command}`", "",
+             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps; order 0 is `finetune --seed {cfg.seed}`'s data "
+             "order, the others permute the same examples within each class. Sweep wall time "
+             f"{seconds / 60:.1f} min ({torch.get_num_threads()} threads).", "",
+             "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        accs = [r["accuracy"] for r in runs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        change = {k: v for k, v in dataclasses.asdict(VARIANTS[name]).items() if v not in (None, {})} or "-"
+        lines.append(f"| {name} | `{json.dumps(change) if change != '-' else '-'}` | {statistics.fmean(accs):.1%} ± {sd:.1%} | "
+                     f"{min(accs):.1%} | {max(accs):.1%} | {', '.join(f'{a:.1%}' for a in accs)} | "
+                     f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--orders", type=int, default=4, help="data orders per variant (>= 1)")
+    parser.add_argument("--eval-samples", type=int, default=1000, help="held-out examples (>= 1)")
+    parser.add_argument("--out", default="bench/results/ladder_sweep_sentiment", help="writes OUT.md and OUT.json")
+    for name in ("model", "data", "steps", "batch_size", "seq_len", "seed"):
+        f = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    if args.orders < 1 or args.eval_samples < 1:
+        parser.error("--orders and --eval-samples must be >= 1")
+    cfg = FinetuneConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
+                         seq_len=args.seq_len, seed=args.seed)
+    cfg.validate()
+    start = time.perf_counter()
+    sweep = Sweep(cfg, args.eval_samples)
+    results: dict[str, list[dict]] = {}
+    with tqdm(total=len(names) * args.orders, desc="variants x orders", unit="run") as bar:
+        for name in names:
+            results[name] = []
+            for order in range(args.orders):
+                results[name].append(sweep.run(VARIANTS[name], order))
+                bar.update(1)
+                bar.set_postfix(variant=name, acc=f"{results[name][-1]['accuracy']:.3f}")
+    command = command_line() if argv is None else " ".join(["bench/sweep_cached.py", *argv])
+    text = report(results, cfg, len(sweep.heldout), command, time.perf_counter() - start)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out.with_suffix(".md"), text)
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
