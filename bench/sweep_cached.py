@@ -45,13 +45,15 @@ from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy  # noqa:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A change from finetune's Ladder defaults: LadderConfig fields, the peak lr and warm-up, and lr
-    multipliers for side parameters whose name contains a key."""
+    """A change from finetune's Ladder defaults: LadderConfig fields, the peak lr and warm-up, lr multipliers
+    for side parameters whose name contains a key, and passes over the same batches (passes x --steps
+    optimizer steps: more training without more data)."""
 
     config: dict = dataclasses.field(default_factory=dict)
     lr: Optional[float] = None
     warmup_steps: Optional[int] = None
     lr_scale: dict = dataclasses.field(default_factory=dict)
+    passes: int = 1
 
 
 VARIANTS = {
@@ -68,6 +70,7 @@ VARIANTS = {
     "output_side_only": Variant(config={"output_mix": "side_only"}),
     "up_proj_lr0.3": Variant(lr_scale={"up_proj": 0.3}),
     "mix_weight_lr0.1": Variant(lr_scale={"mix_weight": 0.1}),
+    "3_passes": Variant(passes=3),
 }
 
 
@@ -199,10 +202,10 @@ class Sweep:
         params = [p for ps in groups.values() for p in ps]
         optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0)
         warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps * variant.passes))
         model.train()
         history = []
-        for batch in self.data_order(order):
+        for batch in self.data_order(order) * variant.passes:
             H, mask = stack_features([self.train[i][1] for i in batch])
             labels = torch.full(mask.shape, -100, dtype=torch.long)
             for j, i in enumerate(batch):
@@ -243,7 +246,7 @@ def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, com
     for name, runs in results.items():
         accs = [r["accuracy"] for r in runs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        change = {k: v for k, v in dataclasses.asdict(VARIANTS[name]).items() if v not in (None, {})} or "-"
+        change = {k: v for k, v in dataclasses.asdict(VARIANTS[name]).items() if v != getattr(Variant(), k)} or "-"
         lines.append(f"| {name} | `{json.dumps(change) if change != '-' else '-'}` | {statistics.fmean(accs):.1%} ± {sd:.1%} | "
                      f"{min(accs):.1%} | {max(accs):.1%} | {', '.join(f'{a:.1%}' for a in accs)} | "
                      f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |")
