@@ -238,9 +238,9 @@ class Sweep:
 def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, command: str, seconds: float) -> str:
     lines = [f"# Ladder variants on cached backbone features ({cfg.task}, {cfg.steps} steps x {cfg.batch_size})", "",
              f"Command: `{command}`", "",
-             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps; order 0 is `finetune --seed {cfg.seed}`'s data "
-             "order, the others permute the same examples within each class. Sweep wall time "
-             f"{seconds / 60:.1f} min ({torch.get_num_threads()} threads).", "",
+             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes); order 0 is `finetune --seed {cfg.seed}`'s "
+             "data order, the others permute the same examples within each class. Sweep wall time "
+             f"{seconds / 60:.1f} min, torch threads: {torch.get_num_threads()}.", "",
              "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
