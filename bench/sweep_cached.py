@@ -46,14 +46,15 @@ from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy  # noqa:
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A change from finetune's Ladder defaults: LadderConfig fields, the peak lr and warm-up, lr multipliers
-    for side parameters whose name contains a key, and passes over the same batches (passes x --steps
-    optimizer steps: more training without more data)."""
+    for side parameters whose name contains a key, passes over the same batches, and optimizer steps per batch
+    in a row (passes x repeat x --steps optimizer steps: more training without more data or backbone passes)."""
 
     config: dict = dataclasses.field(default_factory=dict)
     lr: Optional[float] = None
     warmup_steps: Optional[int] = None
     lr_scale: dict = dataclasses.field(default_factory=dict)
     passes: int = 1
+    repeat: int = 1
 
 
 VARIANTS = {
@@ -71,6 +72,7 @@ VARIANTS = {
     "up_proj_lr0.3": Variant(lr_scale={"up_proj": 0.3}),
     "mix_weight_lr0.1": Variant(lr_scale={"mix_weight": 0.1}),
     "3_passes": Variant(passes=3),
+    "3_steps_per_batch": Variant(repeat=3),
 }
 
 
@@ -202,10 +204,11 @@ class Sweep:
         params = [p for ps in groups.values() for p in ps]
         optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0)
         warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps * variant.passes))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps * variant.passes * variant.repeat))
         model.train()
         history = []
-        for batch in self.data_order(order) * variant.passes:
+        batches = [batch for batch in self.data_order(order) * variant.passes for _ in range(variant.repeat)]
+        for batch in batches:
             H, mask = stack_features([self.train[i][1] for i in batch])
             labels = torch.full(mask.shape, -100, dtype=torch.long)
             for j, i in enumerate(batch):
@@ -238,7 +241,7 @@ class Sweep:
 def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, command: str, seconds: float) -> str:
     lines = [f"# Ladder variants on cached backbone features ({cfg.task}, {cfg.steps} steps x {cfg.batch_size})", "",
              f"Command: `{command}`", "",
-             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes); order 0 is `finetune --seed {cfg.seed}`'s "
+             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes x repeat); order 0 is `finetune --seed {cfg.seed}`'s "
              "data order, the others permute the same examples within each class. Sweep wall time "
              f"{seconds / 60:.1f} min, torch threads: {torch.get_num_threads()}.", "",
              "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",

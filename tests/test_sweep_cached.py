@@ -91,12 +91,13 @@ def test_other_orders_permute_examples_within_each_class(sweep):
 def test_main_writes_a_table_per_variant(tiny_model, data_file, tmp_path):
     out = tmp_path / "sweep"
     args = ["--model", str(tiny_model), "--data", str(data_file), "--steps", "3", "--batch-size", "4", "--seq-len", "24",
-            "--variants", "default,lr3e-3,3_passes", "--orders", "2", "--eval-samples", "6", "--out", str(out)]
+            "--variants", "default,lr3e-3,3_passes,3_steps_per_batch", "--orders", "2", "--eval-samples", "6", "--out", str(out)]
     assert sweep_cached.main(args) == 0
     results = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert set(results) == {"default", "lr3e-3", "3_passes"}
-    # three passes over the same batches fit them better than one
-    assert all(p["final_loss"] < d["final_loss"] for p, d in zip(results["3_passes"], results["default"])), results
+    assert set(results) == {"default", "lr3e-3", "3_passes", "3_steps_per_batch"}
+    # three passes over the same batches, or three steps on each, fit them better than one
+    for more in ("3_passes", "3_steps_per_batch"):
+        assert all(m["final_loss"] < d["final_loss"] for m, d in zip(results[more], results["default"])), results
     assert all(len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["final_loss"] > 0 for r in runs) for runs in results.values())
     table = out.with_suffix(".md").read_text()
     assert "| default |" in table and '| lr3e-3 | `{"lr": 0.003}` |' in table
