@@ -90,6 +90,9 @@ class FinetuneConfig:
                                "example), so a run gives one process's results with any N")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     steps: int = _opt(100, "optimizer steps (the learning-rate schedule spans them)")
+    steps_per_batch: int = _opt(1, "ladder, xladder: optimizer steps on each batch in a row, the backbone running once per batch "
+                                   "(its outputs for the side network are kept meanwhile); --steps counts optimizer steps, so "
+                                   "the run reads --steps / N batches")
     lr: Optional[float] = _opt(None, f"peak learning rate (default: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
     reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
@@ -108,7 +111,7 @@ class FinetuneConfig:
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
 
     def validate(self) -> None:
-        for name, minimum in (("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup_steps", 0),
+        for name, minimum in (("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("steps_per_batch", 1), ("warmup_steps", 0),
                               ("reduction_factor", 1), ("checkpoint_every", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -131,6 +134,8 @@ class FinetuneConfig:
                 raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.xladder_depth is not None and self.method != "xladder":
             raise ConfigError(f"--xladder-depth applies to --method xladder only, not {self.method}")
+        if self.steps_per_batch > 1 and self.method == "qlora":
+            raise ConfigError("--steps-per-batch applies to --method ladder and xladder (QLoRA runs its backbone every step)")
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
 
@@ -478,6 +483,7 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         self._encoded: dict[int, tuple[list[int], list[int]]] = {}
+        self._states: tuple[Optional[int], list[dict]] = (None, [])  # --steps-per-batch: (batch number, backbone outputs)
         self.saved_step: Optional[int] = None  # the step of the last checkpoint written or resumed from
         state = self._start() if self.checkpoint is None else self._restore(self.checkpoint)
         self.train_model = self._data_parallel()
@@ -622,7 +628,10 @@ class TrainingRun:
         skips the optimizer step)."""
         cfg, dev = self.cfg, device()
         t0 = time.perf_counter()
-        indices = self.stream.indices(state["step"])
+        batch_number = state["step"] // cfg.steps_per_batch
+        indices = self.stream.indices(batch_number)
+        if cfg.steps_per_batch > 1 and self._states[0] != batch_number:  # a new batch: its backbone outputs, one per micro-batch
+            self._states = (batch_number, [{} for _ in range(cfg.grad_accum)])
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         for m in range(cfg.grad_accum):
@@ -631,7 +640,8 @@ class TrainingRun:
             last = m == cfg.grad_accum - 1
             # DDP all-reduces the gradients in the last micro-batch's backward only
             with contextlib.nullcontext() if self.world_size == 1 or last else self.train_model.no_sync():
-                loss = self.train_model(**{k: v.to(dev) for k, v in batch.items()}).loss / cfg.grad_accum
+                states = {} if cfg.steps_per_batch == 1 else {"backbone_states": self._states[1][m]}
+                loss = self.train_model(**{k: v.to(dev) for k, v in batch.items()}, **states).loss / cfg.grad_accum
                 if self.world_size > 1:
                     loss = loss * self._token_weight(batch["labels"])
                 loss.backward()

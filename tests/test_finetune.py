@@ -115,6 +115,37 @@ def test_resume_after_a_crash_ends_bit_identical(tiny_model, keyword_data, tmp_p
     assert resumed["accuracy_before"] == straight["accuracy_before"]
 
 
+def test_steps_per_batch_runs_the_backbone_once_per_batch_and_resumes_exactly(tiny_model, keyword_data, tmp_path):
+    """--steps-per-batch 3: steps 1-3 train on batch 0 and 4-6 on batch 1, the backbone running at steps 1 and 4
+    only; killed at step 5 (mid-batch, last checkpoint at step 4), --resume recomputes batch 1's backbone outputs
+    and ends bit-identical."""
+    runs = {}
+    for name in ("straight", "crashed"):
+        run = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / name, steps_per_batch=3))
+        calls, after_step = [], []
+        run.model.backbone.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+
+        def on_step(step, calls=calls, after_step=after_step, crash=(name == "crashed")):
+            after_step.append(len(calls))
+            if crash and step == 5:
+                raise _Interrupt
+        if name == "crashed":
+            with pytest.raises(_Interrupt):
+                run.run(on_step=on_step)
+        else:
+            run.run(on_step=on_step)
+        runs[name] = after_step
+    assert [b - a for a, b in zip(runs["straight"], runs["straight"][1:6])] == [0, 0, 1, 0, 0]
+    assert load_checkpoint(tmp_path / "crashed" / CHECKPOINT)["step"] == 4
+    TrainingRun(resume_config(tmp_path / "crashed", {}), resume=True).run()
+    a = load_file(tmp_path / "straight" / ADAPTER / "ladder_model.safetensors")
+    b = load_file(tmp_path / "crashed" / ADAPTER / "ladder_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "one", steps=6)).run()  # control: one step per batch differs
+    c = load_file(tmp_path / "one" / ADAPTER / "ladder_model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_a_different_seed_gives_different_weights(tiny_model, keyword_data, tmp_path):
     """The resume test's equality is not vacuous: the data order and init depend on the seed."""
     TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "s0", steps=2)).run()
@@ -160,6 +191,8 @@ def test_output_dir_holding_a_run_is_refused_untouched(trained_run, tiny_model, 
     ({"xladder_depth": 2}, "--xladder-depth applies to --method xladder only"),
     ({"balance": 2.0}, "--balance must be a number in [0, 1]"),
     ({"eval_samples": 0}, "--eval-samples must be an integer >= 1"),
+    ({"steps_per_batch": 0}, "--steps-per-batch must be an integer >= 1"),
+    ({"steps_per_batch": 2, "method": "qlora"}, "--steps-per-batch applies to --method ladder and xladder"),
 ])
 def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):

@@ -159,6 +159,38 @@ def test_side_checkpointing_gives_the_same_gradients():
         assert rel_err(b.grad, a.grad) < 1e-6, name
 
 
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen2", {"xladder_depth": 1})])
+def test_replayed_backbone_states_give_the_recomputed_loss_and_gradients(family, extra):
+    """forward(backbone_states={}) keeps what the side network reads; a second call replays it without running
+    the backbone, and must give what a full forward gives with the side network as it is by then."""
+    model = make_model(family, num_layers=3, backbone_quant="nf4", **extra)
+    perturb_side_(model)
+    ids = random_ids(3, 11)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # ragged
+    labels = ids.masked_fill(mask == 0, -100)
+    states = {}
+    model(ids, attention_mask=mask, labels=labels, backbone_states=states).loss.backward()
+    assert len(states) == len(model.side.ladder_sources) + 2  # branch input, each ladder layer, final
+    perturb_side_(model)  # as an optimizer step would
+    model.zero_grad(set_to_none=True)
+    calls = []
+    hook = model.backbone.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    replayed = model(ids, attention_mask=mask, labels=labels, backbone_states=states).loss
+    replayed.backward()
+    hook.remove()
+    assert not calls  # the backbone did not run
+    replayed_grads = {n: p.grad.clone() for n, p in model.side.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    full = model(ids, attention_mask=mask, labels=labels).loss
+    full.backward()
+    assert replayed.item() == full.item()
+    for name, p in model.side.named_parameters():
+        assert p.grad.abs().sum() > 0 and torch.equal(replayed_grads[name], p.grad), name
+    with pytest.raises(TypeError, match="backbone_states must be a dict"):
+        model(ids, labels=labels, backbone_states=[])
+
+
 def test_bf16_compute_matches_the_backbone_at_step0_and_trains():
     model = make_model("llama", compute_dtype="bfloat16", backbone_quant="nf4")
     assert model.backbone.model.embed_tokens.weight.dtype == torch.bfloat16

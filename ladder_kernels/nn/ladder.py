@@ -244,31 +244,44 @@ class LadderModel(nn.Module):
 
     # --- streaming forward -------------------------------------------------------------------------------
     def _stream(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
-                backbone_cache=None, side_cache: Optional[SideKVCache] = None) -> tuple[Tensor, Tensor]:
+                backbone_cache=None, side_cache: Optional[SideKVCache] = None,
+                backbone_states: Optional[dict] = None) -> tuple[Tensor, Tensor]:
         """Backbone under no_grad with ladder hooks, then the side stream: (side stream s [B, T, d], the
-        backbone's final normed hidden state [B, T, D]); `side.mix` of them is what lm_head reads."""
+        backbone's final normed hidden state [B, T, D]); `side.mix` of them is what lm_head reads.
+
+        backbone_states: an empty dict is filled with the backbone's outputs that the side network reads; a
+        filled one is replayed instead of running the backbone (the same batch again: see forward)."""
         inner, layers = self.backbone.model, self.backbone.model.layers
         side, grad = self.side, torch.is_grad_enabled()
         ladder_inputs: dict[int, Tensor] = {}
+        capture = backbone_states is not None
+
+        def project(index: int, h: Tensor) -> None:
+            if capture:
+                backbone_states[index] = h
+            with torch.set_grad_enabled(grad):
+                ladder_inputs[index] = side.project(index, h)
 
         def ladder_hook(index: int):
             def hook(module, args, output):
-                h = output[0] if isinstance(output, tuple) else output
-                with torch.set_grad_enabled(grad):
-                    ladder_inputs[index] = side.project(index, h)
+                project(index, output[0] if isinstance(output, tuple) else output)
             return hook
 
         def embedding_hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            with torch.set_grad_enabled(grad):
-                ladder_inputs[0] = side.project(0, h)
+            project(0, args[0] if args else kwargs["hidden_states"])
+
+        past = side_cache.get_seq_length() if side_cache is not None else 0
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
+        if capture and "final" in backbone_states:  # replay: the side network reads what the backbone gave before
+            projected = [side.project(k, backbone_states[k]) for k in range(1 + len(side.ladder_sources))]
+            return side(projected[0], projected[1:], position_ids, mask, side_cache), backbone_states["final"]
 
         handles = [layers[src].register_forward_hook(ladder_hook(k + 1)) for k, src in enumerate(side.ladder_sources)]
         if side.branch_source < 0:
             handles.append(layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
         else:
             handles.append(layers[side.branch_source].register_forward_hook(ladder_hook(0)))
-        past = side_cache.get_seq_length() if side_cache is not None else 0
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=backbone_cache is not None)
         if backbone_cache is not None:
@@ -280,8 +293,8 @@ class LadderModel(nn.Module):
             for handle in handles:
                 handle.remove()
         h_final = out[0]
-        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
+        if capture:
+            backbone_states["final"] = h_final
         ladders = [ladder_inputs[k + 1] for k in range(len(side.ladder_sources))]
         return side(ladder_inputs[0], ladders, position_ids, mask, side_cache), h_final
 
@@ -293,9 +306,14 @@ class LadderModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, num_items_in_batch=None, logits_to_keep: int = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+                backbone_states: Optional[dict] = None, **kwargs) -> CausalLMOutputWithPast:
         """Loss (fused cross-entropy, logits None) when labels are given, else logits [B, T, vocab] (only the last
         `logits_to_keep` positions if > 0, as in transformers).
+
+        backbone_states: several optimizer steps on one batch need one backbone forward. Pass an empty dict with
+        the batch's first call: it keeps the backbone's outputs that the side network reads (every ladder layer's
+        hidden state and the final one, [B, T, D] each); a later call with the same batch and that dict replays
+        them and skips the backbone. The caller keeps the dict per batch.
 
         labels are shifted inside (position t predicts labels[t + 1]); -100 is ignored. num_items_in_batch (HF
         Trainer, gradient accumulation): the loss is the sum over tokens divided by it.
@@ -313,7 +331,9 @@ class LadderModel(nn.Module):
             raise ValueError(f"LadderModel.forward: logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, input_ids)
-        s, h_final = self._stream(input_ids, attention_mask, position_ids)
+        if backbone_states is not None and not isinstance(backbone_states, dict):
+            raise TypeError(f"LadderModel.forward: backbone_states must be a dict or None, got {type(backbone_states).__name__}")
+        s, h_final = self._stream(input_ids, attention_mask, position_ids, backbone_states=backbone_states)
         if labels is None:
             if logits_to_keep:
                 s, h_final = s[:, -logits_to_keep:], h_final[:, -logits_to_keep:]
