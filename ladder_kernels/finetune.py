@@ -509,6 +509,7 @@ class TrainingRun:
                     self._checkpoint(state)
                 if on_step is not None:
                     on_step(step)
+        self._states = (None, [])  # the last batch's backbone outputs are not needed for evaluation
         summary = None
         if main:
             peak = peak_memory_bytes()
