@@ -30,7 +30,6 @@ from typing import Callable, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ladder_kernels.benchmark import command_line  # noqa: E402
@@ -39,17 +38,16 @@ from ladder_kernels.finetune import DEFAULT_LR, DTYPES, FinetuneConfig, _lr_lamb
 from ladder_kernels.models import load_backbone, load_tokenizer, resolve_model  # noqa: E402
 from ladder_kernels.nn.config import write_text_atomic  # noqa: E402
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
-from ladder_kernels.nn.side import attention_mask_for  # noqa: E402
-from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A change from finetune's Ladder defaults: LadderConfig fields, the peak lr and warm-up, lr multipliers
+    """A change from finetune's Ladder defaults: LadderConfig fields, finetune's --ladder-every, the peak lr and warm-up, lr multipliers
     for side parameters whose name contains a key, passes over the same batches, and optimizer steps per batch
     in a row (passes x repeat x --steps optimizer steps: more training without more data or backbone passes)."""
 
     config: dict = dataclasses.field(default_factory=dict)
+    ladder_every: Optional[int] = None
     lr: Optional[float] = None
     warmup_steps: Optional[int] = None
     lr_scale: dict = dataclasses.field(default_factory=dict)
@@ -65,7 +63,7 @@ VARIANTS = {
     "head_dim16": Variant(config={"side_head_dim": 16}),
     "head_dim64": Variant(config={"side_head_dim": 64}),
     "r4": Variant(config={"reduction_factor": 4}),
-    "every2": Variant(config={"ladder_layers": "every2"}),
+    "every2": Variant(ladder_every=2),
     "gate_vector": Variant(config={"gate": "vector"}),
     "gate_temperature1": Variant(config={"gate_temperature": 1.0}),
     "output_side_only": Variant(config={"output_mix": "side_only"}),
@@ -121,26 +119,23 @@ def stack_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return H, mask
 
 
-def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What LadderModel._stream returns, from cached features: (side stream s, final normed hidden state)."""
+def replay_states(model: LadderModel, H: torch.Tensor) -> dict:
+    """The cached features as LadderModel.forward's backbone_states: what it replays instead of the backbone."""
     side = model.side
-    padding = mask if not bool(mask.all()) else None
-    positions = positions_from_mask(mask, mask)
-    z0 = side.project(0, H[1 + side.branch_source])  # H[0] is the embeddings (branch_source -1)
-    ladders = [side.project(k + 1, H[1 + src]) for k, src in enumerate(side.ladder_sources)]
-    return side(z0, ladders, positions, attention_mask_for(padding, mask.shape[1], 0, mask.device)), H[-1]
+    sources = [side.branch_source, *side.ladder_sources]  # H[0] is the input of layer 0 (branch_source -1)
+    return {**{k: H[1 + src] for k, src in enumerate(sources)}, "final": H[-1]}
+
+
+def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LadderModel's (side stream s, final normed hidden state) from cached features."""
+    ids = torch.zeros_like(mask)  # only its shape matters: the replay skips the backbone
+    return model._stream(ids, mask, positions_from_mask(mask, ids), backbone_states=replay_states(model, H))
 
 
 def loss_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """LadderModel.forward's loss (shifted labels, scored rows only) from cached features."""
-    s, h_final = side_from_features(model, H, mask)
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    scored = shifted != -100
-    lm_head = model.backbone.lm_head
-    hidden = model.side.mix(s[scored], h_final[scored])
-    return fused_linear_cross_entropy(hidden.to(lm_head.weight.dtype), lm_head.weight, shifted[scored],
-                                      bias=getattr(lm_head, "bias", None), ignore_index=-100,
-                                      chunk_size=model.ladder_config.loss_chunk_size, reduction="mean")
+    """LadderModel.forward's loss from cached features."""
+    ids = torch.zeros_like(mask)  # only its shape matters: the replay skips the backbone
+    return model(input_ids=ids, attention_mask=mask, labels=labels, backbone_states=replay_states(model, H)).loss
 
 
 # --- one variant -----------------------------------------------------------------------------------------
@@ -171,13 +166,8 @@ class Sweep:
     def build(self, variant: Variant) -> LadderModel:
         torch.manual_seed(self.cfg.seed)
         backbone = load_backbone(self.model_dir, DTYPES[self.cfg.dtype])
-        base = ladder_config(self.cfg, backbone.config.num_hidden_layers)
-        overrides = dict(variant.config)
-        if str(overrides.get("ladder_layers", "")).startswith("every"):
-            every = int(overrides["ladder_layers"][5:])
-            overrides["ladder_layers"] = ladder_config(dataclasses.replace(self.cfg, ladder_every=every),
-                                                       backbone.config.num_hidden_layers).ladder_layers
-        return LadderModel(backbone, dataclasses.replace(base, **overrides))
+        cfg = dataclasses.replace(self.cfg, ladder_every=variant.ladder_every or self.cfg.ladder_every)
+        return LadderModel(backbone, dataclasses.replace(ladder_config(cfg, backbone.config.num_hidden_layers), **variant.config))
 
     def data_order(self, order: int) -> list[list[int]]:
         """Order 0: finetune's batches; order k: the same examples permuted within each class (same class mix)."""

@@ -26,10 +26,10 @@ def register_cli(subparsers) -> None:
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
-    for name in ("eval_samples", "seq_len"):
+    for name, minimum in (("eval_samples", 1), ("seq_len", 8)):
         value = getattr(args, name)
-        if value is not None and value < (8 if name == "seq_len" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {8 if name == 'seq_len' else 1}, got {value}")
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
     model, tokenizer, info = load_finetuned(args.adapter)
     dataset = load_dataset(info["task"], args.data)
     if dataset.labels is not None and list(dataset.labels) != list(info.get("labels") or []):

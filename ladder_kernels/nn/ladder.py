@@ -251,7 +251,6 @@ class LadderModel(nn.Module):
 
         backbone_states: an empty dict is filled with the backbone's outputs that the side network reads; a
         filled one is replayed instead of running the backbone (the same batch again: see forward)."""
-        inner, layers = self.backbone.model, self.backbone.model.layers
         side, grad = self.side, torch.is_grad_enabled()
         ladder_inputs: dict[int, Tensor] = {}
         capture = backbone_states is not None
@@ -262,6 +261,27 @@ class LadderModel(nn.Module):
             with torch.set_grad_enabled(grad):
                 ladder_inputs[index] = side.project(index, h)
 
+        if capture and "final" in backbone_states:  # replay: the side network reads what the backbone gave before
+            for index in range(1 + len(side.ladder_sources)):
+                project(index, backbone_states[index])
+            h_final = backbone_states["final"]
+        else:
+            h_final = self._run_backbone(project, input_ids, attention_mask, position_ids, backbone_cache)
+            if capture:
+                backbone_states["final"] = h_final
+        past = side_cache.get_seq_length() if side_cache is not None else 0
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
+        ladders = [ladder_inputs[k + 1] for k in range(len(side.ladder_sources))]
+        return side(ladder_inputs[0], ladders, position_ids, mask, side_cache), h_final
+
+    def _run_backbone(self, project, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
+                      backbone_cache) -> Tensor:
+        """The backbone's forward under no_grad, its final normed hidden state [B, T, D]; hooks hand the side
+        network's inputs to project(index, h) as they appear (0: the branch point, k + 1: ladder k), so the
+        backbone's loop can drop each h after it."""
+        inner, layers, side = self.backbone.model, self.backbone.model.layers, self.side
+
         def ladder_hook(index: int):
             def hook(module, args, output):
                 project(index, output[0] if isinstance(output, tuple) else output)
@@ -269,13 +289,6 @@ class LadderModel(nn.Module):
 
         def embedding_hook(module, args, kwargs):
             project(0, args[0] if args else kwargs["hidden_states"])
-
-        past = side_cache.get_seq_length() if side_cache is not None else 0
-        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
-        if capture and "final" in backbone_states:  # replay: the side network reads what the backbone gave before
-            projected = [side.project(k, backbone_states[k]) for k in range(1 + len(side.ladder_sources))]
-            return side(projected[0], projected[1:], position_ids, mask, side_cache), backbone_states["final"]
 
         handles = [layers[src].register_forward_hook(ladder_hook(k + 1)) for k, src in enumerate(side.ladder_sources)]
         if side.branch_source < 0:
@@ -288,15 +301,10 @@ class LadderModel(nn.Module):
             kwargs[self._cache_kwarg] = backbone_cache
         try:
             with torch.no_grad():
-                out = inner(**kwargs)
+                return inner(**kwargs)[0]
         finally:
             for handle in handles:
                 handle.remove()
-        h_final = out[0]
-        if capture:
-            backbone_states["final"] = h_final
-        ladders = [ladder_inputs[k + 1] for k in range(len(side.ladder_sources))]
-        return side(ladder_inputs[0], ladders, position_ids, mask, side_cache), h_final
 
     def _logits(self, hidden: Tensor) -> Tensor:
         lm_head = self.backbone.lm_head
