@@ -47,8 +47,8 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a source checko
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ladder_kernels._backend import cpu_ext_available, triton_interpreting  # noqa: E402
-from ladder_kernels.memory import PeakMemoryTracker  # noqa: E402
+from ladder_kernels.backends import cpu_ext_available, triton_interpreting
+from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.ops.nf4_matmul import nf4_matmul  # noqa: E402
 from ladder_kernels.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.benchmark import command_line  # noqa: E402
-from ladder_kernels.data import BatchStream, encode_example, encode_prompts, label_first_tokens, load_dataset  # noqa: E402
-from ladder_kernels.finetune import DEFAULT_LR, DTYPES, FinetuneConfig, _lr_lambda, ladder_config  # noqa: E402
-from ladder_kernels.models import load_backbone, load_tokenizer, resolve_model  # noqa: E402
+from ladder_kernels.planning.bench import command_line
+from ladder_kernels.train.data import BatchStream, encode_example, encode_prompts, label_first_tokens, load_dataset
+from ladder_kernels.train.run import DEFAULT_LR, DTYPES, FinetuneConfig, _lr_lambda, ladder_config
+from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
 from ladder_kernels.nn.config import write_text_atomic  # noqa: E402
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
 

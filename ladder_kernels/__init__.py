@@ -1,11 +1,11 @@
 """ladder-kernels: Ladder Side Tuning and xLadder on a frozen 4-bit (NF4) backbone."""
-from ._backend import backend_info
-from .nn import LadderConfig, LadderModel, NF4Linear, get_ladder_model, patch_bnb_, quantize_model_
-from .ops import nf4_matmul
-from .ops.cross_entropy import fused_linear_cross_entropy
-from .ops.downproj import downproj
-from .plan import MemoryPlan, plan
-from .quant import NF4Weight, dequantize_nf4, quantize_nf4
+from ladder_kernels.backends import backend_info
+from ladder_kernels.nn import LadderConfig, LadderModel, NF4Linear, get_ladder_model, patch_bnb_, quantize_model_
+from ladder_kernels.ops import nf4_matmul
+from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
+from ladder_kernels.ops.downproj import downproj
+from ladder_kernels.planning.planner import MemoryPlan, plan
+from ladder_kernels.quant import NF4Weight, dequantize_nf4, quantize_nf4
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,6 +1,6 @@
 """`python -m ladder_kernels` = the `ladder-kernels` command."""
 import sys
 
-from .cli import main
+from ladder_kernels.cli import main
 
 sys.exit(main())

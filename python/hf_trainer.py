@@ -27,7 +27,7 @@ class EncodedExamples(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        from ladder_kernels.data import encode_example
+        from ladder_kernels.train.data import encode_example
 
         ids, labels, _ = encode_example(self.tokenizer, self.examples[i], self.seq_len, self.add_eos)
         return {"input_ids": ids, "labels": labels}
@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from transformers import Trainer, TrainingArguments
 
-    from ladder_kernels.data import collate, load_dataset
-    from ladder_kernels.models import load_backbone, load_tokenizer, resolve_model
+    from ladder_kernels.train.data import collate, load_dataset
+    from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
     from ladder_kernels.nn.config import LadderConfig
     from ladder_kernels.nn.ladder import LadderModel
 

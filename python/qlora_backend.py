@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ladder_kernels.baselines import make_qlora_model
-from ladder_kernels.memory import PeakMemoryTracker
+from ladder_kernels.planning.methods import make_qlora_model
+from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.nn import patch_bnb_
 
 

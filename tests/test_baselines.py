@@ -2,7 +2,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from ladder_kernels.baselines import METHODS, MethodTrainer, build_method_model, make_qlora_lk_model, make_qlora_model, quantize_to_bnb_4bit_, bnb_nf4_config
+from ladder_kernels.planning.methods import METHODS, MethodTrainer, build_method_model, make_qlora_lk_model, make_qlora_model, quantize_to_bnb_4bit_, bnb_nf4_config
 from tests.tiny_models import tiny_config
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -119,7 +119,7 @@ def test_bad_arguments_are_named():
 
 
 def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
-    from ladder_kernels.benchmark import BenchSettings, read_results, run_bench, write_results
+    from ladder_kernels.planning.bench import BenchSettings, read_results, run_bench, write_results
 
     settings = BenchSettings(methods=("ladder", "qlora"), models=("tiny-llama",), seq_lens=(32,), steps=1, warmup=0,
                              device="cpu", out_dir=tmp_path, tag="t", command="test")

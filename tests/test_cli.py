@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ladder_kernels.cli import main
-from ladder_kernels.finetune import RUN_CONFIG, SUMMARY_JSON
+from ladder_kernels.train.run import RUN_CONFIG, SUMMARY_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,7 @@ def test_recorded_command_reproduces_the_configuration(cli_run):
     import shlex
 
     from ladder_kernels.cli import build_parser, given_options
-    from ladder_kernels.finetune import FinetuneConfig, saved_config
+    from ladder_kernels.train.run import FinetuneConfig, saved_config
 
     out, _ = cli_run
     command = json.loads((out / SUMMARY_JSON).read_text())["command"]
@@ -184,7 +184,7 @@ def test_recorded_command_reproduces_the_configuration(cli_run):
 
 
 def test_generate_emits_just_a_label_for_a_classifier_by_default(cli_run, capsys, monkeypatch):
-    import ladder_kernels.generate_cli as generate_cli
+    import ladder_kernels.cli.generate as generate_cli
 
     asked = []
     real = generate_cli.greedy_complete

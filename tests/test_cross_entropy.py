@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import rel_err, require_backend
-from ladder_kernels._backend import backend_info
-from ladder_kernels.memory import PeakMemoryTracker
+from ladder_kernels.backends import backend_info
+from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.ops.cross_entropy import (
     _rows_impl, chunked_linear_cross_entropy, fused_linear_cross_entropy, reference_ce_rows_,
 )

@@ -110,7 +110,7 @@ def test_no_bias_and_non_contiguous_h(backend):
 def test_triton_kernels_write_every_output_element():
     require_backend("triton")
     from ladder_kernels.ops.downproj import reference_backward, reference_forward
-    from ladder_kernels.triton import downproj as tk
+    from ladder_kernels.kernels.triton import downproj as tk
 
     h = torch.randn(37, 100, dtype=torch.bfloat16)
     w, b = (t.detach() for t in params(24, 100))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ladder_kernels.finetune import FinetuneConfig, TrainingRun
+from ladder_kernels.train.run import FinetuneConfig, TrainingRun
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "python"
 

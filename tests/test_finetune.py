@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ladder_kernels.finetune import (ADAPTER, CHECKPOINT, LOSS_PNG, RUN_CONFIG, SUMMARY_JSON, SUMMARY_MD, ConfigError,
-                                     FinetuneConfig, RunDirError, TrainingError, TrainingRun, load_checkpoint, resume_config)
-from ladder_kernels.finetune import build_model as _real_build_model
+from ladder_kernels.train.run import ADAPTER, CHECKPOINT, LOSS_PNG, RUN_CONFIG, SUMMARY_JSON, SUMMARY_MD, ConfigError, FinetuneConfig, RunDirError, TrainingError, TrainingRun, load_checkpoint, resume_config
+from ladder_kernels.train.run import build_model as _real_build_model
 
 WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
 
@@ -212,7 +211,7 @@ def test_qlora_baseline_trains_lora_only(tiny_model, keyword_data, tmp_path):
     assert summary["steps"] == 2 and (tmp_path / "q" / ADAPTER / "adapter_model.safetensors").is_file()
     trained = load_checkpoint(tmp_path / "q" / CHECKPOINT)["trainable"]
     assert trained and all("lora_" in n for n in trained)
-    from ladder_kernels.generate_cli import load_finetuned
+    from ladder_kernels.cli.generate import load_finetuned
 
     model, _, info = load_finetuned(tmp_path / "q")  # what `ladder-kernels generate` loads
     assert info["method"] == "qlora"
@@ -230,7 +229,7 @@ def test_arith_is_scored_by_greedy_generation(tiny_model, tmp_path):
 
 
 def test_gguf_model_is_converted_once_and_trains(tmp_path, monkeypatch, keyword_data):
-    from ladder_kernels.models import resolve_model
+    from ladder_kernels.train.backbones import resolve_model
     from tests.tiny_checkpoint import write_tiny_gguf
 
     monkeypatch.setenv("LADDER_KERNELS_CACHE", str(tmp_path / "cache"))
@@ -245,14 +244,14 @@ def test_gguf_model_is_converted_once_and_trains(tmp_path, monkeypatch, keyword_
 
 
 def test_embedded_model_is_found_in_its_package():
-    from ladder_kernels.models import embedded_gguf_path
+    from ladder_kernels.train.backbones import embedded_gguf_path
 
     path = embedded_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
 
 
 def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
-    from ladder_kernels.finetune import smoothed
+    from ladder_kernels.train.run import smoothed
 
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)  # bias correction: no pull towards 0
     curve = smoothed([4.0] * 10 + [1.0] * 30)
@@ -260,7 +259,7 @@ def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
 
 
 def test_ladder_layers_follow_ladder_every_from_the_top():
-    from ladder_kernels.finetune import ladder_config
+    from ladder_kernels.train.run import ladder_config
 
     cfg = FinetuneConfig(ladder_every=3)
     assert ladder_config(cfg, 30).ladder_layers == list(range(2, 30, 3))  # the top layer always feeds a block
@@ -287,7 +286,7 @@ class _NanGradient(torch.autograd.Function):
 def _poisoned_build(monkeypatch, nan_loss_at=(), nan_grad_at=()):
     """build_model whose model gives a NaN loss (or finite loss, NaN gradient) on these training forwards (1-based
     counts of forwards with labels, in this process)."""
-    import ladder_kernels.finetune as finetune
+    import ladder_kernels.train.run as finetune
 
     def build(cfg, model_dir):
         model = _real_build_model(cfg, model_dir)
@@ -402,7 +401,7 @@ def test_out_of_memory_says_so_when_planning_fails_too(tiny_model, keyword_data,
         raise ValueError("no config here\nmore")
 
     _out_of_memory_at(monkeypatch, 1)
-    monkeypatch.setattr(importlib.import_module("ladder_kernels.plan"), "plan", failing_plan)  # the module, not the package's plan()
+    monkeypatch.setattr(importlib.import_module("ladder_kernels.planning.planner"), "plan", failing_plan)  # the module, not the package's plan()
     with pytest.raises(TrainingError) as failed:
         TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "oom", method="xladder", ladder_storage="int8")).run()
     message = str(failed.value)
@@ -416,7 +415,7 @@ def test_out_of_memory_says_so_when_planning_fails_too(tiny_model, keyword_data,
 # `python -m ladder_kernels finetune ...` with a pause where the test kills it (the marker file says it is there).
 _PAUSED_FINETUNE = r"""
 import os, sys, time
-import ladder_kernels.finetune as finetune
+import ladder_kernels.train.run as finetune
 from ladder_kernels.cli import main
 
 moment, marker = sys.argv[1], sys.argv[2]
@@ -494,7 +493,7 @@ def test_a_killed_process_resumes_to_the_same_weights(moment, uninterrupted, tin
 
 
 def test_batch_size_must_cover_every_process(tiny_model, keyword_data, tmp_path, monkeypatch):
-    import ladder_kernels.finetune as finetune
+    import ladder_kernels.train.run as finetune
 
     monkeypatch.setattr(finetune, "rank_and_world", lambda: (0, 4))  # as under torchrun --nproc_per_node 4
     with pytest.raises(ConfigError, match=r"--batch-size 2 is split across 4 processes: it must be at least 4"):

@@ -6,7 +6,7 @@ Measured with the dispatch-mode tracker of live tensor storages (ladder_kernels.
 import pytest
 import torch
 
-from ladder_kernels.memory import PeakMemoryTracker
+from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from tiny_models import tiny_backbone

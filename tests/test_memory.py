@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ladder_kernels.memory import PeakMemoryTracker, process_peak_rss_bytes, process_rss_bytes
+from ladder_kernels.planning.memory import PeakMemoryTracker, process_peak_rss_bytes, process_rss_bytes
 
 
 def _mlp_training_step():

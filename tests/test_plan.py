@@ -3,10 +3,7 @@ import json
 import pytest
 import torch
 
-from ladder_kernels.plan import (
-    BREAKDOWN_KEYS, CUDA_CONTEXT_BYTES, MemoryPlan, TrackedTraining, _longest_fitting, _required_bytes, load_config,
-    max_seq_len, parse_bytes, plan, shipped_models,
-)
+from ladder_kernels.planning.planner import BREAKDOWN_KEYS, CUDA_CONTEXT_BYTES, MemoryPlan, TrackedTraining, _longest_fitting, _required_bytes, load_config, max_seq_len, parse_bytes, plan, shipped_models
 from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
 from tests.tiny_models import tiny_config
 
@@ -157,7 +154,7 @@ def test_llama2_7b_done_when():
 
 @pytest.mark.slow
 def test_plan_within_10_percent_on_smollm2():
-    from ladder_kernels.models import resolve_model
+    from ladder_kernels.train.backbones import resolve_model
 
     model_dir = resolve_model("embedded")
     for method in ("ladder", "qlora"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import rel_err
-from ladder_kernels.data import collate, encode_example
-from ladder_kernels.finetune import FinetuneConfig, evaluate
+from ladder_kernels.train.data import collate, encode_example
+from ladder_kernels.train.run import FinetuneConfig, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -15,7 +15,7 @@ SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the tiny configs' pad / bos 
 
 
 def _training_text() -> list[str]:
-    from ladder_kernels.data import SENTIMENT_LABELS, arith_problem, sentiment_prompt
+    from ladder_kernels.train.data import SENTIMENT_LABELS, arith_problem, sentiment_prompt
 
     import random
 

@@ -8,8 +8,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..ops.nf4_matmul import nf4_matmul
-from ..quant.nf4 import NF4Weight, quantize_nf4
+from ladder_kernels.ops.nf4_matmul import nf4_matmul
+from ladder_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
 
 def bnb_linear4bit_class():

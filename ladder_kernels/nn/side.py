@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from ..ops.downproj import downproj
+from ladder_kernels.ops.downproj import downproj
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import cpu_ext_available, resolve_backend
+from ladder_kernels.backends import cpu_ext_available, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,7 +56,7 @@ def reference_ce_rows_(logits: Tensor, labels: Tensor, ignore_index: int, softca
 
 def _rows_impl(backend: str):
     if backend == "triton":
-        from ..triton import cross_entropy as tk
+        from ladder_kernels.kernels.triton import cross_entropy as tk
 
         return tk.ce_rows_
     if backend == "cpu":

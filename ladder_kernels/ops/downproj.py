@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import cpu_ext_available, resolve_backend
+from ladder_kernels.backends import cpu_ext_available, resolve_backend
 
 STORAGES = ("bf16", "int8")
 # int8 rows whose absmax is below this are stored as zeros (scale 0): 127 / absmax would overflow fp32.
@@ -82,7 +82,7 @@ def reference_backward(
 # --- backend dispatch ----------------------------------------------------------------------------------
 def _forward_impl(backend: str):
     if backend == "triton":
-        from ..triton import downproj as tk
+        from ladder_kernels.kernels.triton import downproj as tk
 
         return tk.forward
     if backend == "cpu":
@@ -93,7 +93,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     if backend == "triton":
-        from ..triton import downproj as tk
+        from ladder_kernels.kernels.triton import downproj as tk
 
         return tk.backward
     if backend == "cpu":

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
-from ..quant.nf4 import NF4Weight
+from ladder_kernels.backends import resolve_backend
+from ladder_kernels.quant.nf4 import NF4Weight
 
 
 # --- reference (the oracle the other backends are tested against) -------------------------------------
@@ -44,7 +44,7 @@ def reference_grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tens
 # --- backend dispatch ----------------------------------------------------------------------------------
 def _forward_impl(backend: str):
     if backend == "triton":
-        from ..triton import nf4_matmul as tk
+        from ladder_kernels.kernels.triton import nf4_matmul as tk
 
         return tk.forward
     if backend == "cpu":
@@ -54,7 +54,7 @@ def _forward_impl(backend: str):
 
 def _grad_input_impl(backend: str):
     if backend == "triton":
-        from ..triton import nf4_matmul as tk
+        from ladder_kernels.kernels.triton import nf4_matmul as tk
 
         return tk.grad_input
     if backend == "cpu":

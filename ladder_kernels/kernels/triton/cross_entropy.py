@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._backend import triton_interpreting
-from ._common import needs_int64_offsets, span
+from ladder_kernels.backends import triton_interpreting
+from ladder_kernels.kernels.triton._common import needs_int64_offsets, span
 
 # Under the interpreter one big block per row (its time grows with programs x loop trips).
 GPU_BLOCK_V, INTERPRET_BLOCK_V = 4096, 8192

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreting
+from ladder_kernels.backends import triton_interpreting
 
 # Offsets are int32 unless a tensor spans this many elements; then kernels take their INDEX_64 path.
 INT32_SPAN_LIMIT = 2**31 - 1

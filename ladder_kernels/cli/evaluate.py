@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from .data import EMBEDDED_DATA, load_dataset
-from .finetune import DEFAULT_EVAL_SAMPLES, ConfigError, FinetuneConfig, evaluate
-from .generate_cli import load_finetuned
-from .nn.config import write_text_atomic
+from ladder_kernels.train.data import EMBEDDED_DATA, load_dataset
+from ladder_kernels.train.run import DEFAULT_EVAL_SAMPLES, ConfigError, FinetuneConfig, evaluate
+from ladder_kernels.cli.generate import load_finetuned
+from ladder_kernels.nn.config import write_text_atomic
 
 
 def register_cli(subparsers) -> None:

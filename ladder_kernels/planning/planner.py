@@ -25,9 +25,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .baselines import METHODS, MethodTrainer
-from .memory import PeakMemoryTracker
-from .nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
+from ladder_kernels.planning.methods import METHODS, MethodTrainer
+from ladder_kernels.planning.memory import PeakMemoryTracker
+from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
 
 __all__ = [
     "plan", "max_seq_len", "plan_with_max_seq_len", "MemoryPlan", "load_config", "parse_bytes", "planning_fake_mode", "shipped_models",
@@ -411,7 +411,7 @@ def _gib(n: int) -> str:
 def run_plan_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .finetune import ConfigError
+    from ladder_kernels.train.run import ConfigError
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

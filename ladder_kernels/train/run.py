@@ -40,11 +40,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .data import (TASKS, Dataset, DataError, Example, BatchStream, collate, encode_example, encode_prompts,
-                   final_answer, label_first_tokens, load_dataset)
-from .memory import process_peak_rss_bytes
-from .models import EMBEDDED_MODEL, ModelError, check_causal_lm, load_backbone, load_tokenizer, resolve_model
-from .nn.config import DEFAULT_LADDER_EVERY, every_nth_layer, write_bytes_atomic, write_text_atomic
+from ladder_kernels.train.data import TASKS, Dataset, DataError, Example, BatchStream, collate, encode_example, encode_prompts, final_answer, label_first_tokens, load_dataset
+from ladder_kernels.planning.memory import process_peak_rss_bytes
+from ladder_kernels.train.backbones import EMBEDDED_MODEL, ModelError, check_causal_lm, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer, write_bytes_atomic, write_text_atomic
 
 METHODS = ("ladder", "xladder", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -246,7 +245,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def ladder_config(cfg: FinetuneConfig, num_layers: int):
-    from .nn.config import LadderConfig
+    from ladder_kernels.nn.config import LadderConfig
 
     depth = 0
     if cfg.method == "xladder":
@@ -262,13 +261,13 @@ def build_model(cfg: FinetuneConfig, model_dir: Path):
     """The trainable model of `cfg.method` over the backbone in `model_dir`."""
     dtype = DTYPES[cfg.dtype]
     if cfg.method == "qlora":
-        from .baselines import make_qlora_model
+        from ladder_kernels.planning.methods import make_qlora_model
 
         try:
             return make_qlora_model(model_dir, compute_dtype=dtype, device=device())
         except (ValueError, KeyError, OSError) as exc:
             raise ModelError(f"--model: cannot build a QLoRA model from {model_dir}: {exc}") from None
-    from .nn.ladder import LadderModel
+    from ladder_kernels.nn.ladder import LadderModel
 
     backbone = load_backbone(model_dir, dtype).to(device())
     try:
@@ -682,7 +681,7 @@ class TrainingRun:
         if cfg.method != "qlora":
             lower += (", use --ladder-storage int8" if cfg.ladder_storage != "int8" else "") + f", or raise --reduction-factor {cfg.reduction_factor}"
         try:
-            from .plan import plan
+            from ladder_kernels.planning.planner import plan
 
             options = {}
             if cfg.method != "qlora":

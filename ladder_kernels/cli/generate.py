@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .data import arith_prompt, sentiment_prompt
-from .finetune import ADAPTER, ADAPTER_INFO, DTYPES, ConfigError, RunDirError, greedy_complete
-from .models import ModelError, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.data import arith_prompt, sentiment_prompt
+from ladder_kernels.train.run import ADAPTER, ADAPTER_INFO, DTYPES, ConfigError, RunDirError, greedy_complete
+from ladder_kernels.train.backbones import ModelError, load_backbone, load_tokenizer, resolve_model
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -33,12 +33,12 @@ def load_finetuned(path: str | Path):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .baselines import make_qlora_model
+        from ladder_kernels.planning.methods import make_qlora_model
 
         model = make_qlora_model(model_dir, compute_dtype=dtype)
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
     else:
-        from .nn.ladder import LadderModel
+        from ladder_kernels.nn.ladder import LadderModel
 
         try:
             model = LadderModel.from_pretrained(load_backbone(model_dir, dtype), folder)

@@ -14,7 +14,7 @@ import sys
 import typing
 
 # Subcommands that other modules add through their own register_cli(subparsers).
-EXTERNAL_SUBCOMMANDS = ("ladder_kernels.generate_cli", "ladder_kernels.evaluate_cli", "ladder_kernels.plan", "ladder_kernels.benchmark")
+EXTERNAL_SUBCOMMANDS = ("ladder_kernels.cli.generate", "ladder_kernels.cli.evaluate", "ladder_kernels.planning.planner", "ladder_kernels.planning.bench")
 
 
 def _arg_type(hint):
@@ -25,7 +25,7 @@ def _arg_type(hint):
 
 def add_finetune_parser(subparsers) -> None:
     """One option per FinetuneConfig field; defaults are None here so that explicitly given ones are known."""
-    from .finetune import FinetuneConfig, flag
+    from ladder_kernels.train.run import FinetuneConfig, flag
 
     p = subparsers.add_parser("finetune", help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
                               description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
@@ -47,13 +47,13 @@ def add_finetune_parser(subparsers) -> None:
 
 def given_options(args: argparse.Namespace) -> dict:
     """The finetune options given on the command line (the others are None), by FinetuneConfig field name."""
-    from .finetune import FinetuneConfig
+    from ladder_kernels.train.run import FinetuneConfig
 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if getattr(args, f.name) is not None}
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, TrainingRun, distributed_from_env, resume_config
+    from ladder_kernels.train.run import FinetuneConfig, TrainingRun, distributed_from_env, resume_config
 
     explicit = given_options(args)
     cfg = resume_config(explicit.get("output_dir"), explicit) if args.resume else FinetuneConfig(**explicit)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .finetune import INPUT_ERRORS
+    from ladder_kernels.train.run import INPUT_ERRORS
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -36,9 +36,9 @@ from typing import Optional
 
 import torch
 
-from .baselines import METHODS, MethodTrainer
-from .memory import PeakMemoryTracker, process_rss_bytes
-from .nn.config import write_bytes_atomic, write_text_atomic
+from ladder_kernels.planning.methods import METHODS, MethodTrainer
+from ladder_kernels.planning.memory import PeakMemoryTracker, process_rss_bytes
+from ladder_kernels.nn.config import write_bytes_atomic, write_text_atomic
 
 __all__ = ["BenchSettings", "run_bench", "register_cli", "main", "TINY_CONFIGS", "resolve_bench_model", "write_results", "csv_text",
            "library_versions", "command_line", "CSV_FIELDS"]
@@ -107,13 +107,13 @@ def resolve_bench_model(spec: str):
     shipped with the planner (random weights), or a local checkpoint folder."""
     from transformers import AutoConfig
 
-    from .plan import load_config, shipped_models
+    from ladder_kernels.planning.planner import load_config, shipped_models
 
     if spec in TINY_CONFIGS:
         values = dict(TINY_CONFIGS[spec])
         return spec, AutoConfig.for_model(values.pop("model_type"), **values), None
     if spec in EMBEDDED_ALIASES or Path(spec).is_dir():
-        from .models import EMBEDDED_NAME, load_tokenizer, resolve_model
+        from ladder_kernels.train.backbones import EMBEDDED_NAME, load_tokenizer, resolve_model
 
         folder = resolve_model("embedded" if spec in EMBEDDED_ALIASES else spec)
         name = EMBEDDED_NAME if spec in EMBEDDED_ALIASES else folder.name
@@ -130,7 +130,7 @@ def token_batch(tokenizer, vocab_size: int, batch: int, seq_len: int) -> torch.T
     if tokenizer is None:
         base = (torch.arange(batch * seq_len) * 7919) % 61 + 3
         return (base % vocab_size).view(batch, seq_len)
-    from .data import load_embedded_sentiment
+    from ladder_kernels.train.data import load_embedded_sentiment
 
     text = "\n".join(t for t, _ in load_embedded_sentiment()[: batch * seq_len // 8 + 64])
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -200,7 +200,7 @@ def measure_cell(source, method: str, ids: torch.Tensor, settings: BenchSettings
 
 
 def _planned_peak(source, method: str, seq_len: int, batch: int, dtype: torch.dtype) -> int:
-    from .plan import load_config, plan
+    from ladder_kernels.planning.planner import load_config, plan
 
     config = source if not isinstance(source, (str, os.PathLike)) else load_config(source)
     return plan(config, method, seq_len=seq_len, batch_size=batch, dtype=dtype).peak_bytes
@@ -248,8 +248,8 @@ def library_versions() -> str:
             parts.append(f"{package}={version(package)}")
         except PackageNotFoundError:
             continue
-    from . import __version__
-    from ._backend import backend_info
+    from ladder_kernels import __version__
+    from ladder_kernels.backends import backend_info
 
     active = [name for name in ("triton", "cpu_ext") if backend_info()[name]]
     return ";".join(parts + [f"ladder_kernels={__version__}", f"kernels={'+'.join(active) or 'torch-reference'}"])
@@ -417,7 +417,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .finetune import ConfigError
+    from ladder_kernels.train.run import ConfigError
 
     try:
         settings = settings_from_args(args)
@@ -438,7 +438,7 @@ def register_cli(subparsers) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """bench/bench_e2e.py: the same options as `ladder-kernels bench`."""
-    from .finetune import INPUT_ERRORS
+    from ladder_kernels.train.run import INPUT_ERRORS
 
     parser = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n\n")[0])
     add_arguments(parser)

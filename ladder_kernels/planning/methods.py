@@ -208,7 +208,7 @@ def _keep_bnb_layout_for_training_(model: nn.Module) -> None:
     no-grad forward in eval mode (a zero-shot evaluation). That kernel has no backward, so later training steps
     would silently stop gradients at every frozen layer, and undoing the repack is lossy (absmax goes through
     bf16): a model that trains never takes that path."""
-    from .nn.nf4_linear import bnb_linear4bit_class
+    from ladder_kernels.nn.nf4_linear import bnb_linear4bit_class
 
     linear4bit = bnb_linear4bit_class()
     for module in model.modules():
@@ -218,7 +218,7 @@ def _keep_bnb_layout_for_training_(model: nn.Module) -> None:
 
 def make_qlora_lk_model(model_or_dir, **kwargs):
     """`make_qlora_model`, with its bitsandbytes 4-bit layers computing through ladder-kernels' nf4_matmul."""
-    from .nn.nf4_linear import patch_bnb_
+    from ladder_kernels.nn.nf4_linear import patch_bnb_
 
     model = make_qlora_model(model_or_dir, **kwargs)
     if patch_bnb_(model) == 0:
@@ -259,8 +259,8 @@ def build_method_model(method: str, source, dtype: torch.dtype = torch.bfloat16,
             raise ValueError(f"build_method_model: LadderConfig options {sorted(ladder_options)} do not apply to method {method!r}")
         maker = make_qlora_lk_model if method == "qlora-lk" else make_qlora_model
         return maker(source, r=lora_r, compute_dtype=dtype, gradient_checkpointing=method == "qlora-ckpt", device=device)
-    from .nn.config import LadderConfig
-    from .nn.ladder import LadderModel
+    from ladder_kernels.nn.config import LadderConfig
+    from ladder_kernels.nn.ladder import LadderModel
 
     backbone = _load_plain_backbone(source, dtype, device)
     if method == "xladder":

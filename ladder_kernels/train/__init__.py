@@ -1,0 +1,1 @@
+"""Fine-tuning: configuration, data, backbones, the training run, checkpoints, evaluation and reports."""
