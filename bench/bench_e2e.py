@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from ladder_kernels.planning.bench import main
+from ladder_kernels.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,8 +48,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ladder_kernels.backends import cpu_ext_available, triton_interpreting
-from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.ops.nf4_matmul import nf4_matmul  # noqa: E402
+from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
 
 MIB = 2**20

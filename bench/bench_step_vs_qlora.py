@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.planning.methods import MethodTrainer
+from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.bench import command_line, csv_text, library_versions
 from ladder_kernels.planning.memory import PeakMemoryTracker
-from ladder_kernels.nn.config import write_text_atomic  # noqa: E402
+from ladder_kernels.planning.methods import MethodTrainer
 
 METHODS = ("ladder", "xladder", "qlora", "qlora-ckpt")
 MODEL = "llama-8x512"

@@ -25,19 +25,21 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.planning.bench import command_line
-from ladder_kernels.train.data import BatchStream, encode_example, encode_prompts, label_first_tokens, load_dataset
-from ladder_kernels.train.run import DEFAULT_LR, DTYPES, FinetuneConfig, _lr_lambda, ladder_config
-from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
-from ladder_kernels.nn.config import write_text_atomic  # noqa: E402
+from ladder_kernels.defaults import DEFAULT_LR, DTYPES
+from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
+from ladder_kernels.planning.bench import command_line
+from ladder_kernels.train import warmup_cosine
+from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.config import FinetuneConfig, ladder_config
+from ladder_kernels.train.data import BatchStream, encode_example, encode_prompts, label_first_tokens, load_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +196,7 @@ class Sweep:
         params = [p for ps in groups.values() for p in ps]
         optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0)
         warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, self.cfg.steps * variant.passes * variant.repeat))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, self.cfg.steps * variant.passes * variant.repeat))
         model.train()
         history = []
         batches = [batch for batch in self.data_order(order) * variant.passes for _ in range(variant.repeat)]

@@ -8,8 +8,8 @@ against the dense matmul, so a fast but wrong method fails instead of topping th
 """
 import pytest
 import torch
+from bench_nf4_matmul import AGREEMENT_TOL, BNB, CACHED_ABSMAX, DENSE, DEQUANT, default_backends, make_methods, rel_err
 
-from bench_nf4_matmul import AGREEMENT_TOL, BNB, CACHED_ABSMAX, DEQUANT, DENSE, default_backends, make_methods, rel_err
 from ladder_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

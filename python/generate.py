@@ -14,9 +14,9 @@ import torch
 
 
 def main(argv=None) -> int:
-    from ladder_kernels.train.data import label_first_tokens
-    from ladder_kernels.train.run import greedy_complete
     from ladder_kernels.cli.generate import default_max_new_tokens, load_finetuned, task_prompt
+    from ladder_kernels.train.data import label_first_tokens
+    from ladder_kernels.train.evaluate import greedy_complete
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="a finetune run folder or its adapter/ folder")

@@ -53,10 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from transformers import Trainer, TrainingArguments
 
-    from ladder_kernels.train.data import collate, load_dataset
-    from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
     from ladder_kernels.nn.config import LadderConfig
     from ladder_kernels.nn.ladder import LadderModel
+    from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
+    from ladder_kernels.train.data import collate, load_dataset
 
     args = parse_args(argv)
     model_dir = resolve_model(args.model)

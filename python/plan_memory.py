@@ -15,7 +15,8 @@ import sys
 
 def main(argv=None) -> int:
     import ladder_kernels as lk
-    from ladder_kernels.planning.planner import parse_bytes, plan_with_max_seq_len, shipped_models
+    from ladder_kernels.planning.planner import plan_with_max_seq_len, shipped_models
+    from ladder_kernels.units import parse_bytes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-2-7b", help=f"a shipped config ({', '.join(shipped_models())}), a config.json or a checkpoint folder")

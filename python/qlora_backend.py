@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from ladder_kernels.planning.methods import make_qlora_model
-from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.nn import patch_bnb_
+from ladder_kernels.planning.memory import PeakMemoryTracker
+from ladder_kernels.planning.methods import make_qlora_model
 
 
 def small_llama_config():

@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
 
-    from ladder_kernels.train.data import collate, encode_example, load_dataset
-    from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
     from ladder_kernels.nn.config import LadderConfig
     from ladder_kernels.nn.ladder import LadderModel
+    from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
+    from ladder_kernels.train.data import collate, encode_example, load_dataset
 
     class LadderSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

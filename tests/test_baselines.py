@@ -2,7 +2,15 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from ladder_kernels.planning.methods import METHODS, MethodTrainer, build_method_model, make_qlora_lk_model, make_qlora_model, quantize_to_bnb_4bit_, bnb_nf4_config
+from ladder_kernels.defaults import METHODS
+from ladder_kernels.planning.methods import (
+    MethodTrainer,
+    bnb_nf4_config,
+    build_method_model,
+    make_qlora_lk_model,
+    make_qlora_model,
+    quantize_to_bnb_4bit_,
+)
 from tests.tiny_models import tiny_config
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

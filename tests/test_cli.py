@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ladder_kernels.cli import main
-from ladder_kernels.train.run import RUN_CONFIG, SUMMARY_JSON
+from ladder_kernels.train.run_dir import RUN_CONFIG, SUMMARY_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,8 +173,10 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(tmp_path):
 def test_recorded_command_reproduces_the_configuration(cli_run):
     import shlex
 
-    from ladder_kernels.cli import build_parser, given_options
-    from ladder_kernels.train.run import FinetuneConfig, saved_config
+    from ladder_kernels.cli import build_parser
+    from ladder_kernels.cli.finetune import given_options
+    from ladder_kernels.train.config import FinetuneConfig
+    from ladder_kernels.train.run_dir import saved_config
 
     out, _ = cli_run
     command = json.loads((out / SUMMARY_JSON).read_text())["command"]

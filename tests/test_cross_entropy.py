@@ -5,14 +5,17 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import rel_err, require_backend
 from ladder_kernels.backends import backend_info
-from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.ops.cross_entropy import (
-    _rows_impl, chunked_linear_cross_entropy, fused_linear_cross_entropy, reference_ce_rows_,
+    _rows_impl,
+    chunked_linear_cross_entropy,
+    fused_linear_cross_entropy,
+    reference_ce_rows_,
 )
+from ladder_kernels.planning.memory import PeakMemoryTracker
 
 ce_module = importlib.import_module("ladder_kernels.ops.cross_entropy")  # the module, not a re-export
 

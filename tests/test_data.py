@@ -6,7 +6,20 @@ from collections import Counter
 
 import pytest
 
-from ladder_kernels.train.data import SENTIMENT_LABELS, BatchStream, DataError, Dataset, Example, collate, encode_example, final_answer, generate_arith, label_first_tokens, load_dataset, read_user_file
+from ladder_kernels.errors import DataError
+from ladder_kernels.train.data import (
+    SENTIMENT_LABELS,
+    BatchStream,
+    Dataset,
+    Example,
+    collate,
+    encode_example,
+    final_answer,
+    generate_arith,
+    label_first_tokens,
+    load_dataset,
+    read_user_file,
+)
 
 
 def _jsonl(path, rows):

@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import rel_err
+from tiny_models import tiny_backbone
+
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from ladder_kernels.nn.nf4_linear import NF4Linear
-from tiny_models import tiny_backbone
 
 WORLD = 2
 STEPS = 3

@@ -3,9 +3,9 @@ import importlib
 
 import pytest
 import torch
+from conftest import poison_, rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import poison_, rel_err, require_backend
 from ladder_kernels.ops.downproj import downproj, quantize_rows_int8
 
 dp_module = importlib.import_module("ladder_kernels.ops.downproj")  # the module, not a re-export
@@ -109,8 +109,8 @@ def test_no_bias_and_non_contiguous_h(backend):
 
 def test_triton_kernels_write_every_output_element():
     require_backend("triton")
-    from ladder_kernels.ops.downproj import reference_backward, reference_forward
     from ladder_kernels.kernels.triton import downproj as tk
+    from ladder_kernels.ops.downproj import reference_backward, reference_forward
 
     h = torch.randn(37, 100, dtype=torch.bfloat16)
     w, b = (t.detach() for t in params(24, 100))

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from ladder_kernels.train.run import FinetuneConfig, TrainingRun
+from ladder_kernels.train.config import FinetuneConfig
+from ladder_kernels.train.run import TrainingRun
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "python"
 

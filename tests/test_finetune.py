@@ -12,8 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ladder_kernels.train.run import ADAPTER, CHECKPOINT, LOSS_PNG, RUN_CONFIG, SUMMARY_JSON, SUMMARY_MD, ConfigError, FinetuneConfig, RunDirError, TrainingError, TrainingRun, load_checkpoint, resume_config
+from ladder_kernels.errors import ConfigError, RunDirError, TrainingError
+from ladder_kernels.train.checkpoint import load_checkpoint
+from ladder_kernels.train.config import FinetuneConfig
+from ladder_kernels.train.run import TrainingRun
 from ladder_kernels.train.run import build_model as _real_build_model
+from ladder_kernels.train.run_dir import (
+    ADAPTER,
+    CHECKPOINT,
+    LOSS_PNG,
+    RUN_CONFIG,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    resume_config,
+)
 
 WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
 
@@ -251,7 +263,7 @@ def test_embedded_model_is_found_in_its_package():
 
 
 def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
-    from ladder_kernels.train.run import smoothed
+    from ladder_kernels.train.report import smoothed
 
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)  # bias correction: no pull towards 0
     curve = smoothed([4.0] * 10 + [1.0] * 30)
@@ -259,7 +271,7 @@ def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
 
 
 def test_ladder_layers_follow_ladder_every_from_the_top():
-    from ladder_kernels.train.run import ladder_config
+    from ladder_kernels.train.config import ladder_config
 
     cfg = FinetuneConfig(ladder_every=3)
     assert ladder_config(cfg, 30).ladder_layers == list(range(2, 30, 3))  # the top layer always feeds a block
@@ -348,7 +360,8 @@ def test_skip_nonfinite_skips_the_optimizer_step(tiny_model, keyword_data, tmp_p
 
 
 def test_skip_nonfinite_is_a_boolean_flag_on_the_command_line():
-    from ladder_kernels.cli import build_parser, given_options
+    from ladder_kernels.cli import build_parser
+    from ladder_kernels.cli.finetune import given_options
 
     parse = lambda *a: FinetuneConfig(**given_options(build_parser().parse_args(["finetune", *a])))  # noqa: E731
     assert parse("--skip-nonfinite").skip_nonfinite is True and parse("--no-skip-nonfinite").skip_nonfinite is False

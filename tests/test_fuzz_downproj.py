@@ -7,10 +7,10 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import require_backend  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import require_backend  # noqa: E402
 from ladder_kernels.ops.downproj import downproj  # noqa: E402
 
 FAST = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])

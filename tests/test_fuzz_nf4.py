@@ -6,10 +6,10 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import rel_err  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
 from ladder_kernels import NF4Weight, dequantize_nf4, nf4_matmul, quantize_nf4  # noqa: E402
 from ladder_kernels.quant import NF4_CODE  # noqa: E402
 

@@ -70,6 +70,7 @@ def test_training_step_matches_torch_mem_tracker():
         kept = _mlp_training_step()
     assert mem.peak_bytes == ref_peak
     assert mem.current_bytes == _expected_live_after_step()
+    del kept
 
 
 def test_fake_cpu_tensors_give_the_real_figures():

@@ -1,9 +1,9 @@
 """NF4Linear, quantize_model_ and patch_bnb_ on small transformers models (random weights, no downloads)."""
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
 from ladder_kernels.nn import NF4Linear, patch_bnb_, quantize_model_
 from ladder_kernels.quant import dequantize_nf4
 

@@ -1,9 +1,9 @@
 """nf4_matmul on every backend against a float64 reference: forward, gradients, odd shapes, dtypes."""
 import pytest
 import torch
+from conftest import rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import rel_err, require_backend
 from ladder_kernels import nf4_matmul, quantize_nf4
 from ladder_kernels.quant import dequantize_nf4
 

@@ -3,8 +3,21 @@ import json
 import pytest
 import torch
 
-from ladder_kernels.planning.planner import BREAKDOWN_KEYS, CUDA_CONTEXT_BYTES, MemoryPlan, TrackedTraining, _longest_fitting, _required_bytes, load_config, max_seq_len, parse_bytes, plan, shipped_models
-from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
+from ladder_kernels.defaults import DEFAULT_LADDER_EVERY
+from ladder_kernels.nn.config import every_nth_layer
+from ladder_kernels.planning.planner import (
+    BREAKDOWN_KEYS,
+    CUDA_CONTEXT_BYTES,
+    MemoryPlan,
+    TrackedTraining,
+    _longest_fitting,
+    _required_bytes,
+    load_config,
+    max_seq_len,
+    plan,
+    shipped_models,
+)
+from ladder_kernels.units import parse_bytes
 from tests.tiny_models import tiny_config
 
 SEQ = 64
@@ -172,7 +185,8 @@ def test_memory_plan_is_a_value():
 
 def test_cli_ladder_every_defaults_to_finetunes_and_changes_the_plan(tmp_path, capsys):
     from ladder_kernels.cli import main
-    from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
+    from ladder_kernels.defaults import DEFAULT_LADDER_EVERY
+    from ladder_kernels.nn.config import every_nth_layer
 
     path = tmp_path / "config.json"
     tiny_config("llama", num_layers=6, hidden_size=128, intermediate_size=256, vocab_size=1000).to_json_file(path)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import rel_err
+
+from ladder_kernels.train.config import FinetuneConfig
 from ladder_kernels.train.data import collate, encode_example
-from ladder_kernels.train.run import FinetuneConfig, evaluate
+from ladder_kernels.train.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -8,13 +8,13 @@ import torch
 pytest.importorskip("triton")
 
 import triton  # noqa: E402
-
 from conftest import DEVICE, poison_, rel_err  # noqa: E402
+
 from ladder_kernels import nf4_matmul, quantize_nf4  # noqa: E402
-from ladder_kernels.ops.nf4_matmul import reference_forward, reference_grad_input  # noqa: E402
-from ladder_kernels.quant import dequantize_nf4  # noqa: E402
 from ladder_kernels.kernels.triton import _common
 from ladder_kernels.kernels.triton import nf4_matmul as tk
+from ladder_kernels.ops.nf4_matmul import reference_forward, reference_grad_input  # noqa: E402
+from ladder_kernels.quant import dequantize_nf4  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

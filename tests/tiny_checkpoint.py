@@ -15,9 +15,9 @@ SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the tiny configs' pad / bos 
 
 
 def _training_text() -> list[str]:
-    from ladder_kernels.train.data import SENTIMENT_LABELS, arith_problem, sentiment_prompt
-
     import random
+
+    from ladder_kernels.train.data import SENTIMENT_LABELS, arith_problem, sentiment_prompt
 
     rng = random.Random(0)
     lines = [sentiment_prompt(f"sample tweet {i} about cars") + " " + SENTIMENT_LABELS[i % 3] for i in range(300)]

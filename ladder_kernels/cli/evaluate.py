@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from ladder_kernels.defaults import DEFAULT_EVAL_SAMPLES
+from ladder_kernels.errors import ConfigError
+from ladder_kernels.io import write_text_atomic
+from ladder_kernels.train.config import FinetuneConfig
 from ladder_kernels.train.data import EMBEDDED_DATA, load_dataset
-from ladder_kernels.train.run import DEFAULT_EVAL_SAMPLES, ConfigError, FinetuneConfig, evaluate
-from ladder_kernels.cli.generate import load_finetuned
-from ladder_kernels.nn.config import write_text_atomic
+from ladder_kernels.train.evaluate import evaluate
+from ladder_kernels.train.run_dir import load_finetuned
 
 
-def register_cli(subparsers) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="held-out accuracy of a fine-tuned adapter",
                               description="Load the backbone and the adapter saved by `ladder-kernels finetune` and evaluate it "
                                           "on the task's held-out split, as finetune does (classification: label scores; "

@@ -3,61 +3,14 @@ and print a completion."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from ladder_kernels.train.data import arith_prompt, sentiment_prompt
-from ladder_kernels.train.run import ADAPTER, ADAPTER_INFO, DTYPES, ConfigError, RunDirError, greedy_complete
-from ladder_kernels.train.backbones import ModelError, load_backbone, load_tokenizer, resolve_model
-
-
-def adapter_folder(path: str | Path) -> Path:
-    """The adapter folder: `path` itself, or the adapter/ inside a finetune run folder."""
-    path = Path(path)
-    for candidate in (path, path / ADAPTER):
-        if (candidate / ADAPTER_INFO).is_file():
-            return candidate
-    if not path.exists():
-        raise RunDirError(f"--adapter: no such folder: {path}")
-    raise RunDirError(f"--adapter: {path} holds no adapter saved by `ladder-kernels finetune` (no {ADAPTER_INFO})")
+from ladder_kernels.errors import ConfigError
+from ladder_kernels.train.data import task_prompt
+from ladder_kernels.train.evaluate import default_max_new_tokens, greedy_complete
+from ladder_kernels.train.run_dir import load_finetuned
 
 
-def load_finetuned(path: str | Path):
-    """(model in eval mode, tokenizer, adapter info) from an adapter folder or a run folder."""
-    folder = adapter_folder(path)
-    info = json.loads((folder / ADAPTER_INFO).read_text(encoding="utf-8"))
-    model_dir = resolve_model(info["model"])
-    tokenizer = load_tokenizer(model_dir)
-    dtype = DTYPES[info["dtype"]]
-    if info["method"] == "qlora":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from ladder_kernels.planning.methods import make_qlora_model
-
-        model = make_qlora_model(model_dir, compute_dtype=dtype)
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-    else:
-        from ladder_kernels.nn.ladder import LadderModel
-
-        try:
-            model = LadderModel.from_pretrained(load_backbone(model_dir, dtype), folder)
-        except (ValueError, OSError) as exc:
-            raise ModelError(f"--adapter: cannot load the side network in {folder}: {exc}") from None
-    return model.eval(), tokenizer, info
-
-
-def default_max_new_tokens(info: dict, tokenizer) -> int:
-    """A classifier was trained to emit a label, not to stop after it: its longest label; otherwise 32."""
-    labels = info.get("labels") or []
-    return max((len(tokenizer(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=32)
-
-
-def task_prompt(task: str, text: str) -> str:
-    return sentiment_prompt(text) if task == "sentiment" else arith_prompt(text)
-
-
-def register_cli(subparsers) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="complete a prompt with a fine-tuned adapter",
                               description="Load the backbone and the side network saved by `ladder-kernels finetune` and print a greedy completion.")
     p.add_argument("--adapter", required=True, help="a finetune run folder, or its adapter/ folder")

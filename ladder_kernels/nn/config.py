@@ -4,20 +4,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-GATES = ("scalar", "vector", "none")
-SIDE_INITS = ("pruned", "random")
-OUTPUT_MIXES = ("vector", "scalar", "side_only")
-LADDER_STORAGES = ("bf16", "int8")
-BACKBONE_QUANTS = ("nf4", "none")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-BACKENDS = ("triton", "cpu", "torch")
-# `ladder-kernels finetune` and `plan` put a side block on every 3rd layer: measured on SmolLM2 sentiment, faster
-# steps, less memory and better accuracy than every layer; on Llama-2-7B it triples the context that fits 12 GB.
-DEFAULT_LADDER_EVERY = 3
+from ladder_kernels.defaults import (
+    BackboneQuant,
+    Backend,
+    ComputeDType,
+    Gate,
+    LadderStorage,
+    OutputMix,
+    SideInit,
+    choices_of,
+)
+from ladder_kernels.io import write_text_atomic
 
 
 @dataclass
@@ -32,24 +33,24 @@ class LadderConfig:
         "δ: 0 = plain Ladder. δ > 0 = xLadder: the side network branches at backbone layer L-δ, side blocks "
         "1..δ take ladders from the top δ backbone layers, then δ free side blocks follow (side depth 2δ, "
         "effective depth L+δ).")})
-    gate: str = field(default="scalar", metadata={"help": (
+    gate: Gate = field(default="scalar", metadata={"help": (
         "How a ladder z enters the side stream s: 'scalar' s = μ·s + (1-μ)·z with μ = sigmoid(α/T), one α per "
         "side block (Sung et al.'s LST); 'vector' the same with one α per channel (QST); 'none' s = s + z.")})
     gate_temperature: float = field(default=0.1, metadata={"help": "T in μ = sigmoid(α/T)."})
     gate_init: float = field(default=0.0, metadata={"help": "α₀, the gates' initial value (0 gives μ = 0.5)."})
-    side_init: str = field(default="pruned", metadata={"help": (
+    side_init: SideInit = field(default="pruned", metadata={"help": (
         "'pruned': side weights start as the backbone's, keeping the largest-norm channels, heads' rotary "
         "pairs and MLP units (LST's structural pruning), and the ladders start as channel selections; "
         "'random': normal(0, init_std) weights.")})
     init_std: float = field(default=0.02, metadata={"help": "Standard deviation of random side weights (side_init='random')."})
-    output_mix: str = field(default="vector", metadata={"help": (
+    output_mix: OutputMix = field(default="vector", metadata={"help": (
         "What the frozen lm_head reads: 'vector' a ⊙ h + up_proj(norm(s)) with h the backbone's final normed "
         "hidden state and a per channel (a = 1, up_proj = 0 at step 0: the backbone's own loss); 'scalar' the "
         "same with one a; 'side_only' up_proj(norm(s)) alone, as in the original LST (not the backbone at step 0).")})
-    ladder_storage: str = field(default="bf16", metadata={"help": (
+    ladder_storage: LadderStorage = field(default="bf16", metadata={"help": (
         "How each ladder input h_l kept for the down-projection's weight gradient is stored: 'bf16' or 'int8' "
         "(per-row absmax, half the memory).")})
-    backbone_quant: str = field(default="nf4", metadata={"help": (
+    backbone_quant: BackboneQuant = field(default="nf4", metadata={"help": (
         "'nf4': quantize the backbone's linear layers (all but lm_head) to NF4 unless already 4-bit; 'none': "
         "keep them as they are.")})
     loss_chunk_size: int = field(default=1024, metadata={"help": (
@@ -65,10 +66,10 @@ class LadderConfig:
         "Recompute each side block (with its gate) in the backward instead of keeping its activations: per layer "
         "only the block's inputs (2 x width per token) stay alive, for about a third more side compute.")})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the side blocks' attention and MLP outputs while training."})
-    compute_dtype: str = field(default="auto", metadata={"help": (
+    compute_dtype: ComputeDType = field(default="auto", metadata={"help": (
         "dtype of the forward computation: 'auto' keeps the backbone's; otherwise the backbone's floating "
         "parameters are cast to it. Side parameters stay float32 (master weights) and are cast per use.")})
-    backend: Optional[str] = field(default=None, metadata={"help": (
+    backend: Optional[Backend] = field(default=None, metadata={"help": (
         "Kernel backend for the backbone's NF4 matmuls, the down-projections and the cross-entropy: 'triton', "
         "'cpu', 'torch' or None (chosen per call by device).")})
 
@@ -101,14 +102,11 @@ class LadderConfig:
             if self.xladder_depth > 0:
                 raise ValueError("LadderConfig.ladder_layers must be None when xladder_depth > 0 (xLadder uses the top δ layers)")
             self.ladder_layers = layers
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("side_init", self.side_init, SIDE_INITS)
-        _check_choice("output_mix", self.output_mix, OUTPUT_MIXES)
-        _check_choice("ladder_storage", self.ladder_storage, LADDER_STORAGES)
-        _check_choice("backbone_quant", self.backbone_quant, BACKBONE_QUANTS)
-        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        if self.backend is not None:
-            _check_choice("backend", self.backend, BACKENDS)
+        hints = typing.get_type_hints(LadderConfig)
+        for f in dataclasses.fields(self):
+            choices = choices_of(hints[f.name])
+            if choices is not None and not (getattr(self, f.name) is None and f.default is None):
+                _check_choice(f.name, getattr(self, f.name), choices)
         if not isinstance(self.side_checkpointing, bool):
             raise TypeError(f"LadderConfig.side_checkpointing must be a bool, got {type(self.side_checkpointing).__name__}")
         _check_float("gate_temperature", self.gate_temperature)
@@ -163,26 +161,6 @@ def every_nth_layer(num_layers: int, every: int) -> Optional[list[int]]:
     from the top (the top layer always feeds one); None (every layer) for 1."""
     _check_int("every", every, 1)
     return None if every == 1 else sorted(range(num_layers - 1, -1, -every))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Readers see the old file or the new one, never a partial write."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

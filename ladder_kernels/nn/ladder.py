@@ -13,17 +13,27 @@ import os
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ladder_kernels.io import write_bytes_atomic
+from ladder_kernels.nn.config import LadderConfig
+from ladder_kernels.nn.nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
+from ladder_kernels.nn.side import (
+    DenseLayerWeights,
+    SideKVCache,
+    SideNetwork,
+    SideShape,
+    attention_mask_for,
+    hidden_channel_scores,
+    load_pruned_block_,
+    load_selection_ladders_,
+)
 from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
 from ladder_kernels.quant.nf4 import dequantize_nf4
-from ladder_kernels.nn.config import LadderConfig, write_bytes_atomic
-from ladder_kernels.nn.nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
-from ladder_kernels.nn.side import DenseLayerWeights, SideKVCache, SideNetwork, SideShape, attention_mask_for, hidden_channel_scores, load_pruned_block_, load_selection_ladders_
 
 CONFIG_NAME = "ladder_config.json"
 WEIGHTS_NAME = "ladder_model.safetensors"

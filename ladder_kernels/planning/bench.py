@@ -20,7 +20,6 @@ e2e_<tag>_throughput.png (tokens/s vs seq_len).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import io
@@ -36,11 +35,12 @@ from typing import Optional
 
 import torch
 
-from ladder_kernels.planning.methods import METHODS, MethodTrainer
+from ladder_kernels.defaults import METHODS
+from ladder_kernels.io import write_bytes_atomic, write_text_atomic
 from ladder_kernels.planning.memory import PeakMemoryTracker, process_rss_bytes
-from ladder_kernels.nn.config import write_bytes_atomic, write_text_atomic
+from ladder_kernels.planning.methods import MethodTrainer
 
-__all__ = ["BenchSettings", "run_bench", "register_cli", "main", "TINY_CONFIGS", "resolve_bench_model", "write_results", "csv_text",
+__all__ = ["BenchSettings", "run_bench", "TINY_CONFIGS", "resolve_bench_model", "write_results", "csv_text",
            "library_versions", "command_line", "CSV_FIELDS"]
 
 GIB = 2**30
@@ -374,77 +374,3 @@ def write_results(rows: list[dict], out_dir: Path, tag: str) -> list[Path]:
 def read_results(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
-
-
-# --- command line --------------------------------------------------------------------------------------------
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", type=_names, default=METHODS, help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    p.add_argument("--models", type=_names, default=None,
-                   help=f"comma-separated: {', '.join(TINY_CONFIGS)}, smollm2, a shipped config (random weights) or a checkpoint "
-                        "folder (default: tiny-llama,smollm2 on CPU; llama-1b,llama-2-7b on GPU)")
-    p.add_argument("--seq-lens", type=_ints, default=None, help="comma-separated (default: 256..2048 on CPU, 512..8192 on GPU)")
-    p.add_argument("--batch-sizes", type=_ints, default=(1,), help="comma-separated (default 1)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per cell, after the warm-up (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (default 1)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--out-dir", default="bench/results", help="where results go (default bench/results)")
-    p.add_argument("--tag", default=None, help="output name suffix: e2e_<tag>.csv ... (default: the device)")
-    p.add_argument("--plan", action="store_true", help="also record the memory planner's prediction per cell")
-
-
-def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device == "cuda"
-    return BenchSettings(
-        methods=args.methods, models=args.models or (("llama-1b", "llama-2-7b") if gpu else ("tiny-llama", "smollm2")),
-        seq_lens=args.seq_lens or ((512, 1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048)),
-        batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, device=device,
-        dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],
-        out_dir=Path(args.out_dir), tag=args.tag, with_plan=args.plan,
-    )
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    from ladder_kernels.train.run import ConfigError
-
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    rows = run_bench(settings)
-    for path in write_results(rows, settings.out_dir, settings.tag):
-        print(path)
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmark Ladder / xLadder against QLoRA: peak memory, tokens/s, loss",
-                              description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=run_bench_command)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """bench/bench_e2e.py: the same options as `ladder-kernels bench`."""
-    from ladder_kernels.train.run import INPUT_ERRORS
-
-    parser = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_bench_command(args)
-    except INPUT_ERRORS as exc:
-        print(f"bench_e2e: error: {exc}", file=sys.stderr)
-        return 2

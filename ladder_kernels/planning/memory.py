@@ -12,10 +12,12 @@ scratch buffers).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -24,7 +26,8 @@ from torch.utils._pytree import tree_flatten
 
 _LIFT_OPS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift.default)
 
-__all__ = ["PeakMemoryTracker", "process_peak_rss_bytes", "process_rss_bytes", "tensor_storages"]
+__all__ = ["PeakMemoryTracker", "peak_memory_bytes", "process_peak_rss_bytes", "process_rss_bytes", "reset_peak_memory",
+           "tensor_storages"]
 
 
 def tensor_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -196,3 +199,26 @@ def process_peak_rss_bytes() -> int:
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max(peak if sys.platform == "darwin" else peak * 1024, process_rss_bytes())
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM) via clear_refs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak counts from process start
+
+
+def peak_memory_bytes() -> int:
+    """The peak since reset_peak_memory: CUDA's allocator peak, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        return process_peak_rss_bytes()

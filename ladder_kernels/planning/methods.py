@@ -35,16 +35,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from ladder_kernels.defaults import DEFAULT_LR, LORA_R, METHODS, QLORA_METHODS, default_xladder_depth
+
 __all__ = [
-    "METHODS", "MethodTrainer", "build_method_model", "make_qlora_model", "make_qlora_lk_model", "bnb_nf4_config",
-    "default_xladder_depth",
+    "MethodTrainer", "build_method_model", "make_qlora_model", "make_qlora_lk_model", "bnb_nf4_config",
 ]
 
-LADDER_METHODS = ("ladder", "xladder")
-QLORA_METHODS = ("qlora", "qlora-ckpt", "qlora-lk")
-METHODS = LADDER_METHODS + QLORA_METHODS
-# learning rates that trained well on the embedded sentiment task (DESIGN.md): side networks take larger steps
-DEFAULT_LR = {"ladder": 2e-3, "xladder": 2e-3, "qlora": 5e-4, "qlora-ckpt": 5e-4, "qlora-lk": 5e-4}
 
 
 def bnb_nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
@@ -157,7 +153,7 @@ def _cast_input_to_weight_dtype(module: nn.Module, args):
 
 def make_qlora_model(
     model_or_dir: Union[str, os.PathLike, nn.Module, "PretrainedConfig"],  # noqa: F821
-    r: int = 16,
+    r: int = LORA_R,
     alpha: int = 32,
     dropout: float = 0.0,
     target_modules: Union[str, list] = "all-linear",
@@ -227,11 +223,6 @@ def make_qlora_lk_model(model_or_dir, **kwargs):
 
 
 # --- every method, and its training step -------------------------------------------------------------------
-def default_xladder_depth(num_layers: int) -> int:
-    """δ for the `xladder` method when none is given: a quarter of the backbone's layers, at least 1."""
-    return max(1, num_layers // 4)
-
-
 def _load_plain_backbone(source, dtype: torch.dtype, device) -> nn.Module:
     """A 16-bit causal LM for LadderModel (which quantizes it to NF4 itself)."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -249,7 +240,7 @@ def _load_plain_backbone(source, dtype: torch.dtype, device) -> nn.Module:
     raise TypeError(f"build_method_model: source must be a checkpoint folder, a transformers config or a model, got {type(source).__name__}")
 
 
-def build_method_model(method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lora_r: int = 16, **ladder_options) -> nn.Module:
+def build_method_model(method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lora_r: int = LORA_R, **ladder_options) -> nn.Module:
     """The trainable model of `method` (see the module docstring) over `source`: a checkpoint folder, a
     transformers config (random weights) or a model. ladder_options: LadderConfig fields (Ladder methods)."""
     if method not in METHODS:
@@ -281,7 +272,7 @@ class MethodTrainer:
     """
 
     def __init__(self, method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lr: Optional[float] = None,
-                 lora_r: int = 16, **ladder_options):
+                 lora_r: int = LORA_R, **ladder_options):
         self.method = method
         self.model = build_method_model(method, source, dtype=dtype, device=device, lora_r=lora_r, **ladder_options)
         trainable = [p for p in self.model.parameters() if p.requires_grad]

@@ -14,10 +14,8 @@ adds a documented fixed margin for those: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK �
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,16 +23,16 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ladder_kernels.planning.methods import METHODS, MethodTrainer
+from ladder_kernels.defaults import METHODS, dtype_from_name
 from ladder_kernels.planning.memory import PeakMemoryTracker
-from ladder_kernels.nn.config import DEFAULT_LADDER_EVERY, every_nth_layer
+from ladder_kernels.planning.methods import MethodTrainer
+from ladder_kernels.units import parse_bytes
 
 __all__ = [
     "plan", "max_seq_len", "plan_with_max_seq_len", "MemoryPlan", "load_config", "parse_bytes", "planning_fake_mode", "shipped_models",
-    "register_cli", "TrackedTraining", "PLAN_METHODS", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK",
+    "TrackedTraining", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK",
 ]
 
-PLAN_METHODS = ("ladder", "xladder", "qlora", "qlora-ckpt")  # the CLI table's default rows
 # CUDA context + cuBLAS workspace as PyTorch sees them on a recent GPU (lazy module loading): ~0.4-0.5 GiB
 CUDA_CONTEXT_BYTES = 512 * 2**20
 # the caching allocator's reserve beyond max_memory_allocated (block rounding, fragmentation)
@@ -42,9 +40,6 @@ ALLOCATOR_SLACK = 0.05
 MAX_CONTEXT_SEARCHED = 65536
 BREAKDOWN_KEYS = ("weights", "optimizer_state", "saved_activations", "logits_loss", "transient")
 _PHASE_CATEGORY = {"forward": "saved_activations", "backward": "transient", "optimizer": "optimizer_state"}
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30, "tb": 2**40, "tib": 2**40}
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
@@ -79,26 +74,11 @@ def load_config(config) -> "PretrainedConfig":  # noqa: F821
     return AutoConfig.for_model(model_type, **values)
 
 
-def parse_bytes(text) -> int:
-    """'12GB', '12 GiB', '11.5G', '24000MiB' or a plain byte count. GB and GiB both mean 2**30 bytes: GPU
-    memory comes in binary units (a '12 GB' card has 12288 MiB)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if unit is not None and unit in ("g", "m", "k", "t"):
-        unit += "b"
-    if not match or unit not in _UNITS:
-        raise ValueError(f"gpu memory must look like '12GB', '12GiB', '24000MiB' or a byte count, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"plan: dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    try:
+        return dtype_from_name(dtype)
+    except ValueError as exc:
+        raise ValueError(f"plan: {exc}") from None
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -363,104 +343,3 @@ def plan_with_max_seq_len(config, gpu_bytes, method: str = "ladder", seq_len: in
         known = {seq_len // granularity: result.peak_bytes} if seq_len % granularity == 0 and seq_len <= limit else {}
         peak_at = lambda k: run.peak_of_steps(k * granularity, batch_size, 1)[0]  # noqa: E731
         return result, _longest_fitting(peak_at, gpu_bytes, limit // granularity, known) * granularity
-
-
-# --- command line --------------------------------------------------------------------------------------------
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="predict the peak GPU memory of fine-tuning a model, per method",
-                              description="Runs each method's real training step on fake tensors (no weights, no GPU) and "
-                                          "prints peak memory, whether it fits --gpu-memory, and the longest context that fits.")
-    p.add_argument("--model", default="llama-2-7b", help=f"a shipped config ({', '.join(shipped_models())}), a config.json or a checkpoint folder")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--gpu-memory", default="12GB", help="the GPU's memory, e.g. 12GB, 24GiB (GB = GiB = 2**30 bytes)")
-    p.add_argument("--methods", default=",".join(PLAN_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="compute dtype (default bf16)")
-    p.add_argument("--reduction-factor", type=int, default=None, help="Ladder side width = hidden / r (LadderConfig default 8)")
-    p.add_argument("--xladder-depth", type=int, default=None, help="δ for xladder (default: a quarter of the layers)")
-    p.add_argument("--ladder-storage", choices=("bf16", "int8"), default=None, help="storage of the kept ladder inputs")
-    p.add_argument("--ladder-every", type=int, default=DEFAULT_LADDER_EVERY,
-                   help=f"ladder: a side block on every N-th backbone layer from the top (default {DEFAULT_LADDER_EVERY}, as "
-                        "`ladder-kernels finetune`; 1: every layer)")
-    p.add_argument("--side-checkpointing", action="store_true", help="ladder / xladder: recompute side blocks in backward")
-    p.add_argument("--no-max-context", action="store_true", help="skip the longest-context search (faster)")
-    p.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")
-    p.set_defaults(func=run_plan_command)
-
-
-def _ladder_options(args, method: str, config) -> dict:
-    if method not in ("ladder", "xladder"):
-        return {}
-    opts = {"reduction_factor": args.reduction_factor, "ladder_storage": args.ladder_storage,
-            "side_checkpointing": args.side_checkpointing or None}
-    if method == "xladder":
-        opts["xladder_depth"] = args.xladder_depth
-    else:
-        opts["ladder_layers"] = every_nth_layer(config.num_hidden_layers, args.ladder_every)
-    return {k: v for k, v in opts.items() if v is not None}
-
-
-def _ordinal(n: int) -> str:
-    return "" if n == 1 else f"{n}{ {2: 'nd', 3: 'rd'}.get(n, 'th') }"
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def run_plan_command(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ladder_kernels.train.run import ConfigError
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ConfigError(f"--methods: expected a comma-separated list from {', '.join(METHODS)}, got {args.methods!r}")
-    if args.ladder_every < 1:
-        raise ConfigError(f"--ladder-every must be an integer >= 1, got {args.ladder_every}")
-    try:
-        gpu_bytes = parse_bytes(args.gpu_memory)
-        config = load_config(args.model)
-    except (ValueError, TypeError, OSError) as exc:
-        raise ConfigError(str(exc)) from None
-    rows = []
-    for method in tqdm(methods, desc="planning", unit="method", leave=False):
-        options = _ladder_options(args, method, config)
-        if args.no_max_context:
-            rows.append((plan(config, method, args.seq_len, args.batch_size, args.dtype, **options), None))
-        else:
-            rows.append(plan_with_max_seq_len(config, gpu_bytes, method, args.seq_len, args.batch_size, args.dtype, **options))
-    name = args.model if args.model in shipped_models() else _model_name(config, args.model)
-    if args.json:
-        print(json.dumps([dict(r.to_dict(), fits=r.fits(gpu_bytes), max_seq_len=longest) for r, longest in rows], indent=2))
-        return 0
-    print(f"{name}, {args.seq_len} tokens x batch {args.batch_size}, {args.dtype}; GPU {_gib(gpu_bytes)} GiB "
-          f"(needs = peak x {1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context)")
-    if "ladder" in methods:
-        print(f"side network of method ladder: a block on every {_ordinal(args.ladder_every)} backbone layer (--ladder-every {args.ladder_every})")
-    header = ["method", "peak GiB", "needs GiB", "fits", "weights", "optim", "activations", "logits", "transient", "longest context"]
-    table = [header]
-    for r, longest in rows:
-        b = r.breakdown
-        table.append([r.method, _gib(r.peak_bytes), _gib(r.required_bytes), "yes" if r.fits(gpu_bytes) else "NO",
-                      _gib(b["weights"]), _gib(b["optimizer_state"]), _gib(b["saved_activations"]), _gib(b["logits_loss"]),
-                      _gib(b["transient"]), _context_cell(longest, config)])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    if any(cell.endswith("*") for cell in (row[-1] for row in table[1:])):
-        print(f"* beyond the model's max_position_embeddings ({config.max_position_embeddings}): fits in memory, "
-              f"may not train well without RoPE scaling")
-    return 0
-
-
-def _context_cell(longest: Optional[int], config) -> str:
-    if longest is None:
-        return "-"
-    if longest == 0:
-        return "none"
-    beyond = longest > (getattr(config, "max_position_embeddings", None) or longest)
-    return f"{longest}{'*' if beyond else ''}" + (f" (≥, search limit)" if longest >= MAX_CONTEXT_SEARCHED else "")

