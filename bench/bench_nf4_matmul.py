@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a source checko
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ladder_kernels.backends import cpu_ext_available, triton_interpreting
+from ladder_kernels.backends import backend_info, triton_interpreting
 from ladder_kernels.ops.nf4_matmul import nf4_matmul  # noqa: E402
 from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
@@ -68,7 +68,7 @@ MIN_BATCH_MS, MAX_BATCH = 5.0, 50  # calls per timed batch: enough to last MIN_B
 def default_backends(device: str) -> list[str]:
     if device == "cuda":
         return ["triton", "torch"]
-    backends = ["cpu"] if cpu_ext_available() else []
+    backends = ["cpu"] if backend_info()["cpu"] else []
     if triton_interpreting():  # the interpreter is far too slow to time (and not a product path)
         print("note: TRITON_INTERPRET=1 is set; the triton backend is left out on CPU", file=sys.stderr)
     return backends + ["torch"]

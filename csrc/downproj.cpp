@@ -21,7 +21,7 @@ namespace {
 
 constexpr int64_t kRowBlock = 64;   // forward rows per GEMM / backward rows per dequantized tile
 constexpr int64_t kColBlock = 256;  // backward dW columns per task
-constexpr float kAbsmaxFloor = 1e-30f;  // ROW_ABSMAX_FLOOR in ops/downproj.py
+constexpr float kAbsmaxFloor = 1e-30f;  // ROW_ABSMAX_FLOOR in ladder_kernels/kernels/contracts.py (checked by tests)
 
 template <typename scalar_t>
 void quantize_rows(const scalar_t* h, int64_t rows, int64_t cols, int8_t* codes, float* scales) {
@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> downproj(const at::Tensor& h, con
               "downproj: storage must be 'bf16', 'int8' or 'none', got '", storage, "'");
   const bool int8 = storage == "int8";
   const auto dtype = h.scalar_type();
-  // A 16-bit h is kept itself (saves_input_itself in ops/downproj.py); "none": no gradient needs h.
+  // A 16-bit h is kept itself (saves_input_itself in ladder_kernels/kernels/contracts.py); "none": no gradient needs h.
   const bool writes_bf16_copy = storage == "bf16" && dtype != at::kBFloat16 && dtype != at::kHalf;
   const int64_t rows = h.size(0), cols = h.size(1), out_cols = weight.size(0);
 

@@ -63,10 +63,10 @@ def require_backend(backend: str) -> None:
     from ladder_kernels import backend_info
 
     info = backend_info()
-    usable = {"torch": True, "cpu": info["cpu_ext"], "triton": info["triton"] or info["triton_interpret"]}
+    usable = {"torch": True, "cpu": info["cpu"], "triton": info["triton"] or info["triton_interpret"]}
     if usable[backend]:
         return
-    why = info["why_not"].get("cpu_ext" if backend == "cpu" else "triton_interpret")
+    why = info["why_not"].get("cpu" if backend == "cpu" else "triton_interpret")
     if backend == "cpu" and os.environ.get("LADDER_KERNELS_NO_CPU_EXT") == "1" or "not installed" in str(why):
         pytest.skip(f"backend {backend!r} switched off here: {why}")
     pytest.fail(f"backend {backend!r} should be available here but is not: {why}")

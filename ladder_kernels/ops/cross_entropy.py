@@ -14,8 +14,8 @@ The matmuls run in the weight's dtype (a [chunk, D] slice of hidden is cast, nev
 row-wise kernels do fp32 math. weight and bias get no gradient: passing ones that require grad while grad
 is enabled raises ValueError (freeze them, e.g. `lm_head.weight.requires_grad_(False)`).
 
-Row-wise CE kernel backends (chosen per call by `ladder_kernels._backend.resolve_backend`):
-  triton  ladder_kernels.triton.cross_entropy  (online softmax over V blocks; CUDA, or TRITON_INTERPRET=1)
+Row-wise CE kernel `cross_entropy_rows`, backends (chosen per call by `ladder_kernels.backends.resolve_backend`):
+  triton  ladder_kernels.kernels.triton.cross_entropy  (online softmax over V blocks; CUDA, or TRITON_INTERPRET=1)
   cpu     torch.ops.ladder_cpu.cross_entropy_rows_   (csrc/cross_entropy.cpp, parallel over rows)
   torch   the reference below
 """
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ladder_kernels.backends import cpu_ext_available, resolve_backend
+from ladder_kernels.backends import kernel, register_reference, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,6 +34,7 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 # --- reference row-wise kernel (the oracle the other backends are tested against) ----------------------
+@register_reference("cross_entropy_rows")
 def reference_ce_rows_(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float, compute_grad: bool) -> Tensor:
     """Per-row CE loss (fp32, 0 on ignored rows) of logits [n, V]; if compute_grad, logits := d loss_row / d logits.
 
@@ -54,17 +55,6 @@ def reference_ce_rows_(logits: Tensor, labels: Tensor, ignore_index: int, softca
     return loss
 
 
-def _rows_impl(backend: str):
-    if backend == "triton":
-        from ladder_kernels.kernels.triton import cross_entropy as tk
-
-        return tk.ce_rows_
-    if backend == "cpu":
-        cpu_ext_available()  # loads the extension (cached) when the op is called without resolve_backend
-        return torch.ops.ladder_cpu.cross_entropy_rows_
-    return reference_ce_rows_
-
-
 def chunked_linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
     chunk_size: int, softcap: Optional[float], compute_grad: bool, backend: str,
@@ -72,7 +62,7 @@ def chunked_linear_cross_entropy(
     """The op's body: (losses [T] fp32, grad_hidden [T, D] (or [0, D]) of sum(losses)), chunk by chunk."""
     T, D = hidden.shape
     V = weight.shape[0]
-    ce_rows_ = _rows_impl(backend)
+    ce_rows_ = kernel("cross_entropy_rows", backend)
     cap = float(softcap) if softcap is not None else 0.0
     bias_c = bias.to(weight.dtype) if bias is not None else None
     losses = hidden.new_empty(T, dtype=torch.float32)
@@ -192,7 +182,7 @@ def fused_linear_cross_entropy(
     Returns fp32. Differentiable in hidden only. backend: None (by device), "triton", "cpu" or "torch".
     """
     check_cross_entropy_args(hidden, weight, labels, bias, chunk_size, reduction, softcap, ignore_index)
-    backend = resolve_backend(hidden.device, backend, "fused_linear_cross_entropy", cpu_op="cross_entropy_rows_")
+    backend = resolve_backend(hidden.device, backend, "fused_linear_cross_entropy", "cross_entropy_rows")
     compute_grad = torch.is_grad_enabled() and hidden.requires_grad
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     losses, _ = _flce_op(

@@ -15,8 +15,8 @@ storage "none": nothing is kept or quantized.
 int8 rounding, identical on every backend: inv = 127 / absmax (0 for a row with absmax < 1e-30),
 q = round-half-away-from-zero(h * inv) clamped to [-127, 127], scale = absmax / 127.
 
-Backends (chosen per call by `ladder_kernels._backend.resolve_backend`):
-  triton  ladder_kernels.triton.downproj   (CUDA; CPU under TRITON_INTERPRET=1)
+Backends (chosen per call by `ladder_kernels.backends.resolve_backend`):
+  triton  ladder_kernels.kernels.triton.downproj   (CUDA; CPU under TRITON_INTERPRET=1)
   cpu     torch.ops.ladder_cpu.downproj / downproj_backward   (csrc/downproj.cpp)
   torch   the reference below
 """
@@ -27,17 +27,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ladder_kernels.backends import cpu_ext_available, resolve_backend
+from ladder_kernels.backends import kernel, register_reference, resolve_backend
+from ladder_kernels.defaults import LADDER_STORAGES
+from ladder_kernels.kernels.contracts import ROW_ABSMAX_FLOOR, empty_downproj_saved, saves_input_itself
 
-STORAGES = ("bf16", "int8")
-# int8 rows whose absmax is below this are stored as zeros (scale 0): 127 / absmax would overflow fp32.
-ROW_ABSMAX_FLOOR = 1e-30
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def saves_input_itself(h_dtype: torch.dtype, storage: str) -> bool:
-    """bf16 storage of an already 16-bit h keeps h itself (same bytes as a copy would take)."""
-    return storage == "bf16" and h_dtype in (torch.bfloat16, torch.float16)
 
 
 # --- reference (the oracle the other backends are tested against) -------------------------------------
@@ -56,19 +50,19 @@ def dequantize_rows_int8(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale[:, None]
 
 
+@register_reference("downproj")
 def reference_forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str) -> tuple[Tensor, Tensor, Tensor]:
     z = h2d @ weight.to(h2d.dtype).t()
     if bias is not None:
         z = z + bias.to(z.dtype)
-    empty_scale = h2d.new_empty(0, dtype=torch.float32)
     if storage == "int8":
         q, scale = quantize_rows_int8(h2d)
         return z, q, scale
-    if storage == "none" or saves_input_itself(h2d.dtype, storage):
-        return z, h2d.new_empty(0), empty_scale
-    return z, h2d.to(torch.bfloat16), empty_scale
+    saved, empty_scale = empty_downproj_saved(h2d, storage, *h2d.shape)
+    return z, (h2d.to(torch.bfloat16) if saved.numel() else saved), empty_scale
 
 
+@register_reference("downproj_backward")
 def reference_backward(
     g2d: Tensor, h_saved: Tensor, h_scale: Tensor, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype]
 ) -> tuple[Tensor, Tensor]:
@@ -79,34 +73,11 @@ def reference_backward(
     return grad_w, grad_b
 
 
-# --- backend dispatch ----------------------------------------------------------------------------------
-def _forward_impl(backend: str):
-    if backend == "triton":
-        from ladder_kernels.kernels.triton import downproj as tk
-
-        return tk.forward
-    if backend == "cpu":
-        cpu_ext_available()  # loads the extension (cached) when the op is called without resolve_backend
-        return torch.ops.ladder_cpu.downproj
-    return reference_forward
-
-
-def _backward_impl(backend: str):
-    if backend == "triton":
-        from ladder_kernels.kernels.triton import downproj as tk
-
-        return tk.backward
-    if backend == "cpu":
-        cpu_ext_available()  # loads the extension (cached) when the op is called without resolve_backend
-        return torch.ops.ladder_cpu.downproj_backward
-    return reference_backward
-
-
 # --- the ops -------------------------------------------------------------------------------------------
 @torch.library.custom_op("ladder::downproj", mutates_args=())
 def _downproj_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     d, D = weight.shape
-    z, h_saved, h_scale = _forward_impl(backend)(h.reshape(-1, D), weight, bias, storage)
+    z, h_saved, h_scale = kernel("downproj", backend)(h.reshape(-1, D), weight, bias, storage)
     return z.reshape(*h.shape[:-1], d), h_saved, h_scale
 
 
@@ -114,20 +85,14 @@ def _downproj_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str
 def _(h, weight, bias, storage, backend):
     d, D = weight.shape
     m = h.numel() // D if D else 0
-    z = h.new_empty(*h.shape[:-1], d)
-    scale = h.new_empty(m if storage == "int8" else 0, dtype=torch.float32)
-    if storage == "int8":
-        return z, h.new_empty(m, D, dtype=torch.int8), scale
-    if storage == "none" or saves_input_itself(h.dtype, storage):
-        return z, h.new_empty(0), scale
-    return z, h.new_empty(m, D, dtype=torch.bfloat16), scale
+    return (h.new_empty(*h.shape[:-1], d), *empty_downproj_saved(h, storage, m, D))
 
 
 @torch.library.custom_op("ladder::downproj_backward", mutates_args=())
 def _downproj_backward_op(
     grad_z: Tensor, h_saved: Tensor, h_scale: Tensor, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype], backend: str
 ) -> tuple[Tensor, Tensor]:
-    return _backward_impl(backend)(grad_z, h_saved, h_scale, weight_dtype, bias_dtype)
+    return kernel("downproj_backward", backend)(grad_z, h_saved, h_scale, weight_dtype, bias_dtype)
 
 
 @_downproj_backward_op.register_fake
@@ -176,8 +141,8 @@ def check_downproj_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], stora
     for name, t in (("h", h), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"downproj: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if storage not in STORAGES:
-        raise ValueError(f"downproj: storage must be one of {STORAGES}, got {storage!r}")
+    if storage not in LADDER_STORAGES:
+        raise ValueError(f"downproj: storage must be one of {LADDER_STORAGES}, got {storage!r}")
     if h.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"downproj: h must be float32, bfloat16 or float16, got {h.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -204,7 +169,7 @@ def downproj(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, storage: 
     backend: None (by device), "triton", "cpu" or "torch".
     """
     check_downproj_args(h, weight, bias, storage)
-    backend = resolve_backend(h.device, backend, "downproj")
+    backend = resolve_backend(h.device, backend, "downproj", "downproj")
     params_need_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     op_storage = storage if torch.is_grad_enabled() and params_need_grad else "none"
     z, _, _ = _downproj_op(h, weight, bias, op_storage, backend)

@@ -4,8 +4,8 @@ One torch.library op pair, `ladder::nf4_matmul` (forward) and `ladder::nf4_matmu
 (grad_x = grad_out @ W, reading the packed weight in transposed order), each with a fake implementation
 so FakeTensorMode / torch.compile see through them. The weight is frozen: no gradient for it.
 
-Backends (chosen per call by `ladder_kernels._backend.resolve_backend`):
-  triton  ladder_kernels.triton.nf4_matmul   (CUDA; CPU under TRITON_INTERPRET=1)
+Backends (chosen per call by `ladder_kernels.backends.resolve_backend`):
+  triton  ladder_kernels.kernels.triton.nf4_matmul   (CUDA; CPU under TRITON_INTERPRET=1)
   cpu     torch.ops.ladder_cpu.*              (csrc/nf4_matmul.cpp)
   torch   the reference below: dequantize whole, then matmul
 """
@@ -16,50 +16,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ladder_kernels.backends import resolve_backend
-from ladder_kernels.quant.nf4 import NF4Weight
+from ladder_kernels.backends import kernel, register_reference, resolve_backend
+from ladder_kernels.quant.nf4 import NF4Weight, dequantize_packed
 
 
 # --- reference (the oracle the other backends are tested against) -------------------------------------
-def dequantize_packed(packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype) -> Tensor:
-    """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only)."""
-    flat = packed.reshape(-1)
-    codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[: n * k].long()
-    vals = code[codes]
-    pad = (-(n * k)) % blocksize
-    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, blocksize) * absmax.view(-1, 1)
-    return vals.reshape(-1)[: n * k].view(n, k).to(dtype)
-
-
+@register_reference("nf4_matmul")
 def reference_forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
     w = dequantize_packed(packed, absmax, code, n, k, blocksize, x2d.dtype)
     out = x2d @ w.t()
     return out + bias.to(out.dtype) if bias is not None else out
 
 
+@register_reference("nf4_matmul_grad_input")
 def reference_grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int) -> Tensor:
     return g2d @ dequantize_packed(packed, absmax, code, n, k, blocksize, g2d.dtype)
-
-
-# --- backend dispatch ----------------------------------------------------------------------------------
-def _forward_impl(backend: str):
-    if backend == "triton":
-        from ladder_kernels.kernels.triton import nf4_matmul as tk
-
-        return tk.forward
-    if backend == "cpu":
-        return torch.ops.ladder_cpu.nf4_matmul
-    return reference_forward
-
-
-def _grad_input_impl(backend: str):
-    if backend == "triton":
-        from ladder_kernels.kernels.triton import nf4_matmul as tk
-
-        return tk.grad_input
-    if backend == "cpu":
-        return torch.ops.ladder_cpu.nf4_matmul_grad_input
-    return reference_grad_input
 
 
 # --- the ops -------------------------------------------------------------------------------------------
@@ -69,7 +40,7 @@ def _nf4_matmul_op(
     out_features: int, in_features: int, blocksize: int, bias: Optional[Tensor], backend: str,
 ) -> Tensor:
     x2d = x.reshape(-1, in_features)
-    out = _forward_impl(backend)(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
+    out = kernel("nf4_matmul", backend)(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -84,7 +55,7 @@ def _nf4_matmul_grad_input_op(
     out_features: int, in_features: int, blocksize: int, backend: str,
 ) -> Tensor:
     g2d = grad_out.reshape(-1, out_features)
-    gx = _grad_input_impl(backend)(g2d, packed, absmax, code, out_features, in_features, blocksize)
+    gx = kernel("nf4_matmul_grad_input", backend)(g2d, packed, absmax, code, out_features, in_features, blocksize)
     return gx.reshape(*grad_out.shape[:-1], in_features)
 
 
@@ -136,7 +107,7 @@ def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None, backend: 
     backend: None (by device), "triton", "cpu" or "torch". absmax: q.block_absmax() if the caller caches it.
     """
     check_nf4_matmul_args(x, q, bias)
-    backend = resolve_backend(x.device, backend, "nf4_matmul")
+    backend = resolve_backend(x.device, backend, "nf4_matmul", "nf4_matmul")
     n, k = q.shape
     if absmax is None:
         absmax = q.block_absmax()

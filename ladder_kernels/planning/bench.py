@@ -251,7 +251,7 @@ def library_versions() -> str:
     from ladder_kernels import __version__
     from ladder_kernels.backends import backend_info
 
-    active = [name for name in ("triton", "cpu_ext") if backend_info()[name]]
+    active = [name for name in ("triton", "cpu") if backend_info()[name]]
     return ";".join(parts + [f"ladder_kernels={__version__}", f"kernels={'+'.join(active) or 'torch-reference'}"])
 
 

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
+from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 # bitsandbytes' NF4 table (create_normal_map(0.9677083)); tests compare it with bitsandbytes' own floats.
@@ -248,20 +249,22 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return NF4Weight(packed=packed, absmax=absmax, blocksize=blocksize, shape=tuple(w.shape), dtype=w.dtype, code=code, **kwargs)
 
 
+def dequantize_packed(packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only)."""
+    flat = packed.reshape(-1)
+    codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[: n * k].long()
+    vals = code[codes]
+    pad = (-(n * k)) % blocksize
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, blocksize) * absmax.view(-1, 1)
+    return vals.reshape(-1)[: n * k].view(n, k).to(dtype)
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full weight in `dtype` (default: the original dtype). Reference path: materializes the weight."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q must be an NF4Weight, got {type(q).__name__}")
-    n = q.numel
-    codes = torch.empty(q.packed.numel() * 2, dtype=torch.long, device=q.device)
-    flat = q.packed.reshape(-1)
-    codes[::2] = (flat >> 4).long()
-    codes[1::2] = (flat & 0xF).long()
-    vals = q.code[codes[:n]]
-    absmax = q.block_absmax()
-    pad = (-n) % q.blocksize
-    out = torch.nn.functional.pad(vals, (0, pad)).view(-1, q.blocksize) * absmax.view(-1, 1)
-    return out.reshape(-1)[:n].reshape(q.shape).to(dtype or q.dtype)
+    n, k = q.shape
+    return dequantize_packed(q.packed, q.block_absmax(), q.code, n, k, q.blocksize, dtype or q.dtype)
 
 
-__all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "nf4_code", "NF4_CODE", "NESTED_BLOCKSIZE"]
+__all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "dequantize_packed", "nf4_code", "NF4_CODE", "NESTED_BLOCKSIZE"]

@@ -5,7 +5,7 @@ Forward: one GEMM program per [BLOCK_M, BLOCK_N] tile of z, in h's dtype (W's ti
 W.to(h.dtype) would be) with fp32 accumulation. The programs of the first column of tiles (pid_n == 0) also
 write the kept copy of h while they stream its rows for the matmul: a bf16 copy, or per-row int8 codes;
 for int8 they first take each row's absmax in one extra pass over their rows (a row's scale must be known
-before any of its codes). Codes: round-half-away(h * 127 / absmax), the rule of ops/downproj.py.
+before any of its codes). Codes: round-half-away(h * 127 / absmax), the rule of ops/downproj.py (layout: kernels/contracts.py).
 
 Backward: one program per [BLOCK_N, BLOCK_K] tile of dW, looping over the rows of g and h. int8 tiles are
 dequantized in registers: codes are exact in bf16/fp16, so the row scale is folded into g's tile and the dot
@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
+from ladder_kernels.kernels.contracts import ROW_ABSMAX_FLOOR, empty_downproj_saved
 from ladder_kernels.kernels.triton._common import (
     autotuning_enabled,
     config_problems,
@@ -30,7 +31,6 @@ from ladder_kernels.kernels.triton._common import (
     needs_int64_offsets,
     span,
 )
-from ladder_kernels.ops.downproj import ROW_ABSMAX_FLOOR, saves_input_itself
 
 SAVE_NONE, SAVE_BF16, SAVE_INT8 = 0, 1, 2
 FWD_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -244,13 +244,7 @@ def forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str) -
 
     m, k = h2d.shape
     z = h2d.new_empty(m, weight.shape[0])
-    scale = h2d.new_empty(m if storage == "int8" else 0, dtype=torch.float32)
-    if storage == "int8":
-        saved = h2d.new_empty(m, k, dtype=torch.int8)
-    elif storage == "none" or saves_input_itself(h2d.dtype, storage):
-        saved = h2d.new_empty(0)
-    else:
-        saved = h2d.new_empty(m, k, dtype=torch.bfloat16)
+    saved, scale = empty_downproj_saved(h2d, storage, m, k)
     launch_forward(h2d, weight, bias, z, saved if saved.numel() else None, scale if storage == "int8" else None)
     return z, saved, scale
 
