@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ladder_kernels.defaults import DEFAULT_LR, DTYPES
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
+from ladder_kernels.nn.side import BRANCH
 from ladder_kernels.planning.bench import command_line
 from ladder_kernels.train import warmup_cosine
 from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
@@ -123,15 +124,14 @@ def stack_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def replay_states(model: LadderModel, H: torch.Tensor) -> dict:
     """The cached features as LadderModel.forward's backbone_states: what it replays instead of the backbone."""
-    side = model.side
-    sources = [side.branch_source, *side.ladder_sources]  # H[0] is the input of layer 0 (branch_source -1)
-    return {**{k: H[1 + src] for k, src in enumerate(sources)}, "final": H[-1]}
+    side = model.side  # H[0] is the input of layer 0 (branch_source -1), H[1 + l] the output of layer l
+    return {BRANCH: H[1 + side.branch_source], **{k: H[1 + src] for k, src in enumerate(side.ladder_sources)}, "final": H[-1]}
 
 
 def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LadderModel's (side stream s, final normed hidden state) from cached features."""
     ids = torch.zeros_like(mask)  # only its shape matters: the replay skips the backbone
-    return model._stream(ids, mask, positions_from_mask(mask, ids), backbone_states=replay_states(model, H))
+    return model.stream(ids, mask, positions_from_mask(mask, ids), backbone_states=replay_states(model, H))
 
 
 def loss_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from tiny_models import FAMILIES, tiny_backbone
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel, get_ladder_model
+from ladder_kernels.nn.side import BRANCH
 from ladder_kernels.nn.nf4_linear import NF4Linear
 
 VOCAB = 96
@@ -121,7 +122,7 @@ def test_int8_ladder_storage_gradients_within_1e2_of_bf16():
         model(ids, labels=ids).loss.backward()
     for (name, a), b in zip(bf16.side.named_parameters(), int8.side.parameters()):
         assert rel_err(b.grad, a.grad) < 1e-2, name
-    assert rel_err(int8.side.ladders[1].grad, bf16.side.ladders[1].grad) > 0  # really a different storage
+    assert rel_err(int8.side.ladders[0].grad, bf16.side.ladders[0].grad) > 0  # really a different storage
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -237,7 +238,7 @@ def test_connection_map_and_which_hidden_states_feed_which_ladders(num_layers, e
     perturb_side_(model)
     assert model.connection_map() == expected_map
     assert model.side.branch_source == branch
-    assert len(model.side.blocks) == len(expected_map) and len(model.side.ladders) == 1 + len(model.side.ladder_sources)
+    assert len(model.side.blocks) == len(expected_map) and len(model.side.ladders) == len(model.side.ladder_sources)
     # Recompute the side stream by hand from the backbone's own per-layer hidden states.
     ids = random_ids(2, 9)
     layers = model.backbone.model.layers
@@ -259,8 +260,8 @@ def test_connection_map_and_which_hidden_states_feed_which_ladders(num_layers, e
             h.remove()
         side = model.side
         positions = torch.arange(9, device=DEVICE)[None].expand(2, -1)
-        ladders = [side.project(k + 1, seen[src]) for k, src in enumerate(side.ladder_sources)]
-        expected = model._logits(side.mix(side(side.project(0, seen[branch]), ladders, positions), h_final))
+        ladders = [side.project(k, seen[src]) for k, src in enumerate(side.ladder_sources)]
+        expected = model._logits(side.mix(side(side.project(BRANCH, seen[branch]), ladders, positions), h_final))
         assert rel_err(model(ids).logits, expected) < 1e-6
 
 
@@ -380,6 +381,27 @@ def test_save_load_restores_identical_logits_and_saves_only_the_side(tmp_path):
         assert torch.equal(restored(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="does not match"):
         LadderModel.from_pretrained(tiny_backbone("gemma", num_layers=3).to(DEVICE), tmp_path)
+
+
+def test_adapters_saved_with_the_branch_projection_as_ladders_0_still_load(tmp_path):
+    """Before branch_proj had its own name, ladders.0 held it and ladders.k fed side block k - 1."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = make_model("llama", num_layers=3)
+    perturb_side_(model)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "ladder_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old_name = lambda k: "ladders.0" if k == "branch_proj" else (f"ladders.{int(k.split('.')[1]) + 1}" if k.startswith("ladders.") else k)  # noqa: E731
+    old = {old_name(k): v for k, v in state.items()}
+    assert "branch_proj" not in old and len([k for k in old if k.startswith("ladders.")]) == 1 + len(model.side.ladders)
+    save_file(old, weights, metadata=metadata)
+    restored = LadderModel.from_pretrained(tiny_backbone("llama", num_layers=3).to(DEVICE), tmp_path)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, model(ids).logits)
 
 
 def test_scalar_gate_and_mix_are_shape_1_and_old_0_dim_adapters_still_load(tmp_path):

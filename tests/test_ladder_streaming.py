@@ -38,7 +38,7 @@ def ladder_step_bytes(num_layers, dtype, storage, quant, checkpointing):
     with torch.no_grad():
         h_final = torch.randn(B, T, D, dtype=dtype)
     with PeakMemoryTracker() as mem:
-        zs = [torch.randn(B, T, side.shape.width, dtype=dtype) for _ in side.ladders]
+        zs = [torch.randn(B, T, side.shape.width, dtype=dtype) for _ in side.projections()]
         out = side.mix(side(zs[0], zs[1:], torch.arange(T)[None]), h_final)
         side_kept = mem.current_bytes
     del out

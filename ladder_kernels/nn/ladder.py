@@ -8,7 +8,6 @@ live until backward. The loss goes through the frozen lm_head by the fused chunk
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Optional
 
@@ -19,136 +18,43 @@ from torch._subclasses.fake_tensor import FakeTensor
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ladder_kernels.defaults import DTYPES
 from ladder_kernels.io import write_bytes_atomic
+from ladder_kernels.nn.backbone import BackboneSpec
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
+from ladder_kernels.nn.pruned_init import prune_into_side_
 from ladder_kernels.nn.side import (
-    DenseLayerWeights,
+    BRANCH,
     SideKVCache,
     SideNetwork,
     SideShape,
     attention_mask_for,
-    hidden_channel_scores,
-    load_pruned_block_,
-    load_selection_ladders_,
 )
 from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
-from ladder_kernels.quant.nf4 import dequantize_nf4
 
 CONFIG_NAME = "ladder_config.json"
 WEIGHTS_NAME = "ladder_model.safetensors"
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what HF Trainer writes for a non-PreTrainedModel (our state_dict)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- backbone introspection --------------------------------------------------------------------------------
-def decoder_parts(backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
-    """(backbone.model, its decoder layers, its final norm, backbone.lm_head), or a ValueError naming what is missing."""
-    what = type(backbone).__name__
-    needed = "a decoder-only causal LM exposing model.model.layers, model.model.embed_tokens, model.model.norm and model.lm_head"
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"LadderModel: backbone must be a torch.nn.Module (a transformers causal LM), got {what}")
-    inner = getattr(backbone, "model", None)
-    missing = [name for name, ok in (
-        ("model.model", inner is not None),
-        ("model.model.layers", isinstance(getattr(inner, "layers", None), nn.ModuleList)),
-        ("model.model.embed_tokens", getattr(inner, "embed_tokens", None) is not None),
-        ("model.model.norm", getattr(inner, "norm", None) is not None),
-        ("model.lm_head", getattr(getattr(backbone, "lm_head", None), "weight", None) is not None),
-        ("model.config", getattr(backbone, "config", None) is not None),
-    ) if not ok]
-    if missing:
-        raise ValueError(f"LadderModel: unsupported backbone {what}: missing {', '.join(missing)} (needs {needed})")
-    if len(inner.layers) == 0:
-        raise ValueError(f"LadderModel: backbone {what} has no decoder layers")
-    return inner, inner.layers, inner.norm, backbone.lm_head
-
-
-def dense_weight(linear: nn.Module) -> Tensor:
-    """A linear layer's weight as a dense float32 tensor, whether plain, NF4Linear or bitsandbytes 4-bit."""
-    if isinstance(linear, NF4Linear):
-        return dequantize_nf4(linear.nf4_weight, torch.float32)
-    linear4bit = bnb_linear4bit_class()
-    if linear4bit is not None and isinstance(linear, linear4bit):
-        return dequantize_nf4(NF4Linear.from_bnb(linear).nf4_weight, torch.float32)
-    weight = getattr(linear, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"side_init='pruned': cannot read a dense weight from {type(linear).__name__}")
-    return weight.detach().float()
-
-
-@torch.no_grad()
-def norm_gain(norm: nn.Module, width: int, device: torch.device) -> Tensor:
-    """The per-channel gain of an RMS-style norm, whatever its parametrization (w, 1 + w): norm(ones)."""
-    dtype = next((p.dtype for p in norm.parameters()), torch.float32)
-    return norm(torch.ones(1, width, device=device, dtype=dtype)).float().reshape(-1)
-
-
-def dense_layer_weights(layer: nn.Module, width: int) -> DenseLayerWeights:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in names) or not all(
-            hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        raise ValueError(
-            f"side_init='pruned' needs decoder layers with self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj; "
-            f"{type(layer).__name__} lacks them (use side_init='random')")
-    device = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else attn.q_proj.packed.device
-    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
-    bias = lambda m: None if getattr(m, "bias", None) is None else m.bias.detach().float()  # noqa: E731
-    return DenseLayerWeights(
-        q=dense_weight(attn.q_proj), k=dense_weight(attn.k_proj), v=dense_weight(attn.v_proj), o=dense_weight(attn.o_proj),
-        gate=dense_weight(mlp.gate_proj), up=dense_weight(mlp.up_proj), down=dense_weight(mlp.down_proj),
-        attn_gain=norm_gain(layer.input_layernorm, width, device), mlp_gain=norm_gain(mlp_norm, width, device),
-        q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj), v_bias=bias(attn.v_proj),
-    )
-
-
-def _rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            return float(params["rope_theta"])
-        for key in ("full_attention", *params):  # per-layer-type parameters (Gemma3)
-            if isinstance(params.get(key), dict) and "rope_theta" in params[key]:
-                return float(params[key]["rope_theta"])
-    return float(getattr(cfg, "rope_theta", 10000.0))
-
-
-def backbone_inv_freq(inner: nn.Module, head_dim: int, theta: float) -> Tensor:
-    """The backbone's rotary inverse frequencies [head_dim/2] (with any rope scaling it applies)."""
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is not None:
-        buffers = dict(rotary.named_buffers())
-        for name in ("inv_freq", "full_attention_inv_freq", *sorted(buffers)):
-            buf = buffers.get(name)
-            if buf is not None and name.endswith("inv_freq") and "original" not in name and buf.numel() == head_dim // 2:
-                return buf.detach().float().cpu()
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-
-
-def side_shape(backbone_cfg, layers: nn.ModuleList, config: LadderConfig) -> SideShape:
-    D, r = backbone_cfg.hidden_size, config.reduction_factor
-    heads = backbone_cfg.num_attention_heads
-    kv = getattr(backbone_cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(backbone_cfg, "head_dim", None) or D // heads
+def side_shape(spec: BackboneSpec, config: LadderConfig) -> SideShape:
+    D, r = spec.hidden_size, config.reduction_factor
     width = D // r
     if width < 1:
         raise ValueError(f"LadderConfig.reduction_factor {r} is larger than the backbone's hidden_size {D}")
-    side_heads = config.side_num_heads or heads
-    side_kv = config.side_num_kv_heads or (kv if config.side_num_heads is None else side_heads)
+    side_heads = config.side_num_heads or spec.num_heads
+    side_kv = config.side_num_kv_heads or (spec.num_kv_heads if config.side_num_heads is None else side_heads)
     if side_heads % side_kv:
         raise ValueError(f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)")
-    side_head_dim = config.side_head_dim or max(2, (head_dim // r) // 2 * 2)
-    activation = getattr(backbone_cfg, "hidden_activation", None) or getattr(backbone_cfg, "hidden_act", None) or "silu"
-    if activation not in ACT2FN:
-        raise ValueError(f"side network: the backbone's activation {activation!r} is not a transformers activation name")
-    q_proj = layers[0].self_attn.q_proj if hasattr(getattr(layers[0], "self_attn", None), "q_proj") else None
+    if spec.activation not in ACT2FN:
+        raise ValueError(f"side network: the backbone's activation {spec.activation!r} is not a transformers activation name")
     return SideShape(
-        hidden_size=D, width=width, num_heads=side_heads, num_kv_heads=side_kv, head_dim=side_head_dim,
-        intermediate_size=config.side_intermediate_size or max(1, backbone_cfg.intermediate_size // r),
-        rms_norm_eps=float(getattr(backbone_cfg, "rms_norm_eps", 1e-6)), rope_theta=_rope_theta(backbone_cfg),
-        qkv_bias=getattr(q_proj, "bias", None) is not None,
-        activation=activation,
+        hidden_size=D, width=width, num_heads=side_heads, num_kv_heads=side_kv,
+        head_dim=config.side_head_dim or max(2, (spec.head_dim // r) // 2 * 2),
+        intermediate_size=config.side_intermediate_size or max(1, spec.intermediate_size // r),
+        rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, qkv_bias=spec.qkv_bias, activation=spec.activation,
     )
 
 
@@ -195,18 +101,18 @@ class LadderModel(nn.Module):
         config = LadderConfig() if config is None else config
         if not isinstance(config, LadderConfig):
             raise TypeError(f"LadderModel: config must be a LadderConfig or None, got {type(config).__name__}")
-        inner, layers, final_norm, lm_head = decoder_parts(backbone)
+        spec = BackboneSpec.of(backbone)
         self.ladder_config = config
         if config.compute_dtype != "auto":
-            dtype = _DTYPES[config.compute_dtype]
+            dtype = DTYPES[config.compute_dtype]
             # NF4 bytes stored as floats (make_backbone_shardable_) are not numbers to cast
             nf4_storage = {id(m.packed) for m in backbone.modules() if isinstance(m, NF4Linear)}
             for p in backbone.parameters():
                 if p.is_floating_point() and p.dtype != dtype and id(p) not in nf4_storage:
                     p.data = p.data.to(dtype)
-        device = inner.embed_tokens.weight.device
-        shape = side_shape(backbone.config, layers, config)
-        branch, sources, free = side_wiring(len(layers), config)
+        device = spec.inner.embed_tokens.weight.device
+        shape = side_shape(spec, config)
+        branch, sources, free = side_wiring(spec.num_layers, config)
         side = SideNetwork(
             shape, branch, sources, free, gate=config.gate, gate_temperature=config.gate_temperature,
             gate_init=config.gate_init, output_mix=config.output_mix, dropout=config.dropout,
@@ -214,7 +120,7 @@ class LadderModel(nn.Module):
             checkpointing=config.side_checkpointing,
         ).to(device)
         if _initialize_side and config.side_init == "pruned":
-            _prune_into_side_(side, backbone, inner, layers, final_norm)
+            prune_into_side_(side, spec)
         linear4bit = bnb_linear4bit_class()
         if _contains(backbone, linear4bit):
             patch_bnb_(backbone)
@@ -226,8 +132,7 @@ class LadderModel(nn.Module):
                     module.backend = config.backend
         backbone.requires_grad_(False)
         backbone.eval()
-        self.backbone, self.side = backbone, side
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self.backbone, self.side, self.spec = backbone, side, spec
         self.register_state_dict_post_hook(_drop_backbone_state)
         self.register_load_state_dict_post_hook(_ignore_missing_backbone)
 
@@ -250,27 +155,28 @@ class LadderModel(nn.Module):
         return self.side.connection_map()
 
     # --- streaming forward -------------------------------------------------------------------------------
-    def _stream(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
-                backbone_cache=None, side_cache: Optional[SideKVCache] = None,
-                backbone_states: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
+               backbone_cache=None, side_cache: Optional[SideKVCache] = None,
+               backbone_states: Optional[dict] = None) -> tuple[Tensor, Tensor]:
         """Backbone under no_grad with ladder hooks, then the side stream: (side stream s [B, T, d], the
         backbone's final normed hidden state [B, T, D]); `side.mix` of them is what lm_head reads.
 
-        backbone_states: an empty dict is filled with the backbone's outputs that the side network reads; a
-        filled one is replayed instead of running the backbone (the same batch again: see forward)."""
+        backbone_states: an empty dict is filled with the backbone's outputs that the side network reads (keys
+        BRANCH, the ladder numbers 0..n-1 and "final", values [B, T, D]); a filled one is replayed instead of
+        running the backbone (the same batch again: see forward)."""
         side, grad = self.side, torch.is_grad_enabled()
-        ladder_inputs: dict[int, Tensor] = {}
+        ladder_inputs: dict = {}
         capture = backbone_states is not None
 
-        def project(index: int, h: Tensor) -> None:
+        def project(source, h: Tensor) -> None:
             if capture:
-                backbone_states[index] = h
+                backbone_states[source] = h
             with torch.set_grad_enabled(grad):
-                ladder_inputs[index] = side.project(index, h)
+                ladder_inputs[source] = side.project(source, h)
 
         if capture and "final" in backbone_states:  # replay: the side network reads what the backbone gave before
-            for index in range(1 + len(side.ladder_sources)):
-                project(index, backbone_states[index])
+            for source in (BRANCH, *range(len(side.ladder_sources))):
+                project(source, backbone_states[source])
             h_final = backbone_states["final"]
         else:
             h_final = self._run_backbone(project, input_ids, attention_mask, position_ids, backbone_cache)
@@ -279,36 +185,36 @@ class LadderModel(nn.Module):
         past = side_cache.get_seq_length() if side_cache is not None else 0
         padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         mask = attention_mask_for(padding, input_ids.shape[1], past, input_ids.device)
-        ladders = [ladder_inputs[k + 1] for k in range(len(side.ladder_sources))]
-        return side(ladder_inputs[0], ladders, position_ids, mask, side_cache), h_final
+        ladders = [ladder_inputs[k] for k in range(len(side.ladder_sources))]
+        return side(ladder_inputs[BRANCH], ladders, position_ids, mask, side_cache), h_final
 
     def _run_backbone(self, project, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
                       backbone_cache) -> Tensor:
         """The backbone's forward under no_grad, its final normed hidden state [B, T, D]; hooks hand the side
-        network's inputs to project(index, h) as they appear (0: the branch point, k + 1: ladder k), so the
+        network's inputs to project(source, h) as they appear (BRANCH: the branch point, k: ladder k), so the
         backbone's loop can drop each h after it."""
-        inner, layers, side = self.backbone.model, self.backbone.model.layers, self.side
+        layers, side = self.spec.layers, self.side
 
-        def ladder_hook(index: int):
+        def ladder_hook(source):
             def hook(module, args, output):
-                project(index, output[0] if isinstance(output, tuple) else output)
+                project(source, output[0] if isinstance(output, tuple) else output)
             return hook
 
         def embedding_hook(module, args, kwargs):
-            project(0, args[0] if args else kwargs["hidden_states"])
+            project(BRANCH, args[0] if args else kwargs["hidden_states"])
 
-        handles = [layers[src].register_forward_hook(ladder_hook(k + 1)) for k, src in enumerate(side.ladder_sources)]
+        handles = [layers[src].register_forward_hook(ladder_hook(k)) for k, src in enumerate(side.ladder_sources)]
         if side.branch_source < 0:
             handles.append(layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
         else:
-            handles.append(layers[side.branch_source].register_forward_hook(ladder_hook(0)))
+            handles.append(layers[side.branch_source].register_forward_hook(ladder_hook(BRANCH)))
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=backbone_cache is not None)
         if backbone_cache is not None:
-            kwargs[self._cache_kwarg] = backbone_cache
+            kwargs[self.spec.cache_kwarg] = backbone_cache
         try:
             with torch.no_grad():
-                return inner(**kwargs)[0]
+                return self.spec.inner(**kwargs)[0]
         finally:
             for handle in handles:
                 handle.remove()
@@ -316,7 +222,7 @@ class LadderModel(nn.Module):
     def _logits(self, hidden: Tensor) -> Tensor:
         lm_head = self.backbone.lm_head
         logits = lm_head(hidden.to(lm_head.weight.dtype))
-        cap = getattr(self.config, "final_logit_softcapping", None)
+        cap = self.spec.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -348,7 +254,7 @@ class LadderModel(nn.Module):
             position_ids = positions_from_mask(attention_mask, input_ids)
         if backbone_states is not None and not isinstance(backbone_states, dict):
             raise TypeError(f"LadderModel.forward: backbone_states must be a dict or None, got {type(backbone_states).__name__}")
-        s, h_final = self._stream(input_ids, attention_mask, position_ids, backbone_states=backbone_states)
+        s, h_final = self.stream(input_ids, attention_mask, position_ids, backbone_states=backbone_states)
         if labels is None:
             if logits_to_keep:
                 s, h_final = s[:, -logits_to_keep:], h_final[:, -logits_to_keep:]
@@ -365,7 +271,7 @@ class LadderModel(nn.Module):
         loss = fused_linear_cross_entropy(
             hidden.to(lm_head.weight.dtype), lm_head.weight, shifted, bias=getattr(lm_head, "bias", None),
             ignore_index=-100, chunk_size=self.ladder_config.loss_chunk_size, reduction=reduction,
-            softcap=getattr(self.config, "final_logit_softcapping", None), backend=self.ladder_config.backend,
+            softcap=self.spec.logit_softcap, backend=self.ladder_config.backend,
         )
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
@@ -391,7 +297,7 @@ class LadderModel(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
         positions = positions_from_mask(mask, input_ids)
         backbone_cache, side_cache = self._new_backbone_cache(), SideKVCache(len(self.side.blocks))
-        s, h_final = self._stream(input_ids, mask, positions, backbone_cache, side_cache)
+        s, h_final = self.stream(input_ids, mask, positions, backbone_cache, side_cache)
         ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             logits = self._logits(self.side.mix(s[:, -1], h_final[:, -1])).float()
@@ -404,7 +310,7 @@ class LadderModel(nn.Module):
                 break
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
-            s, h_final = self._stream(token[:, None], mask, positions, backbone_cache, side_cache)
+            s, h_final = self.stream(token[:, None], mask, positions, backbone_cache, side_cache)
         return ids
 
     def _new_backbone_cache(self):
@@ -460,6 +366,9 @@ class LadderModel(nn.Module):
         if mismatched:
             raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})")
         state = {k.removeprefix("side."): v for k, v in state.items()}
+        if "ladders.0" in state and "branch_proj" not in state:  # adapters saved when ladders[0] was the branch
+            n = len(model.side.ladders)
+            state = {_renumber_ladder(k, n): v for k, v in state.items()}
         # adapters saved before the scalar gate / output mix became shape [1] (for FSDP2) hold them 0-dim
         shapes = {k: v.shape for k, v in model.side.state_dict().items()}
         state = {k: v.reshape(1) if v.dim() == 0 and shapes.get(k) == (1,) else v for k, v in state.items()}
@@ -476,31 +385,12 @@ def get_ladder_model(backbone: nn.Module, config: Optional[LadderConfig] = None)
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _prune_into_side_(side: SideNetwork, backbone: nn.Module, inner: nn.Module, layers: nn.ModuleList, final_norm: nn.Module) -> None:
-    """side_init='pruned': hidden channels of largest norm over the source layers; each side block from the
-    backbone layer after its ladder source (the last layer for the last; xLadder's free blocks from the top δ
-    layers again); ladders as channel selections; the side's final norm from the backbone's."""
-    shape, cfg, n = side.shape, backbone.config, len(layers)
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or shape.hidden_size // heads
-    if shape.head_dim > head_dim or shape.intermediate_size > cfg.intermediate_size:
-        raise ValueError(f"side_init='pruned' needs side head_dim <= {head_dim} and intermediate size <= {cfg.intermediate_size}")
-    first_free = n - side.num_free_blocks
-    sources = [min(i + 1, n - 1) for i in side.ladder_sources] + list(range(first_free, n))
-    device = side.ladders[0].device
-    scores = torch.zeros(shape.hidden_size, device=device)
-    for i in sorted(set(sources)):
-        scores += hidden_channel_scores(dense_layer_weights(layers[i], shape.hidden_size)).to(device)
-    channels = torch.topk(scores, shape.width).indices.sort().values
-    inv_freq = backbone_inv_freq(inner, head_dim, shape.rope_theta).to(device)
-    for block, i in zip(side.blocks, sources):
-        w = dense_layer_weights(layers[i], shape.hidden_size)
-        scaling = float(getattr(layers[i].self_attn, "scaling", head_dim ** -0.5))
-        load_pruned_block_(block, w, channels, heads, kv, head_dim, inv_freq, scaling)
-    load_selection_ladders_(side, channels)
-    side.norm.weight.copy_(norm_gain(final_norm, shape.hidden_size, device)[channels])
+def _renumber_ladder(key: str, n: int) -> str:
+    """Old adapter key -> current: ladders.0 was the branch projection, ladders.k (k >= 1) ladder k - 1."""
+    if not key.startswith("ladders."):
+        return key
+    k = int(key.split(".")[1])
+    return "branch_proj" if k == 0 else f"ladders.{k - 1}" if k <= n else key
 
 
 def positions_from_mask(attention_mask: Optional[Tensor], input_ids: Tensor) -> Tensor:

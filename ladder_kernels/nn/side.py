@@ -5,7 +5,7 @@ Wiring (one `SideNetwork`, whatever the backbone family):
                                                      backbone layer L-δ-1 (xLadder, 0-based)
     s_k = block_k(gate_k(s_{k-1}, downproj_k(h_{ladder_sources[k-1]})))   k = 1..n: the ladder-fed blocks
     s_k = block_k(s_{k-1})                           for the δ free blocks that follow (xLadder)
-    (in code: blocks[k-1], gates[k-1], ladders[k]; ladders[0] is downproj_0)
+    (in code: blocks[k-1], gates[k-1], ladders[k-1]; downproj_0 is branch_proj)
     out = a ⊙ h_final + up_proj(norm(s))             (`mix`; output_mix "vector"/"scalar"; "side_only": up_proj(norm(s)))
 
 Side parameters are float32 master weights, cast to the activations' dtype where used (bf16 compute works).
@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from ladder_kernels.ops.downproj import downproj
+
+BRANCH = "branch"  # SideNetwork.project's source for the branch point (the others are ladder numbers)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -191,8 +193,9 @@ class SideNetwork(nn.Module):
         self.branch_source, self.ladder_sources, self.num_free_blocks = branch_source, list(ladder_sources), num_free_blocks
         self.ladder_storage, self.backend, self.output_mix = ladder_storage, backend, output_mix
         d, D = shape.width, shape.hidden_size
-        # ladders[0] projects the branch point; ladders[k] (k >= 1) feeds block k-1.
-        self.ladders = nn.ParameterList([nn.Parameter(torch.empty(d, D)) for _ in range(1 + len(ladder_sources))])
+        # branch_proj starts the side stream from the branch point; ladders[k] feeds block k.
+        self.branch_proj = nn.Parameter(torch.empty(d, D))
+        self.ladders = nn.ParameterList([nn.Parameter(torch.empty(d, D)) for _ in ladder_sources])
         self.gates = nn.ModuleList([LadderGate(gate, d, gate_temperature, gate_init) for _ in ladder_sources])
         self.blocks = nn.ModuleList([SideBlock(shape, dropout) for _ in range(len(ladder_sources) + num_free_blocks)])
         self.norm = SideRMSNorm(d, shape.rms_norm_eps)
@@ -210,8 +213,8 @@ class SideNetwork(nn.Module):
     def init_random_(self, std: float) -> None:
         """Normal(0, std) projections, unit norms; ladders scaled to keep h's magnitude; up_proj at 0 when the
         output mixes in the backbone (so step 0 is the backbone), random otherwise."""
-        for ladder in self.ladders:
-            nn.init.normal_(ladder, std=1.0 / math.sqrt(self.shape.hidden_size))
+        for projection in self.projections():
+            nn.init.normal_(projection, std=1.0 / math.sqrt(self.shape.hidden_size))
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
@@ -226,10 +229,15 @@ class SideNetwork(nn.Module):
             self.up_proj.weight.zero_()
 
     # --- forward ---------------------------------------------------------------------------------------
-    def project(self, index: int, h: Tensor) -> Tensor:
-        """z = ladders[index](h): h [..., D] (from the no-grad backbone) -> [..., d]; keeps h for dW in the
-        configured storage."""
-        return downproj(h, self.ladders[index], storage=self.ladder_storage, backend=self.backend)
+    def projections(self) -> list[nn.Parameter]:
+        """Every down-projection from the backbone: branch_proj, then the ladders."""
+        return [self.branch_proj, *self.ladders]
+
+    def project(self, source, h: Tensor) -> Tensor:
+        """z = W h for source BRANCH (branch_proj) or ladder k (ladders[k]): h [..., D] (from the no-grad
+        backbone) -> [..., d]; keeps h for dW in the configured storage."""
+        weight = self.branch_proj if source == BRANCH else self.ladders[source]
+        return downproj(h, weight, storage=self.ladder_storage, backend=self.backend)
 
     def _gated_block(self, k: int, s: Tensor, z: Optional[Tensor], position_ids: Tensor, mask: Optional[Tensor],
                      cache: Optional[SideKVCache] = None) -> Tensor:
@@ -239,7 +247,7 @@ class SideNetwork(nn.Module):
 
     def forward(self, s0: Tensor, ladder_inputs: list[Tensor], position_ids: Tensor, mask: Optional[Tensor] = None,
                 cache: Optional[SideKVCache] = None) -> Tensor:
-        """The side stream: s0 = project(0, h_branch), ladder_inputs[k] = project(k + 1, h) -> s [B, T, d].
+        """The side stream: s0 = project(BRANCH, h_branch), ladder_inputs[k] = project(k, h) -> s [B, T, d].
 
         mask: bool [B, 1, T, T_past + T] (True = attend), or None for plain causal attention without a cache.
         """
@@ -279,99 +287,3 @@ def attention_mask_for(key_padding: Optional[Tensor], query_len: int, past_len: 
             raise ValueError(f"attention_mask covers {key_padding.shape[-1]} positions, expected {total} (past {past_len} + new {query_len})")
         mask = mask & key_padding.bool()[:, None, None, :]
     return mask | (k_pos == q_pos)[None, None]
-
-
-# --- pruned initialisation (LST's structural pruning, adapted to RoPE and GQA) -----------------------------
-@dataclass
-class DenseLayerWeights:
-    """A backbone decoder layer's weights as dense float32 tensors ([out, in] like nn.Linear).
-
-    attn_gain / mlp_gain: the per-channel gains of the norms before attention and before the MLP (so Gemma's
-    (1 + w) and Llama's w are handled alike)."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    o: Tensor
-    gate: Tensor
-    up: Tensor
-    down: Tensor
-    attn_gain: Tensor
-    mlp_gain: Tensor
-    q_bias: Optional[Tensor] = None
-    k_bias: Optional[Tensor] = None
-    v_bias: Optional[Tensor] = None
-
-
-def hidden_channel_scores(w: DenseLayerWeights) -> Tensor:
-    """How much a layer reads from (gain-scaled input columns) and writes to (output rows) each hidden channel."""
-    read = sum((m * gain).pow(2).sum(0) for m, gain in ((w.q, w.attn_gain), (w.k, w.attn_gain), (w.v, w.attn_gain),
-                                                          (w.gate, w.mlp_gain), (w.up, w.mlp_gain)))
-    write = w.o.pow(2).sum(1) + w.down.pow(2).sum(1)
-    return read + write
-
-
-def _top_sorted(scores: Tensor, k: int) -> Tensor:
-    return torch.topk(scores, k).indices.sort().values
-
-
-@torch.no_grad()
-def load_pruned_block_(block: SideBlock, w: DenseLayerWeights, channels: Tensor, backbone_heads: int,
-                       backbone_kv_heads: int, backbone_head_dim: int, backbone_inv_freq: Tensor,
-                       backbone_scaling: float) -> None:
-    """Set a side block to the backbone layer `w` restricted to hidden `channels`, per kv head the rotary pairs
-    (and value dims) of largest norm, and the MLP units of largest norm. backbone_scaling: the layer's
-    attention score scale (head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5)."""
-    attn = block.attn
-    if (attn.num_heads, attn.num_kv_heads) != (backbone_heads, backbone_kv_heads):
-        raise ValueError(
-            f"side_init='pruned' needs the side's heads ({attn.num_heads}, kv {attn.num_kv_heads}) to equal the "
-            f"backbone's ({backbone_heads}, kv {backbone_kv_heads}); leave side_num_heads/side_num_kv_heads unset")
-    hd, hd_s, group = backbone_head_dim, attn.head_dim, backbone_heads // backbone_kv_heads
-    half, half_s = hd // 2, hd_s // 2
-    cols = lambda m, gain: (m * gain)[:, channels]  # noqa: E731  (folds the norm gain in for scoring only)
-    o = w.o[channels].view(len(channels), backbone_heads, hd)
-    q_eff = cols(w.q, w.attn_gain).view(backbone_heads, hd, -1).pow(2).sum(-1)   # [H, hd]
-    k_eff = cols(w.k, w.attn_gain).view(backbone_kv_heads, hd, -1).pow(2).sum(-1)
-    v_eff = cols(w.v, w.attn_gain).view(backbone_kv_heads, hd, -1).pow(2).sum(-1)
-    q_rows, kv_rows, v_rows, o_cols, inv_freq = [], [], [], [], []
-    for g in range(backbone_kv_heads):
-        heads = range(g * group, (g + 1) * group)
-        pair_score = q_eff[list(heads)].sum(0) / group + k_eff[g]
-        pairs = _top_sorted(pair_score[:half] + pair_score[half:], half_s)
-        dims = torch.cat((pairs, pairs + half))
-        vdims = _top_sorted(v_eff[g] + o[:, list(heads)].pow(2).sum((0, 1)), hd_s)
-        inv_freq.append(backbone_inv_freq[pairs])
-        kv_rows.append(g * hd + dims)
-        v_rows.append(g * hd + vdims)
-        for h in heads:
-            q_rows.append(h * hd + dims)
-            o_cols.append(h * hd + vdims)
-    q_rows, kv_rows, v_rows, o_cols = (torch.cat(x) for x in (q_rows, kv_rows, v_rows, o_cols))
-    # The side keeps the backbone's attention temperature: SDPA scales by hd_s^-0.5, so fold the rest into q.
-    q_factor = backbone_scaling * math.sqrt(hd_s)
-    attn.q_proj.weight.copy_(w.q[q_rows][:, channels] * q_factor)
-    attn.k_proj.weight.copy_(w.k[kv_rows][:, channels])
-    attn.v_proj.weight.copy_(w.v[v_rows][:, channels])
-    attn.o_proj.weight.copy_(w.o[channels][:, o_cols])
-    for proj, bias, rows in ((attn.q_proj, w.q_bias, q_rows), (attn.k_proj, w.k_bias, kv_rows), (attn.v_proj, w.v_bias, v_rows)):
-        if proj.bias is not None:
-            proj.bias.copy_(bias[rows] * (q_factor if proj is attn.q_proj else 1.0) if bias is not None else torch.zeros_like(proj.bias))
-    attn.inv_freq.copy_(torch.stack(inv_freq))
-    block.attn_norm.weight.copy_(w.attn_gain[channels])
-    block.mlp_norm.weight.copy_(w.mlp_gain[channels])
-    mlp = block.mlp
-    unit_score = (cols(w.gate, w.mlp_gain).pow(2).sum(1) + cols(w.up, w.mlp_gain).pow(2).sum(1)
-                  + w.down[channels].pow(2).sum(0))
-    units = _top_sorted(unit_score, mlp.gate_proj.out_features)
-    mlp.gate_proj.weight.copy_(w.gate[units][:, channels])
-    mlp.up_proj.weight.copy_(w.up[units][:, channels])
-    mlp.down_proj.weight.copy_(w.down[channels][:, units])
-
-
-@torch.no_grad()
-def load_selection_ladders_(side: SideNetwork, channels: Tensor) -> None:
-    """Every ladder starts as the selection of `channels`: z = h[..., channels]."""
-    for ladder in side.ladders:
-        ladder.zero_()
-        ladder[torch.arange(len(channels)), channels] = 1.0
