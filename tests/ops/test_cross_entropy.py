@@ -5,7 +5,6 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ladder_kernels.backends import backend_info, kernel
@@ -15,6 +14,7 @@ from ladder_kernels.ops.cross_entropy import (
     reference_ce_rows_,
 )
 from ladder_kernels.planning.memory import PeakMemoryTracker
+from tests.helpers import rel_err, require_backend
 
 ce_module = importlib.import_module("ladder_kernels.ops.cross_entropy")  # the module, not a re-export
 

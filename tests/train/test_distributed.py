@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import rel_err
-from tiny_models import tiny_backbone
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from ladder_kernels.nn.nf4_linear import NF4Linear
+from tests.helpers import REPO, rel_err, tiny_backbone
 
 WORLD = 2
 STEPS = 3
@@ -211,7 +210,7 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
     from ladder_kernels.cli import main
 
     monkeypatch.setattr(ladder_kernels.train.run, "device", lambda: torch.device("cpu"))
-    from tests.tiny_checkpoint import write_tiny_checkpoint
+    from tests.helpers import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
     args = ["finetune", "--model", str(model), "--task", task, "--seq-len", "48", "--batch-size", "8", "--grad-accum", "2",
@@ -223,7 +222,7 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
         data.write_text("".join(json.dumps({"text": f"car {i} is {w}", "label": label}) + "\n"
                                 for i in range(40) for label, w in words.items()), encoding="utf-8")
         args += ["--data", str(data)]
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                            "-m", "ladder_kernels", *args, "--output-dir", str(tmp_path / "torchrun")],

@@ -3,15 +3,14 @@ dtypes, storages and backends against a float64 reference (output, dW, db, dh); 
 a clear error naming the argument, never return an answer. FUZZ_EXAMPLES=600 runs a longer search."""
 import os
 
+import hypothesis  # noqa: F401
 import pytest
 import torch
-
-hypothesis = pytest.importorskip("hypothesis")
-from conftest import require_backend  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ladder_kernels.ops.downproj import downproj  # noqa: E402
+from tests.helpers import require_backend  # noqa: E402
 
 FAST = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # output tolerance per h dtype; dW also carries the stored copy of h (bf16: 2^-8 relative, int8: per-row 1/254)

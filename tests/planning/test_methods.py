@@ -11,7 +11,7 @@ from ladder_kernels.planning.methods import (
     make_qlora_model,
     quantize_to_bnb_4bit_,
 )
-from tests.tiny_models import tiny_config
+from tests.helpers import tiny_config
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -1,11 +1,11 @@
 """NF4Linear, quantize_model_ and patch_bnb_ on small transformers models (random weights, no downloads)."""
 import pytest
 import torch
-from conftest import rel_err
 from torch import nn
 
 from ladder_kernels.nn import NF4Linear, patch_bnb_, quantize_model_
 from ladder_kernels.quant import dequantize_nf4
+from tests.helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,16 +2,15 @@
 scales and malformed states. Each malformed input must raise a clear error; none may give an answer."""
 import dataclasses
 
+import hypothesis  # noqa: F401
 import pytest
 import torch
-
-hypothesis = pytest.importorskip("hypothesis")
-from conftest import rel_err  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ladder_kernels import NF4Weight, dequantize_nf4, nf4_matmul, quantize_nf4  # noqa: E402
 from ladder_kernels.quant import NF4_CODE  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HALF_GAP = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:])) / 2

@@ -18,7 +18,7 @@ from ladder_kernels.planning.planner import (
     shipped_models,
 )
 from ladder_kernels.units import parse_bytes
-from tests.tiny_models import tiny_config
+from tests.helpers import tiny_config
 
 SEQ = 64
 

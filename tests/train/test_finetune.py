@@ -26,6 +26,7 @@ from ladder_kernels.train.run_dir import (
     SUMMARY_MD,
     resume_config,
 )
+from tests.helpers import REPO
 
 WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
 
@@ -242,7 +243,7 @@ def test_arith_is_scored_by_greedy_generation(tiny_model, tmp_path):
 
 def test_gguf_model_is_converted_once_and_trains(tmp_path, monkeypatch, keyword_data):
     from ladder_kernels.train.backbones import resolve_model
-    from tests.tiny_checkpoint import write_tiny_gguf
+    from tests.helpers import write_tiny_gguf
 
     monkeypatch.setenv("LADDER_KERNELS_CACHE", str(tmp_path / "cache"))
     gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf")
@@ -471,13 +472,12 @@ def test_a_killed_process_resumes_to_the_same_weights(moment, uninterrupted, tin
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     from ladder_kernels.cli import main
 
     out, marker = tmp_path / "run", tmp_path / "paused"
     args = shlex.split(_cfg(tiny_model, keyword_data, out).command_line())[1:]  # finetune --model ... --output-dir out
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}  # one thread, as in this process
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", _PAUSED_FINETUNE, moment, str(marker), *args], cwd=repo, env=env,

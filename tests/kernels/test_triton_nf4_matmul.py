@@ -8,13 +8,13 @@ import torch
 pytest.importorskip("triton")
 
 import triton  # noqa: E402
-from conftest import DEVICE, poison_, rel_err  # noqa: E402
 
 from ladder_kernels import nf4_matmul, quantize_nf4  # noqa: E402
 from ladder_kernels.kernels.triton import _common
 from ladder_kernels.kernels.triton import nf4_matmul as tk
 from ladder_kernels.ops.nf4_matmul import reference_forward, reference_grad_input  # noqa: E402
 from ladder_kernels.quant import dequantize_nf4  # noqa: E402
+from tests.helpers import DEVICE, REPO, poison_, rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -262,8 +262,7 @@ def test_compiles_for_hopper():
     if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip("this Triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

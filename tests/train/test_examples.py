@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from ladder_kernels.train.config import FinetuneConfig
 from ladder_kernels.train.run import TrainingRun
+from tests.helpers import REPO
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "python"
+SCRIPTS = REPO / "python"
 
 
 def load_script(name: str):

@@ -3,10 +3,10 @@ import importlib
 
 import pytest
 import torch
-from conftest import poison_, rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ladder_kernels.ops.downproj import downproj, quantize_rows_int8
+from tests.helpers import poison_, rel_err, require_backend
 
 dp_module = importlib.import_module("ladder_kernels.ops.downproj")  # the module, not a re-export
 

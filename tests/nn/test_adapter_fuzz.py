@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save
-from tiny_models import tiny_backbone
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import CONFIG_NAME, WEIGHTS_NAME, LadderModel
+from tests.helpers import tiny_backbone
 
 CONFIG = dict(backbone_quant="none", side_init="random", reduction_factor=8)
 TRIED: collections.Counter = collections.Counter()

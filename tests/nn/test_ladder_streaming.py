@@ -5,11 +5,11 @@ Measured with the dispatch-mode tracker of live tensor storages (ladder_kernels.
 """
 import pytest
 import torch
-from tiny_models import tiny_backbone
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from ladder_kernels.planning.memory import PeakMemoryTracker
+from tests.helpers import tiny_backbone
 
 B, T, D, INTERMEDIATE, VOCAB, R = 1, 128, 256, 1024, 128, 16
 LAYERS = (2, 4, 8)

@@ -15,14 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import rel_err
-from test_distributed import _train  # the same AdamW loop as the other 2-process tests
-from tiny_models import tiny_backbone
 from torch import nn
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
 from ladder_kernels.nn.nf4_linear import NF4Linear, make_backbone_shardable_
+from tests.helpers import rel_err, tiny_backbone
+from tests.train.test_distributed import _train  # the same AdamW loop as the other 2-process tests
 
 WORLD = 2
 GLOBAL_BATCH, SEQ = 4, 10

@@ -7,15 +7,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ladder_kernels.cli import main
 from ladder_kernels.train.run_dir import RUN_CONFIG, SUMMARY_JSON
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

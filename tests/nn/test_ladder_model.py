@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err, require_backend
-from tiny_models import FAMILIES, tiny_backbone
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel, get_ladder_model
-from ladder_kernels.nn.side import BRANCH
 from ladder_kernels.nn.nf4_linear import NF4Linear
+from ladder_kernels.nn.side import BRANCH
+from tests.helpers import DEVICE, FAMILIES, rel_err, require_backend, tiny_backbone
 
 VOCAB = 96
 

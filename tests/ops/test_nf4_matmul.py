@@ -1,11 +1,11 @@
 """nf4_matmul on every backend against a float64 reference: forward, gradients, odd shapes, dtypes."""
 import pytest
 import torch
-from conftest import rel_err, require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ladder_kernels import nf4_matmul, quantize_nf4
 from ladder_kernels.quant import dequantize_nf4
+from tests.helpers import rel_err, require_backend
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
 BACKENDS = ["torch", "cpu", "triton"]

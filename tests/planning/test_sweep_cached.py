@@ -5,19 +5,18 @@ import importlib.util
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
 
 from ladder_kernels.train.config import FinetuneConfig
 from ladder_kernels.train.data import collate, encode_example
 from ladder_kernels.train.evaluate import evaluate
+from tests.helpers import REPO, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-_spec = importlib.util.spec_from_file_location("sweep_cached", Path(__file__).resolve().parent.parent / "bench" / "sweep_cached.py")
+_spec = importlib.util.spec_from_file_location("sweep_cached", REPO / "bench" / "sweep_cached.py")
 sweep_cached = importlib.util.module_from_spec(_spec)
 sys.modules["sweep_cached"] = sweep_cached  # dataclasses look their module up there
 _spec.loader.exec_module(sweep_cached)
