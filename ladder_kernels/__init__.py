@@ -7,7 +7,7 @@ from ladder_kernels.ops.downproj import downproj
 from ladder_kernels.planning.planner import MemoryPlan, plan
 from ladder_kernels.quant import NF4Weight, dequantize_nf4, quantize_nf4
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = [
     "backend_info", "nf4_matmul", "downproj", "fused_linear_cross_entropy", "NF4Weight", "quantize_nf4",
     "dequantize_nf4", "NF4Linear", "quantize_model_", "patch_bnb_", "LadderConfig", "LadderModel",
