@@ -41,11 +41,16 @@ def _measured_peak(cfg, method: str) -> int:
     ("llama", "ladder"), ("llama", "xladder"), ("llama", "qlora"), ("llama", "qlora-ckpt"),
     ("qwen2", "ladder"), ("qwen2", "qlora"),  # q/k/v biases, tied embeddings
 ])
-def test_plan_within_10_percent_of_measured_cpu_peak(family, method):
+def test_plan_within_1_percent_of_measured_cpu_peak(family, method):
     cfg = _cfg(family)
     estimate = plan(cfg, method, seq_len=SEQ)
     measured = _measured_peak(cfg, method)
-    assert abs(estimate.peak_bytes / measured - 1) < 0.10, (estimate.peak_bytes, measured)
+    # Measured (2 runs each): planned/measured - 1 = +0.16..0.21% for ladder, xladder and qwen2 ladder (about
+    # 1.9 kB of 0.9-1.2 MB, the same every run), 0 to +0.03% for qlora and qlora-ckpt (the fake plan varies by
+    # ~1 kB between runs). Deterministic to well under 1%, so 1% leaves 5x margin and still catches a missed
+    # tensor class: planning one step (no AdamW state yet) is off by 7.7-22% here, and its 8.8% (ladder) and
+    # 7.7% (xladder) passed the former 10% bound.
+    assert abs(estimate.peak_bytes / measured - 1) < 0.01, (estimate.peak_bytes, measured)
     assert sum(estimate.breakdown.values()) == estimate.peak_bytes
     assert set(estimate.breakdown) == set(BREAKDOWN_KEYS)
 
@@ -166,7 +171,7 @@ def test_llama2_7b_done_when():
 
 
 @pytest.mark.slow
-def test_plan_within_10_percent_on_smollm2():
+def test_plan_within_1_percent_on_smollm2():
     from ladder_kernels.train.backbones import resolve_model
 
     model_dir = resolve_model("embedded")
@@ -175,7 +180,8 @@ def test_plan_within_10_percent_on_smollm2():
         torch.manual_seed(0)
         with TrackedTraining(model_dir, method, torch.bfloat16, fake=False) as run:
             measured, _ = run.peak_of_steps(SEQ, 1, 2)
-        assert abs(estimate.peak_bytes / measured - 1) < 0.10, (method, estimate.peak_bytes, measured)
+        # measured: +0.0054% (ladder, 163.9 MB) and +0.0004% (qlora, 287.7 MB)
+        assert abs(estimate.peak_bytes / measured - 1) < 0.01, (method, estimate.peak_bytes, measured)
 
 
 def test_memory_plan_is_a_value():

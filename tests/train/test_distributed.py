@@ -133,10 +133,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 fully_shard(model, mesh=mesh, ignored_params=set(model.backbone.parameters()))
                 losses, grads = _train(model, local, _global_mean)
                 result = dict(params=_side_params(model), grads=grads, losses=losses)
-            except Exception:  # noqa: BLE001 - recorded for the test to report
-                result = dict(error=traceback.format_exc())
+            except Exception:  # noqa: BLE001 - recorded for the test to report as a failure
+                result = dict(error=f"rank {rank}:\n{traceback.format_exc()}")
             if rank == 0:
                 torch.save(result, os.path.join(out_dir, f"fsdp2-{gate}.pt"))
+            elif "error" in result:  # rank 0 may have passed: keep the other rank's traceback for the report too
+                Path(out_dir, f"fsdp2-{gate}-rank{rank}.err").write_text(result["error"], encoding="utf-8")
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -154,7 +156,7 @@ def runs(tmp_path_factory):
         single[gate] = dict(params=_side_params(reference), grads=grads, losses=losses, initial=initial, checksums=checksums)
     mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
     load = lambda name: torch.load(tmp / name, weights_only=True)  # noqa: E731 - our own files
-    return single["scalar"], load("ddp.pt"), {gate: (single[gate], load(f"fsdp2-{gate}.pt")) for gate in GATES}
+    return single["scalar"], load("ddp.pt"), {gate: (single[gate], load(f"fsdp2-{gate}.pt")) for gate in GATES}, tmp
 
 
 def _compare(single: dict, run: dict, label: str) -> None:
@@ -177,7 +179,7 @@ def _compare(single: dict, run: dict, label: str) -> None:
 
 
 def test_ddp_matches_single_process(runs):
-    single, ddp, _ = runs
+    single, ddp, _, _ = runs
     # Only the side network's parameters are in DDP's gradient buckets; the NF4 backbone is frozen buffers.
     assert ddp["bucketed"] == sorted(single["params"]) and all(k.startswith("side.") for k in ddp["bucketed"])
     # DDP's construction broadcast rank 0's parameters and buffers (uint8 NF4 bytes included) to rank 1.
@@ -189,8 +191,11 @@ def test_ddp_matches_single_process(runs):
 @pytest.mark.parametrize("gate", GATES)
 def test_fsdp2_side_network_matches_single_process(runs, gate):
     single, fsdp = runs[2][gate]
-    if "error" in fsdp:
-        pytest.skip(f"FSDP2 (fully_shard) on CPU/gloo failed in this torch build: {fsdp['error'].strip().splitlines()[-1]}")
+    # A worker's exception is a failure (FSDP2 on CPU/gloo works with the pinned torch), with its traceback.
+    errors = [fsdp["error"]] if "error" in fsdp else []
+    errors += [p.read_text(encoding="utf-8") for p in sorted(runs[3].glob(f"fsdp2-{gate}-rank*.err"))]
+    if errors:
+        pytest.fail(f"FSDP2 (fully_shard) gate={gate} raised in the worker:\n" + "\n".join(errors), pytrace=False)
     _compare(single, fsdp, f"FSDP2 gate={gate}")
 
 

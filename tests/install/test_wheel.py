@@ -4,10 +4,7 @@ sdist carries csrc/ and what setup.py needs.
 
 Both are built from a copy of the repository in a temporary folder (build/ and *.egg-info land there, never in
 the checkout). The wheel build compiles the C++ extension with the torch of this interpreter
-(--no-build-isolation, as the Makefile installs): a few minutes, 8 on a busy 2-core CPU.
-
-No __init__.py in this folder: pytest's rootdir imports (`from conftest import ...`) need tests/ without one,
-and a package named `packaging` would shadow the real one."""
+(--no-build-isolation, as the Makefile installs): a few minutes, 8 on a busy 2-core CPU."""
 import email.parser
 import os
 import shutil
