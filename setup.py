@@ -9,6 +9,7 @@ back to the pure-PyTorch path with one warning.
 csrc/ stays at the top of the repository (the sdist carries it through MANIFEST.in); only the wheel's build
 tree gets the copy under ladder_kernels/csrc/, so the sources are never duplicated in git.
 """
+
 import glob
 import os
 

@@ -5,6 +5,7 @@ CPU sweep recorded in bench/results/e2e_cpu.*:
 GPU (random-initialised 1B / 7B shapes):
     python bench/bench_e2e.py --models llama-1b,llama-2-7b --seq-lens 512,1024,2048,4096,8192
 """
+
 import sys
 from pathlib import Path
 

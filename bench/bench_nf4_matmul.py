@@ -23,6 +23,7 @@ table next to it, both atomically.
     .venv/bin/python bench/bench_nf4_matmul.py --quick            # CPU-sized shapes (about 7 minutes on 2 busy cores)
     .venv/bin/python bench/bench_nf4_matmul.py --device cuda      # LLM shapes on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,9 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a source checko
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ladder_kernels.backends import backend_info, triton_interpreting
+from ladder_kernels.backends import backend_info, triton_interpreting  # noqa: E402
 from ladder_kernels.ops.nf4_matmul import nf4_matmul  # noqa: E402
-from ladder_kernels.planning.memory import PeakMemoryTracker
+from ladder_kernels.planning.memory import PeakMemoryTracker  # noqa: E402
 from ladder_kernels.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
 
 MIB = 2**20
@@ -74,7 +75,9 @@ def default_backends(device: str) -> list[str]:
     return backends + ["torch"]
 
 
-def make_methods(x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
+def make_methods(
+    x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends: list[str]
+) -> dict[str, Callable[[], torch.Tensor]]:
     """Every method as a no-argument call returning x @ W.T (all see the same x and the same NF4 bytes)."""
     methods: dict[str, Callable[[], torch.Tensor]] = {}
     for backend in backends:
@@ -83,7 +86,9 @@ def make_methods(x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends:
         # As above, but with the per-block absmax dequantized once beforehand (a layer may cache it): shows
         # what the per-call dequantization of the double-quantized statistics costs.
         absmax = q.block_absmax()
-        methods[f"nf4_matmul[{backends[0]}] {CACHED_ABSMAX}"] = lambda: nf4_matmul(x, q, backend=backends[0], absmax=absmax)
+        methods[f"nf4_matmul[{backends[0]}] {CACHED_ABSMAX}"] = lambda: nf4_matmul(
+            x, q, backend=backends[0], absmax=absmax
+        )
     try:
         import bitsandbytes as bnb
 
@@ -225,22 +230,36 @@ def time_case(n: int, k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense:
     rows = []
     for name in methods:
         if errors[name] > AGREEMENT_TOL[dtype]:
-            print(f"WARNING: {name} differs from the dense matmul by {errors[name]:.2e} at M={m} N={n} K={k} {dtype}", file=sys.stderr)
-        rows.append(dict(
-            method=name, dtype=str(dtype).removeprefix("torch."), M=m, N=n, K=k,
-            median_ms=round(median[name], 4), min_ms=round(min(times[name]), 4), repeats=args.repeats,
-            tflops=round(2 * m * n * k / (median[name] * 1e-3) / 1e12, 4),
-            ratio_vs_dense=round(median[name] / median[DENSE], 3),
-            ratio_vs_bnb=round(median[name] / median[BNB], 3) if BNB in median else "",
-            extra_mib_tensors="", extra_mib_process="",
-            fp32_weight_mib=round(n * k * 4 / MIB, 2),
-            rel_err_vs_dense=f"{errors[name]:.2e}",
-            load_avg_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
-        ))
+            print(
+                f"WARNING: {name} differs from the dense matmul by {errors[name]:.2e} at M={m} N={n} K={k} {dtype}",
+                file=sys.stderr,
+            )
+        rows.append(
+            dict(
+                method=name,
+                dtype=str(dtype).removeprefix("torch."),
+                M=m,
+                N=n,
+                K=k,
+                median_ms=round(median[name], 4),
+                min_ms=round(min(times[name]), 4),
+                repeats=args.repeats,
+                tflops=round(2 * m * n * k / (median[name] * 1e-3) / 1e12, 4),
+                ratio_vs_dense=round(median[name] / median[DENSE], 3),
+                ratio_vs_bnb=round(median[name] / median[BNB], 3) if BNB in median else "",
+                extra_mib_tensors="",
+                extra_mib_process="",
+                fp32_weight_mib=round(n * k * 4 / MIB, 2),
+                rel_err_vs_dense=f"{errors[name]:.2e}",
+                load_avg_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
+            )
+        )
     return rows
 
 
-def measure_case(k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense: torch.Tensor, rows: list[dict], args) -> None:
+def measure_case(
+    k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense: torch.Tensor, rows: list[dict], args
+) -> None:
     """Fill in the memory columns of one case's rows."""
     x = torch.randn(m, k, device=args.device, dtype=dtype)
     methods = make_methods(x, q, w_dense, args.backends)
@@ -296,9 +315,15 @@ def environment(args) -> dict:
     return dict(
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join([sys.executable, *sys.argv]),
-        device=args.device, device_name=device_name, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-        torch=torch.__version__, bitsandbytes=bnb_version, triton=triton_version,
-        blocksize=args.blocksize, double_quant=True,
+        device=args.device,
+        device_name=device_name,
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        bitsandbytes=bnb_version,
+        triton=triton_version,
+        blocksize=args.blocksize,
+        double_quant=True,
     )
 
 
@@ -331,7 +356,7 @@ def to_markdown(rows: list[dict], env: dict) -> str:
         f"Command: `{env['command']}`",
         "",
         "Median milliseconds per call (x dense matmul on the pre-dequantized weight; x bitsandbytes matmul_4bit)."
-    + load_note(rows),
+        + load_note(rows),
         "",
     ]
     by_case: dict[tuple, dict[str, dict]] = {}
@@ -346,14 +371,20 @@ def to_markdown(rows: list[dict], env: dict) -> str:
             if r is None:
                 cells.append("")
                 continue
-            ratio = f" ({r['ratio_vs_dense']:.2f}x" + (f", {r['ratio_vs_bnb']:.2f}x bnb)" if r["ratio_vs_bnb"] != "" and name != BNB else ")")
+            ratio = f" ({r['ratio_vs_dense']:.2f}x" + (
+                f", {r['ratio_vs_bnb']:.2f}x bnb)" if r["ratio_vs_bnb"] != "" and name != BNB else ")"
+            )
             cells.append(f"{r['median_ms']:.3f}" + ("" if name == DENSE else ratio))
         lines.append(f"| {dtype} | {n} x {k} | {m} | " + " | ".join(cells) + " |")
     mem_col = "extra_mib_process"
     lines += [
         "",
         "Extra memory of one call, MiB beyond inputs and output "
-        + ("(peak process RSS during the call; tensor-tracker figure in the CSV)" if env["device"] == "cpu" else "(torch.cuda.max_memory_allocated)")
+        + (
+            "(peak process RSS during the call; tensor-tracker figure in the CSV)"
+            if env["device"] == "cpu"
+            else "(torch.cuda.max_memory_allocated)"
+        )
         + ", and the size of a full fp32 copy of the weight.",
         "",
         "| dtype | N x K | M | fp32 weight | " + " | ".join(methods) + " |",
@@ -378,14 +409,32 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to run (default: cuda if available)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda if available)",
+    )
     p.add_argument("--quick", action="store_true", help="CPU-sized shapes: 2048x2048 over all M, 8192x8192 at M=1, 512")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", help="weight shapes NxK (out x in), overriding the defaults")
+    p.add_argument(
+        "--shapes", type=parse_shape, nargs="+", help="weight shapes NxK (out x in), overriding the defaults"
+    )
     p.add_argument("--ms", type=int, nargs="+", help=f"activation rows M (default {FULL_MS})")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="activation dtypes (default: fp32 bf16 on cpu, bf16 on cuda)")
-    p.add_argument("--backends", nargs="+", choices=("triton", "cpu", "torch"), help="nf4_matmul backends (default: every one usable here)")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        help="activation dtypes (default: fp32 bf16 on cpu, bf16 on cuda)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("triton", "cpu", "torch"),
+        help="nf4_matmul backends (default: every one usable here)",
+    )
     p.add_argument("--blocksize", type=int, default=64, help="NF4 blocksize (default 64, as bitsandbytes)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
@@ -420,7 +469,9 @@ def main(argv=None) -> int:
     weights = {}
     for n, k in by_shape:
         gen = torch.Generator(device="cpu").manual_seed(args.seed + n * 31 + k)
-        weights[n, k] = quantize_nf4((torch.randn(n, k, generator=gen) * 0.02).to(args.device), blocksize=args.blocksize, double_quant=True)
+        weights[n, k] = quantize_nf4(
+            (torch.randn(n, k, generator=gen) * 0.02).to(args.device), blocksize=args.blocksize, double_quant=True
+        )
     n_cases = sum(len(ms) for ms in by_shape.values()) * len(args.dtypes)
     # Timing runs first, with the allocator as users have it; the memory pass then switches glibc to
     # returning freed memory at once (irreversible, and it makes every large allocation fault its pages in).

@@ -11,6 +11,7 @@ shared CPU slows them alike. Targets: ladder/qlora peak <= 0.5 (goal 0.35), step
     .venv/bin/python bench/bench_step_vs_qlora.py [--rounds 5] [--out-dir bench/results]
 writes bench/results/step_vs_qlora_cpu.csv and .md.
 """
+
 import argparse
 import statistics
 import sys
@@ -37,8 +38,15 @@ TARGETS = {"peak": (0.5, 0.35), "step_s": (0.6, 0.4)}  # ladder / qlora: (requir
 def issue3_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
+    return LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
 
 
 def measure(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -59,29 +67,59 @@ def measure(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
         with PeakMemoryTracker() as mem:
             mem.track(trainer.model, trainer.optimizer)
             trainer.step(ids)
-        results[method] = {"peak": mem.peak_bytes, "step_s": statistics.median(times[method]),
-                           "step_s_min": min(times[method]), "loss_first": losses[method][0], "loss_last": losses[method][-1]}
+        results[method] = {
+            "peak": mem.peak_bytes,
+            "step_s": statistics.median(times[method]),
+            "step_s_min": min(times[method]),
+            "loss_first": losses[method][0],
+            "loss_last": losses[method][-1],
+        }
     return results
 
 
 def report(results: dict, command: str) -> tuple[str, str]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     versions = library_versions()
-    rows = [dict(method=m, model=MODEL, seq_len=SEQ_LEN, batch=BATCH, device="cpu", metric=k, value=v, versions=versions,
-                 timestamp=stamp, command=command) for m, metrics in results.items() for k, v in metrics.items()]
+    rows = [
+        dict(
+            method=m,
+            model=MODEL,
+            seq_len=SEQ_LEN,
+            batch=BATCH,
+            device="cpu",
+            metric=k,
+            value=v,
+            versions=versions,
+            timestamp=stamp,
+            command=command,
+        )
+        for m, metrics in results.items()
+        for k, v in metrics.items()
+    ]
     ref = results["qlora"]
-    lines = ["# One training step, Ladder vs QLoRA (issue 3), CPU", "",
-             f"Model: {MODEL} (Llama, 8 layers, hidden 512, intermediate 1408, 8 heads, vocab 32000, random weights), "
-             f"{SEQ_LEN} tokens, batch {BATCH}, bf16 compute; step = forward + backward + AdamW.  ",
-             f"Command: `{command}`  ", f"Versions: {versions}  ", f"Run: {stamp}", "",
-             "| method | peak MiB | ×qlora peak | step s (median) | ×qlora step | loss first → last |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# One training step, Ladder vs QLoRA (issue 3), CPU",
+        "",
+        f"Model: {MODEL} (Llama, 8 layers, hidden 512, intermediate 1408, 8 heads, vocab 32000, random weights), "
+        f"{SEQ_LEN} tokens, batch {BATCH}, bf16 compute; step = forward + backward + AdamW.  ",
+        f"Command: `{command}`  ",
+        f"Versions: {versions}  ",
+        f"Run: {stamp}",
+        "",
+        "| method | peak MiB | ×qlora peak | step s (median) | ×qlora step | loss first → last |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, r in results.items():
-        lines.append(f"| {m} | {r['peak'] / 2**20:.1f} | {r['peak'] / ref['peak']:.3f} | {r['step_s']:.2f} | "
-                     f"{r['step_s'] / ref['step_s']:.3f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |")
+        lines.append(
+            f"| {m} | {r['peak'] / 2**20:.1f} | {r['peak'] / ref['peak']:.3f} | {r['step_s']:.2f} | "
+            f"{r['step_s'] / ref['step_s']:.3f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
+        )
     lines.append("")
     for metric, (required, goal) in TARGETS.items():
         ratio = results["ladder"][metric] / ref[metric]
-        verdict = "meets the goal" if ratio <= goal else ("meets the target" if ratio <= required else "MISSES the target")
+        verdict = (
+            "meets the goal" if ratio <= goal else ("meets the target" if ratio <= required else "MISSES the target")
+        )
         lines.append(f"- ladder / qlora {metric}: {ratio:.3f} (target ≤ {required}, goal ≤ {goal}): {verdict}")
     return csv_text(rows), "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ noise that a single real run hides.
 Memory: (1 + layers + 1) x tokens x hidden_size bf16 values (about 7 GB for SmolLM2-135M at 100 steps of
 32 tweets plus 1000 held-out ones).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,10 @@ from ladder_kernels.train.data import BatchStream, encode_example, encode_prompt
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A change from finetune's Ladder defaults: LadderConfig fields, finetune's --ladder-every, the peak lr and warm-up, lr multipliers
-    for side parameters whose name contains a key, passes over the same batches, and optimizer steps per batch
-    in a row (passes x repeat x --steps optimizer steps: more training without more data or backbone passes)."""
+    """A change from finetune's Ladder defaults: LadderConfig fields, finetune's --ladder-every, the peak lr and
+    warm-up, lr multipliers for side parameters whose name contains a key, passes over the same batches, and
+    optimizer steps per batch in a row (passes x repeat x --steps optimizer steps: more training without more data
+    or backbone passes)."""
 
     config: dict = dataclasses.field(default_factory=dict)
     ladder_every: Optional[int] = None
@@ -79,27 +81,35 @@ VARIANTS = {
 
 # --- features --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def backbone_features(model: LadderModel, rows: Sequence[list[int]], pad_id: int, batch_size: int = 32,
-                      desc: str = "features") -> list[torch.Tensor]:
+def backbone_features(
+    model: LadderModel, rows: Sequence[list[int]], pad_id: int, batch_size: int = 32, desc: str = "features"
+) -> list[torch.Tensor]:
     """Per row, [L + 2, T, D]: the input of layer 0, each layer's output, the final normed hidden state (the
     tensors LadderModel's hooks see), in the backbone's dtype."""
     inner, layers = model.backbone.model, model.backbone.model.layers
     out = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         ids, mask = _pad(chunk, pad_id)
         seen: dict[int, torch.Tensor] = {}
-        hooks = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-                 for i, layer in enumerate(layers)]
-        hooks.append(layers[0].register_forward_pre_hook(
-            lambda m, a, kw: seen.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+        hooks = [
+            layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+            for i, layer in enumerate(layers)
+        ]
+        hooks.append(
+            layers[0].register_forward_pre_hook(
+                lambda m, a, kw: seen.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True
+            )
+        )
         try:
-            final = inner(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, ids), use_cache=False)[0]
+            final = inner(
+                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, ids), use_cache=False
+            )[0]
         finally:
             for hook in hooks:
                 hook.remove()
         stack = torch.stack([seen[i] for i in range(-1, len(layers))] + [final])
-        out += [stack[:, j, :len(r)].clone() for j, r in enumerate(chunk)]
+        out += [stack[:, j, : len(r)].clone() for j, r in enumerate(chunk)]
     return out
 
 
@@ -108,7 +118,7 @@ def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for j, r in enumerate(rows):
-        ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+        ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
     return ids, mask
 
 
@@ -118,14 +128,18 @@ def stack_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     H = feats[0].new_zeros(feats[0].shape[0], len(feats), width, feats[0].shape[2])
     mask = torch.zeros(len(feats), width, dtype=torch.long)
     for j, f in enumerate(feats):
-        H[:, j, :f.shape[1]], mask[j, :f.shape[1]] = f, 1
+        H[:, j, : f.shape[1]], mask[j, : f.shape[1]] = f, 1
     return H, mask
 
 
 def replay_states(model: LadderModel, H: torch.Tensor) -> dict:
     """The cached features as LadderModel.forward's backbone_states: what it replays instead of the backbone."""
     side = model.side  # H[0] is the input of layer 0 (branch_source -1), H[1 + l] the output of layer l
-    return {BRANCH: H[1 + side.branch_source], **{k: H[1 + src] for k, src in enumerate(side.ladder_sources)}, "final": H[-1]}
+    return {
+        BRANCH: H[1 + side.branch_source],
+        **{k: H[1 + src] for k, src in enumerate(side.ladder_sources)},
+        "final": H[-1],
+    }
 
 
 def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,21 +169,29 @@ class Sweep:
         stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed, cfg.balance)
         self.order = [stream.indices(s) for s in range(cfg.steps)]
         used = sorted({i for batch in self.order for i in batch})
-        encoded = {i: encode_example(self.tokenizer, self.dataset.train[i], cfg.seq_len, add_eos=False)[:2] for i in used}
+        encoded = {
+            i: encode_example(self.tokenizer, self.dataset.train[i], cfg.seq_len, add_eos=False)[:2] for i in used
+        }
         model = self.build(Variant())
         pad = self.tokenizer.pad_token_id
         feats = backbone_features(model, [encoded[i][0] for i in used], pad, desc="training features")
         self.train = {i: (torch.tensor(encoded[i][1]), f) for i, f in zip(used, feats)}
         held = self.dataset.heldout[:eval_samples]
         self.heldout_labels = [self.dataset.labels.index(self.dataset.label_of(ex)) for ex in held]
-        self.heldout = backbone_features(model, encode_prompts(self.tokenizer, [ex.prompt for ex in held], cfg.seq_len),
-                                         pad, desc="held-out features")
+        self.heldout = backbone_features(
+            model,
+            encode_prompts(self.tokenizer, [ex.prompt for ex in held], cfg.seq_len),
+            pad,
+            desc="held-out features",
+        )
 
     def build(self, variant: Variant) -> LadderModel:
         torch.manual_seed(self.cfg.seed)
         backbone = load_backbone(self.model_dir, DTYPES[self.cfg.dtype])
         cfg = dataclasses.replace(self.cfg, ladder_every=variant.ladder_every or self.cfg.ladder_every)
-        return LadderModel(backbone, dataclasses.replace(ladder_config(cfg, backbone.config.num_hidden_layers), **variant.config))
+        return LadderModel(
+            backbone, dataclasses.replace(ladder_config(cfg, backbone.config.num_hidden_layers), **variant.config)
+        )
 
     def data_order(self, order: int) -> list[list[int]]:
         """Order 0: finetune's batches; order k: the same examples permuted within each class (same class mix)."""
@@ -184,7 +206,7 @@ class Sweep:
             random.Random(f"{order}:{label}").shuffle(members)
         flat = [by_class[label_of(i)].pop() for i in flat]
         size = self.cfg.batch_size
-        return [flat[k:k + size] for k in range(0, len(flat), size)]
+        return [flat[k : k + size] for k in range(0, len(flat), size)]
 
     def run(self, variant: Variant, order: int) -> dict:
         start = time.perf_counter()
@@ -194,9 +216,13 @@ class Sweep:
         for name, p in model.side.named_parameters():
             groups.setdefault(next((v for k, v in variant.lr_scale.items() if k in name), 1.0), []).append(p)
         params = [p for ps in groups.values() for p in ps]
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0
+        )
         warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, self.cfg.steps * variant.passes * variant.repeat))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(warmup, self.cfg.steps * variant.passes * variant.repeat)
+        )
         model.train()
         history = []
         batches = [batch for batch in self.data_order(order) * variant.passes for _ in range(variant.repeat)]
@@ -204,7 +230,7 @@ class Sweep:
             H, mask = stack_features([self.train[i][1] for i in batch])
             labels = torch.full(mask.shape, -100, dtype=torch.long)
             for j, i in enumerate(batch):
-                labels[j, :len(self.train[i][0])] = self.train[i][0]
+                labels[j, : len(self.train[i][0])] = self.train[i][0]
             loss = loss_from_features(model, H, mask, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,8 +238,11 @@ class Sweep:
             optimizer.step()
             scheduler.step()
             history.append(loss.item())
-        return {"accuracy": self.accuracy(model), "final_loss": statistics.fmean(history[-20:]),
-                "seconds": time.perf_counter() - start}
+        return {
+            "accuracy": self.accuracy(model),
+            "final_loss": statistics.fmean(history[-20:]),
+            "seconds": time.perf_counter() - start,
+        }
 
     @torch.no_grad()
     def accuracy(self, model: LadderModel, batch_size: int = 64) -> float:
@@ -221,30 +250,38 @@ class Sweep:
         label_rows = model.backbone.lm_head.weight[self.label_ids].float()
         correct = 0
         for start in range(0, len(self.heldout), batch_size):
-            H, mask = stack_features(self.heldout[start:start + batch_size])
+            H, mask = stack_features(self.heldout[start : start + batch_size])
             s, h_final = side_from_features(model, H, mask)
             rows, last = torch.arange(mask.shape[0]), mask.sum(1) - 1
             predicted = (model.side.mix(s[rows, last], h_final[rows, last]).float() @ label_rows.T).argmax(-1)
-            correct += sum(int(p) == y for p, y in zip(predicted, self.heldout_labels[start:start + batch_size]))
+            correct += sum(int(p) == y for p, y in zip(predicted, self.heldout_labels[start : start + batch_size]))
         return correct / len(self.heldout)
 
 
 # --- report ----------------------------------------------------------------------------------------------
 def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, command: str, seconds: float) -> str:
-    lines = [f"# Ladder variants on cached backbone features ({cfg.task}, {cfg.steps} steps x {cfg.batch_size})", "",
-             f"Command: `{command}`", "",
-             f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes x repeat); order 0 is `finetune --seed {cfg.seed}`'s "
-             "data order, the others permute the same examples within each class. Sweep wall time "
-             f"{seconds / 60:.1f} min, torch threads: {torch.get_num_threads()}.", "",
-             "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Ladder variants on cached backbone features ({cfg.task}, {cfg.steps} steps x {cfg.batch_size})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes x repeat); order 0 is `finetune "
+        f"--seed {cfg.seed}`'s "
+        "data order, the others permute the same examples within each class. Sweep wall time "
+        f"{seconds / 60:.1f} min, torch threads: {torch.get_num_threads()}.",
+        "",
+        "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         accs = [r["accuracy"] for r in runs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         change = {k: v for k, v in dataclasses.asdict(VARIANTS[name]).items() if v != getattr(Variant(), k)} or "-"
-        lines.append(f"| {name} | `{json.dumps(change) if change != '-' else '-'}` | {statistics.fmean(accs):.1%} ± {sd:.1%} | "
-                     f"{min(accs):.1%} | {max(accs):.1%} | {', '.join(f'{a:.1%}' for a in accs)} | "
-                     f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |")
+        lines.append(
+            f"| {name} | `{json.dumps(change) if change != '-' else '-'}` | {statistics.fmean(accs):.1%} ± {sd:.1%} | "
+            f"{min(accs):.1%} | {max(accs):.1%} | {', '.join(f'{a:.1%}' for a in accs)} | "
+            f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="bench/results/ladder_sweep_sentiment", help="writes OUT.md and OUT.json")
     for name in ("model", "data", "steps", "batch_size", "seq_len", "seed"):
         f = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"]
+        )
     args = parser.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -264,8 +303,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(VARIANTS)}")
     if args.orders < 1 or args.eval_samples < 1:
         parser.error("--orders and --eval-samples must be >= 1")
-    cfg = FinetuneConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
-                         seq_len=args.seq_len, seed=args.seed)
+    cfg = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
     cfg.validate()
     start = time.perf_counter()
     sweep = Sweep(cfg, args.eval_samples)

@@ -6,6 +6,7 @@
 Each method is timed on the same NF4 weight and activations as the script's, and its output is first checked
 against the dense matmul, so a fast but wrong method fails instead of topping the table.
 """
+
 import pytest
 import torch
 from bench_nf4_matmul import AGREEMENT_TOL, BNB, CACHED_ABSMAX, DENSE, DEQUANT, default_backends, make_methods, rel_err

@@ -1,4 +1,5 @@
 """ladder-kernels: Ladder Side Tuning and xLadder on a frozen 4-bit (NF4) backbone."""
+
 from ladder_kernels.backends import backend_info
 from ladder_kernels.nn import LadderConfig, LadderModel, NF4Linear, get_ladder_model, patch_bnb_, quantize_model_
 from ladder_kernels.ops import nf4_matmul
@@ -8,9 +9,22 @@ from ladder_kernels.planning.planner import MemoryPlan, plan
 from ladder_kernels.quant import NF4Weight, dequantize_nf4, quantize_nf4
 
 from ._version import __version__
-__all__ = [
-    "backend_info", "nf4_matmul", "downproj", "fused_linear_cross_entropy", "NF4Weight", "quantize_nf4",
-    "dequantize_nf4", "NF4Linear", "quantize_model_", "patch_bnb_", "LadderConfig", "LadderModel",
-    "get_ladder_model", "plan", "MemoryPlan", "__version__",
-]
 
+__all__ = [
+    "backend_info",
+    "nf4_matmul",
+    "downproj",
+    "fused_linear_cross_entropy",
+    "NF4Weight",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "NF4Linear",
+    "quantize_model_",
+    "patch_bnb_",
+    "LadderConfig",
+    "LadderModel",
+    "get_ladder_model",
+    "plan",
+    "MemoryPlan",
+    "__version__",
+]

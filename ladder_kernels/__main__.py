@@ -1,4 +1,5 @@
 """`python -m ladder_kernels` = the `ladder-kernels` command."""
+
 import sys
 
 from ladder_kernels.cli import main

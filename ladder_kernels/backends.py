@@ -105,7 +105,9 @@ def resolve_backend(device: torch.device, backend: str | None, op: str, kernel_n
         if _triton_import_error() is not None:
             raise RuntimeError(f"{op}: backend='triton' unavailable: {_triton_import_error()}")
         if device.type == "cpu" and not triton_interpreting():
-            raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}")
+            raise ValueError(
+                f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}"
+            )
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"{op}: backend='cpu' needs CPU tensors, got device {device}")

@@ -36,7 +36,9 @@ def dtype_from_name(name) -> torch.dtype:
         return name
     key = DTYPE_ALIASES.get(name, name) if isinstance(name, str) else None
     if key not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)} or a torch dtype, got {name!r}")
+        raise ValueError(
+            f"dtype must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)} or a torch dtype, got {name!r}"
+        )
     return DTYPES[key]
 
 

@@ -17,7 +17,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then os.replace."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path)
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -54,4 +56,3 @@ def atomic_folder(target: Path, replace: bool = False):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-

@@ -5,7 +5,18 @@ from __future__ import annotations
 import re
 
 GIB = 2**30
-_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 2**10,
+    "kib": 2**10,
+    "mb": 2**20,
+    "mib": 2**20,
+    "gb": 2**30,
+    "gib": 2**30,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text) -> int:

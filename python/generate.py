@@ -3,8 +3,10 @@ holding a finetune-style adapter): the backbone is rebuilt from the model the ad
 
     ladder-kernels finetune --steps 100 --output-dir runs/sentiment
     python python/generate.py --adapter runs/sentiment --tweet "the new self-driving bus is brilliant"
-    python python/generate.py --adapter runs/sentiment --prompt "Tweet: ...\\nSentiment (negative, neutral or positive):"
+    python python/generate.py --adapter runs/sentiment \\
+        --prompt "Tweet: ...\\nSentiment (negative, neutral or positive):"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +25,18 @@ def main(argv=None) -> int:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="a raw prompt")
     text.add_argument("--tweet", help="text wrapped in the adapter's task template")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest label for a classifier, else 32")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the longest label for a classifier, else 32"
+    )
     args = p.parse_args(argv)
 
     model, tokenizer, info = load_finetuned(args.adapter)
     prompt = args.prompt if args.prompt is not None else task_prompt(info["task"], args.tweet)
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    print(prompt + greedy_complete(model, tokenizer, prompt_ids, args.max_new_tokens or default_max_new_tokens(info, tokenizer)))
+    print(
+        prompt
+        + greedy_complete(model, tokenizer, prompt_ids, args.max_new_tokens or default_max_new_tokens(info, tokenizer))
+    )
     if info.get("labels"):  # a classifier: also show the label words' probabilities
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids], device=model.device)).logits[0, -1].float()

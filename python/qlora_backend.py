@@ -7,6 +7,7 @@ One call, `patch_bnb_(model)`, routes every bitsandbytes nf4 Linear4bit through 
 (Triton on GPU, C++ on CPU); parameters, state dict, LoRA adapters and the training loop stay as they are.
 Prints the step time and peak memory before and after patching.
 """
+
 import argparse
 import statistics
 import time
@@ -21,8 +22,15 @@ from ladder_kernels.planning.methods import make_qlora_model
 def small_llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    return LlamaConfig(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+    )
 
 
 def time_steps(model, optimizer, ids, steps):
@@ -42,7 +50,9 @@ def time_steps(model, optimizer, ids, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local transformers checkpoint folder (default: a small random Llama)")
+    ap.add_argument(
+        "--model", default=None, help="local transformers checkpoint folder (default: a small random Llama)"
+    )
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)

@@ -7,6 +7,7 @@ plain `Trainer.compute_loss`.
     pip install trl
     python python/trl_sft.py --steps 60 --output-dir runs/trl-sft
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,23 +51,45 @@ def main(argv=None) -> int:
 
     class LadderSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(
+                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)
     dataset = load_dataset(args.task, args.data)
-    model = LadderModel(load_backbone(model_dir, getattr(torch, args.dtype)), LadderConfig(reduction_factor=args.reduction_factor))
+    model = LadderModel(
+        load_backbone(model_dir, getattr(torch, args.dtype)), LadderConfig(reduction_factor=args.reduction_factor)
+    )
 
     # Pre-tokenized rows: TRL skips its own tokenization when the dataset already has input_ids.
     n_rows = min(len(dataset.train), args.steps * args.batch_size)
-    rows = [encode_example(tokenizer, ex, args.seq_len, add_eos=not dataset.is_classification) for ex in dataset.train[:n_rows]]
+    rows = [
+        encode_example(tokenizer, ex, args.seq_len, add_eos=not dataset.is_classification)
+        for ex in dataset.train[:n_rows]
+    ]
     train = Dataset.from_list([{"input_ids": ids, "labels": labels} for ids, labels, _ in rows])
-    config = SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                       learning_rate=args.lr, lr_scheduler_type="cosine", max_length=args.seq_len, report_to=[],
-                       use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, logging_steps=max(1, args.steps // 20),
-                       save_steps=max(1, args.steps // 2), save_total_limit=1)
-    trainer = LadderSFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                               data_collator=lambda batch: collate([(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id))
+    config = SFTConfig(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        max_length=args.seq_len,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        logging_steps=max(1, args.steps // 20),
+        save_steps=max(1, args.steps // 2),
+        save_total_limit=1,
+    )
+    trainer = LadderSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=lambda batch: collate([(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id),
+    )
     trainer.train()
     adapter = Path(args.output_dir) / "adapter"
     model.save_pretrained(adapter)

@@ -1,5 +1,6 @@
 """Test setup. TRITON_INTERPRET must be set before anything imports triton, so the Triton kernels run on
 CPU tensors here when there is no GPU."""
+
 import os
 import shutil
 

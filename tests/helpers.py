@@ -55,15 +55,31 @@ def require_backend(backend: str) -> None:
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma3")
 
 
-def tiny_config(family: str = "llama", num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 128,
-                num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int = 96, **overrides):
+def tiny_config(
+    family: str = "llama",
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 96,
+    **overrides,
+):
     """A transformers config for a tiny model of `family` (head_dim = hidden_size // num_heads)."""
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=256, initializer_range=0.05, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=256,
+        initializer_range=0.05,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     head_dim = hidden_size // num_heads
     if family == "llama":
@@ -76,8 +92,14 @@ def tiny_config(family: str = "llama", num_layers: int = 2, hidden_size: int = 6
         cfg = tf.GemmaConfig(**common, head_dim=head_dim)
     elif family == "gemma3":
         layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
-        cfg = tf.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=4, layer_types=layer_types,
-                                  query_pre_attn_scalar=head_dim, final_logit_softcapping=30.0)
+        cfg = tf.Gemma3TextConfig(
+            **common,
+            head_dim=head_dim,
+            sliding_window=4,
+            layer_types=layer_types,
+            query_pre_attn_scalar=head_dim,
+            final_logit_softcapping=30.0,
+        )
     else:
         raise ValueError(f"tiny_config: family must be one of {FAMILIES}, got {family!r}")
     for key, value in overrides.items():
@@ -85,13 +107,18 @@ def tiny_config(family: str = "llama", num_layers: int = 2, hidden_size: int = 6
     return cfg
 
 
-def tiny_backbone(family: str = "llama", num_layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **config_kwargs):
+def tiny_backbone(
+    family: str = "llama", num_layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **config_kwargs
+):
     """A tiny causal LM of `family` with random weights (deterministic per seed), in eval mode."""
     import transformers as tf
 
     classes = {
-        "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
-        "gemma": tf.GemmaForCausalLM, "gemma3": tf.Gemma3ForCausalLM,
+        "llama": tf.LlamaForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "mistral": tf.MistralForCausalLM,
+        "gemma": tf.GemmaForCausalLM,
+        "gemma3": tf.Gemma3ForCausalLM,
     }
     cfg = tiny_config(family, num_layers=num_layers, **config_kwargs)
     cfg._attn_implementation = "sdpa"
@@ -131,8 +158,12 @@ def tiny_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_training_text(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -147,9 +178,17 @@ def write_tiny_checkpoint(folder: Path, num_layers: int = 2, seed: int = 0) -> P
     return folder
 
 
-def write_tiny_gguf(path: Path, num_layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4,
-                    kv_heads: int = 2, seed: int = 0) -> Path:
-    """A tiny Llama GGUF file (random fp32 tensors, the tiny BPE tokenizer in its metadata), as llama.cpp lays it out."""
+def write_tiny_gguf(
+    path: Path,
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny Llama GGUF file (random fp32 tensors, the tiny BPE tokenizer in its metadata), as llama.cpp lays it
+    out."""
     import json
 
     import gguf
@@ -184,9 +223,15 @@ def write_tiny_gguf(path: Path, num_layers: int = 2, hidden: int = 64, intermedi
     for b in range(num_layers):
         writer.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(hidden, np.float32))
         writer.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(hidden, np.float32))
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                            ("attn_output", (hidden, hidden)), ("ffn_gate", (intermediate, hidden)),
-                            ("ffn_up", (intermediate, hidden)), ("ffn_down", (hidden, intermediate))):
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (intermediate, hidden)),
+            ("ffn_up", (intermediate, hidden)),
+            ("ffn_down", (hidden, intermediate)),
+        ):
             tensor(f"blk.{b}.{name}.weight", *shape)
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     tensor("output.weight", len(tokens), hidden)

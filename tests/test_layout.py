@@ -51,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
             if node.startswith(dep + ".") or dep.startswith(node + "."):
                 continue
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         path.pop()
@@ -73,19 +73,24 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("layer, forbidden", [
-    ("ladder_kernels.kernels", "ladder_kernels.ops"),  # kernels implement contracts; they never call the ops
-    ("ladder_kernels.ops", "ladder_kernels.nn"),
-    ("ladder_kernels.quant", "ladder_kernels.ops"),
-    ("ladder_kernels.nn", "ladder_kernels.train"),
-    ("ladder_kernels.planning.planner", "ladder_kernels.train"),  # planning needs no training code
-    ("ladder_kernels.planning.methods", "ladder_kernels.train"),
-    ("ladder_kernels.planning.memory", "ladder_kernels.train"),
-    ("ladder_kernels.train", "ladder_kernels.cli"),
-    ("ladder_kernels.planning", "ladder_kernels.cli"),
-])
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("ladder_kernels.kernels", "ladder_kernels.ops"),  # kernels implement contracts; they never call the ops
+        ("ladder_kernels.ops", "ladder_kernels.nn"),
+        ("ladder_kernels.quant", "ladder_kernels.ops"),
+        ("ladder_kernels.nn", "ladder_kernels.train"),
+        ("ladder_kernels.planning.planner", "ladder_kernels.train"),  # planning needs no training code
+        ("ladder_kernels.planning.methods", "ladder_kernels.train"),
+        ("ladder_kernels.planning.memory", "ladder_kernels.train"),
+        ("ladder_kernels.train", "ladder_kernels.cli"),
+        ("ladder_kernels.planning", "ladder_kernels.cli"),
+    ],
+)
 def test_layers_import_only_downwards(graph, layer, forbidden):
-    offenders = {m: sorted(d for d in deps if d.startswith(forbidden)) for m, deps in graph.items() if m.startswith(layer)}
+    offenders = {
+        m: sorted(d for d in deps if d.startswith(forbidden)) for m, deps in graph.items() if m.startswith(layer)
+    }
     assert not {m: d for m, d in offenders.items() if d}, f"{layer} must not import {forbidden}"
 
 
@@ -95,9 +100,26 @@ def test_no_module_is_long():
 
 
 ONE_HOME = (
-    "METHODS", "DEFAULT_LR", "DTYPES", "LADDER_STORAGES", "BACKENDS", "DEFAULT_LADDER_EVERY", "DEFAULT_EVAL_SAMPLES",
-    "TASKS", "LORA_R", "default_xladder_depth", "ConfigError", "DataError", "ModelError", "RunDirError", "TrainingError",
-    "write_text_atomic", "write_bytes_atomic", "format_gib", "parse_bytes", "dequantize_packed",
+    "METHODS",
+    "DEFAULT_LR",
+    "DTYPES",
+    "LADDER_STORAGES",
+    "BACKENDS",
+    "DEFAULT_LADDER_EVERY",
+    "DEFAULT_EVAL_SAMPLES",
+    "TASKS",
+    "LORA_R",
+    "default_xladder_depth",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "RunDirError",
+    "TrainingError",
+    "write_text_atomic",
+    "write_bytes_atomic",
+    "format_gib",
+    "parse_bytes",
+    "dequantize_packed",
 )
 
 

@@ -17,7 +17,9 @@ SUBCOMMANDS = ("finetune", "generate", "evaluate", "plan", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ladder-kernels", description="Ladder Side Tuning / xLadder fine-tuning on a frozen 4-bit backbone.")
+    parser = argparse.ArgumentParser(
+        prog="ladder-kernels", description="Ladder Side Tuning / xLadder fine-tuning on a frozen 4-bit backbone."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:  # imported here, not at the top: `ladder-kernels --help` stays light
         importlib.import_module(f"ladder_kernels.cli.{name}").register(subparsers)
@@ -33,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ladder-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nladder-kernels {args.command}: interrupted (a finetune run continues from its last checkpoint with --resume)", file=sys.stderr)
+        print(
+            f"\nladder-kernels {args.command}: interrupted (a finetune run continues from its last checkpoint with "
+            "--resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

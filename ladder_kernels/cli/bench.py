@@ -14,7 +14,10 @@ from ladder_kernels.defaults import METHODS, dtype_from_name
 from ladder_kernels.errors import INPUT_ERRORS, ConfigError
 from ladder_kernels.planning.bench import TINY_CONFIGS, BenchSettings, run_bench, write_results
 
-DESCRIPTION = "End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs and machine."
+DESCRIPTION = (
+    "End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs "
+    "and machine."
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -29,11 +32,19 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", type=_names, default=METHODS, help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    p.add_argument("--models", type=_names, default=None,
-                   help=f"comma-separated: {', '.join(TINY_CONFIGS)}, smollm2, a shipped config (random weights) or a checkpoint "
-                        "folder (default: tiny-llama,smollm2 on CPU; llama-1b,llama-2-7b on GPU)")
-    p.add_argument("--seq-lens", type=_ints, default=None, help="comma-separated (default: 256..2048 on CPU, 512..8192 on GPU)")
+    p.add_argument(
+        "--methods", type=_names, default=METHODS, help=f"comma-separated, from {', '.join(METHODS)} (default: all)"
+    )
+    p.add_argument(
+        "--models",
+        type=_names,
+        default=None,
+        help=f"comma-separated: {', '.join(TINY_CONFIGS)}, smollm2, a shipped config (random weights) or a checkpoint "
+        "folder (default: tiny-llama,smollm2 on CPU; llama-1b,llama-2-7b on GPU)",
+    )
+    p.add_argument(
+        "--seq-lens", type=_ints, default=None, help="comma-separated (default: 256..2048 on CPU, 512..8192 on GPU)"
+    )
     p.add_argument("--batch-sizes", type=_ints, default=(1,), help="comma-separated (default 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell, after the warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (default 1)")
@@ -48,11 +59,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     return BenchSettings(
-        methods=args.methods, models=args.models or (("llama-1b", "llama-2-7b") if gpu else ("tiny-llama", "smollm2")),
+        methods=args.methods,
+        models=args.models or (("llama-1b", "llama-2-7b") if gpu else ("tiny-llama", "smollm2")),
         seq_lens=args.seq_lens or ((512, 1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048)),
-        batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, device=device,
+        batch_sizes=args.batch_sizes,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
         dtype=dtype_from_name(args.dtype),
-        out_dir=Path(args.out_dir), tag=args.tag, with_plan=args.plan,
+        out_dir=Path(args.out_dir),
+        tag=args.tag,
+        with_plan=args.plan,
     )
 
 
@@ -68,8 +85,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmark Ladder / xLadder against QLoRA: peak memory, tokens/s, loss",
-                              description=DESCRIPTION)
+    p = subparsers.add_parser(
+        "bench", help="benchmark Ladder / xLadder against QLoRA: peak memory, tokens/s, loss", description=DESCRIPTION
+    )
     add_arguments(p)
     p.set_defaults(func=run_bench_command)
 

@@ -24,11 +24,14 @@ def _arg_type(hint):
 
 def register(subparsers) -> None:
     """One option per FinetuneConfig field; defaults are None here so that explicitly given ones are known."""
-    p = subparsers.add_parser("finetune", help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
-                              description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
-                                          "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment. "
-                                          "Under torchrun / accelerate launch it runs data-parallel (DDP; rank 0 evaluates and "
-                                          "writes the run folder).")
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model with Ladder / xLadder (or QLoRA) and evaluate it",
+        description="Fine-tune with Ladder Side Tuning on a frozen NF4 backbone, evaluating held-out "
+        "accuracy before and after. Defaults: SmolLM2-135M-Instruct on tweet sentiment. "
+        "Under torchrun / accelerate launch it runs data-parallel (DDP; rank 0 evaluates and "
+        "writes the run folder).",
+    )
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
         choices = field_choices(f.name)
@@ -36,15 +39,24 @@ def register(subparsers) -> None:
         if _arg_type(hints[f.name]) is bool:  # --x / --no-x
             p.add_argument(flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
             continue
-        p.add_argument(flag(f.name), dest=f.name, default=None, type=_arg_type(hints[f.name]), choices=choices,
-                       metavar=None if choices else f.name.upper(), help=text)
+        p.add_argument(
+            flag(f.name),
+            dest=f.name,
+            default=None,
+            type=_arg_type(hints[f.name]),
+            choices=choices,
+            metavar=None if choices else f.name.upper(),
+            help=text,
+        )
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.set_defaults(func=run_finetune_command)
 
 
 def given_options(args: argparse.Namespace) -> dict:
     """The finetune options given on the command line (the others are None), by FinetuneConfig field name."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if getattr(args, f.name) is not None}
+    return {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if getattr(args, f.name) is not None
+    }
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:

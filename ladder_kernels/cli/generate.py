@@ -1,5 +1,6 @@
 """`ladder-kernels generate`: load a backbone and a side network (or LoRA adapter) saved by `finetune`,
 and print a completion."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,25 @@ from ladder_kernels.train.run_dir import load_finetuned
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="complete a prompt with a fine-tuned adapter",
-                              description="Load the backbone and the side network saved by `ladder-kernels finetune` and print a greedy completion.")
+    p = subparsers.add_parser(
+        "generate",
+        help="complete a prompt with a fine-tuned adapter",
+        description="Load the backbone and the side network saved by `ladder-kernels finetune` and print a greedy "
+        "completion.",
+    )
     p.add_argument("--adapter", required=True, help="a finetune run folder, or its adapter/ folder")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--task-template", action="store_true",
-                   help="wrap --prompt in the adapter's task template (sentiment: the prompt is the tweet; arith: the question)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate (default: the longest label for a classifier, else 32)")
+    p.add_argument(
+        "--task-template",
+        action="store_true",
+        help="wrap --prompt in the adapter's task template (sentiment: the prompt is the tweet; arith: the question)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate (default: the longest label for a classifier, else 32)",
+    )
     p.set_defaults(func=run_generate_command)
 
 

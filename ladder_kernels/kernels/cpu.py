@@ -98,5 +98,7 @@ def load_kernel(name: str):
     if not available():
         raise RuntimeError(f"backend 'cpu' unavailable: {_load_error}")
     if not has_kernel(name):
-        raise RuntimeError(f"backend 'cpu' unavailable: the C++ extension has no ladder_cpu::{KERNELS.get(name, name)} (rebuild it)")
+        raise RuntimeError(
+            f"backend 'cpu' unavailable: the C++ extension has no ladder_cpu::{KERNELS.get(name, name)} (rebuild it)"
+        )
     return getattr(torch.ops.ladder_cpu, KERNELS[name])

@@ -83,11 +83,17 @@ class BackboneSpec:
         attn = getattr(layers[0], "self_attn", None)
         q_proj = getattr(attn, "q_proj", None)
         spec = cls(
-            inner=inner, layers=layers, final_norm=final_norm, lm_head=lm_head,
-            model_type=str(getattr(cfg, "model_type", "")), hidden_size=cfg.hidden_size, num_heads=heads,
+            inner=inner,
+            layers=layers,
+            final_norm=final_norm,
+            lm_head=lm_head,
+            model_type=str(getattr(cfg, "model_type", "")),
+            hidden_size=cfg.hidden_size,
+            num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            intermediate_size=cfg.intermediate_size, rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+            intermediate_size=cfg.intermediate_size,
+            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg),
             activation=getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu",
             qkv_bias=getattr(q_proj, "bias", None) is not None,
@@ -98,7 +104,7 @@ class BackboneSpec:
 
     def attention_scaling(self, layer: int) -> float:
         """Layer `layer`'s attention score scale (head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5)."""
-        return float(getattr(self.layers[layer].self_attn, "scaling", self.head_dim ** -0.5))
+        return float(getattr(self.layers[layer].self_attn, "scaling", self.head_dim**-0.5))
 
     def inv_freq(self) -> Tensor:
         """The backbone's rotary inverse frequencies [head_dim/2] (with any rope scaling it applies)."""
@@ -106,20 +112,28 @@ class BackboneSpec:
 
 
 def decoder_parts(backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
-    """(backbone.model, its decoder layers, its final norm, backbone.lm_head), or a ValueError naming what is missing."""
+    """(backbone.model, its decoder layers, its final norm, backbone.lm_head), or a ValueError naming what is
+    missing."""
     what = type(backbone).__name__
-    needed = "a decoder-only causal LM exposing model.model.layers, model.model.embed_tokens, model.model.norm and model.lm_head"
+    needed = (
+        "a decoder-only causal LM exposing model.model.layers, model.model.embed_tokens, model.model.norm and "
+        "model.lm_head"
+    )
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"LadderModel: backbone must be a torch.nn.Module (a transformers causal LM), got {what}")
     inner = getattr(backbone, "model", None)
-    missing = [name for name, ok in (
-        ("model.model", inner is not None),
-        ("model.model.layers", isinstance(getattr(inner, "layers", None), nn.ModuleList)),
-        ("model.model.embed_tokens", getattr(inner, "embed_tokens", None) is not None),
-        ("model.model.norm", getattr(inner, "norm", None) is not None),
-        ("model.lm_head", getattr(getattr(backbone, "lm_head", None), "weight", None) is not None),
-        ("model.config", getattr(backbone, "config", None) is not None),
-    ) if not ok]
+    missing = [
+        name
+        for name, ok in (
+            ("model.model", inner is not None),
+            ("model.model.layers", isinstance(getattr(inner, "layers", None), nn.ModuleList)),
+            ("model.model.embed_tokens", getattr(inner, "embed_tokens", None) is not None),
+            ("model.model.norm", getattr(inner, "norm", None) is not None),
+            ("model.lm_head", getattr(getattr(backbone, "lm_head", None), "weight", None) is not None),
+            ("model.config", getattr(backbone, "config", None) is not None),
+        )
+        if not ok
+    ]
     if missing:
         raise ValueError(f"LadderModel: unsupported backbone {what}: missing {', '.join(missing)} (needs {needed})")
     if len(inner.layers) == 0:
@@ -149,19 +163,32 @@ def norm_gain(norm: nn.Module, width: int, device: torch.device) -> Tensor:
 
 def dense_layer_weights(layer: nn.Module, width: int) -> DenseLayerWeights:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in ATTENTION_PROJECTIONS) or not all(
-            hasattr(mlp, n) for n in MLP_PROJECTIONS):
+    if (
+        attn is None
+        or mlp is None
+        or not all(hasattr(attn, n) for n in ATTENTION_PROJECTIONS)
+        or not all(hasattr(mlp, n) for n in MLP_PROJECTIONS)
+    ):
         raise ValueError(
             f"side_init='pruned' needs decoder layers with self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj; "
-            f"{type(layer).__name__} lacks them (use side_init='random')")
+            f"{type(layer).__name__} lacks them (use side_init='random')"
+        )
     device = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else attn.q_proj.packed.device
     mlp_norm = next(getattr(layer, name) for name in MLP_NORM_NAMES if getattr(layer, name, None) is not None)
     bias = lambda m: None if getattr(m, "bias", None) is None else m.bias.detach().float()  # noqa: E731
     return DenseLayerWeights(
-        q=dense_weight(attn.q_proj), k=dense_weight(attn.k_proj), v=dense_weight(attn.v_proj), o=dense_weight(attn.o_proj),
-        gate=dense_weight(mlp.gate_proj), up=dense_weight(mlp.up_proj), down=dense_weight(mlp.down_proj),
-        attn_gain=norm_gain(layer.input_layernorm, width, device), mlp_gain=norm_gain(mlp_norm, width, device),
-        q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj), v_bias=bias(attn.v_proj),
+        q=dense_weight(attn.q_proj),
+        k=dense_weight(attn.k_proj),
+        v=dense_weight(attn.v_proj),
+        o=dense_weight(attn.o_proj),
+        gate=dense_weight(mlp.gate_proj),
+        up=dense_weight(mlp.up_proj),
+        down=dense_weight(mlp.down_proj),
+        attn_gain=norm_gain(layer.input_layernorm, width, device),
+        mlp_gain=norm_gain(mlp_norm, width, device),
+        q_bias=bias(attn.q_proj),
+        k_bias=bias(attn.k_proj),
+        v_bias=bias(attn.v_proj),
     )
 
 
@@ -183,6 +210,11 @@ def backbone_inv_freq(inner: nn.Module, head_dim: int, theta: float) -> Tensor:
         buffers = dict(rotary.named_buffers())
         for name in ("inv_freq", "full_attention_inv_freq", *sorted(buffers)):
             buf = buffers.get(name)
-            if buf is not None and name.endswith("inv_freq") and "original" not in name and buf.numel() == head_dim // 2:
+            if (
+                buf is not None
+                and name.endswith("inv_freq")
+                and "original" not in name
+                and buf.numel() == head_dim // 2
+            ):
                 return buf.detach().float().cpu()
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))

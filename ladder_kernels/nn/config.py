@@ -1,4 +1,5 @@
 """LadderConfig: how the side network is shaped, initialised and wired to the backbone (JSON round-trip)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,52 +27,140 @@ class LadderConfig:
     """Configuration of a LadderModel. Every field has a help string (`LadderConfig.help()` lists them)."""
 
     reduction_factor: int = field(default=8, metadata={"help": "r: the side network's width is hidden_size // r."})
-    ladder_layers: Optional[list[int]] = field(default=None, metadata={"help": (
-        "0-based indices of model.model.layers whose outputs feed the side network through ladders, one side "
-        "block per entry (None: every layer). Must be None when xladder_depth > 0.")})
-    xladder_depth: int = field(default=0, metadata={"help": (
-        "δ: 0 = plain Ladder. δ > 0 = xLadder: the side network branches at backbone layer L-δ, side blocks "
-        "1..δ take ladders from the top δ backbone layers, then δ free side blocks follow (side depth 2δ, "
-        "effective depth L+δ).")})
-    gate: Gate = field(default="scalar", metadata={"help": (
-        "How a ladder z enters the side stream s: 'scalar' s = μ·s + (1-μ)·z with μ = sigmoid(α/T), one α per "
-        "side block (Sung et al.'s LST); 'vector' the same with one α per channel (QST); 'none' s = s + z.")})
+    ladder_layers: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "0-based indices of model.model.layers whose outputs feed the side network through ladders, one side "
+                "block per entry (None: every layer). Must be None when xladder_depth > 0."
+            )
+        },
+    )
+    xladder_depth: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "δ: 0 = plain Ladder. δ > 0 = xLadder: the side network branches at backbone layer L-δ, side blocks "
+                "1..δ take ladders from the top δ backbone layers, then δ free side blocks follow (side depth 2δ, "
+                "effective depth L+δ)."
+            )
+        },
+    )
+    gate: Gate = field(
+        default="scalar",
+        metadata={
+            "help": (
+                "How a ladder z enters the side stream s: 'scalar' s = μ·s + (1-μ)·z with μ = sigmoid(α/T), one α per "
+                "side block (Sung et al.'s LST); 'vector' the same with one α per channel (QST); 'none' s = s + z."
+            )
+        },
+    )
     gate_temperature: float = field(default=0.1, metadata={"help": "T in μ = sigmoid(α/T)."})
     gate_init: float = field(default=0.0, metadata={"help": "α₀, the gates' initial value (0 gives μ = 0.5)."})
-    side_init: SideInit = field(default="pruned", metadata={"help": (
-        "'pruned': side weights start as the backbone's, keeping the largest-norm channels, heads' rotary "
-        "pairs and MLP units (LST's structural pruning), and the ladders start as channel selections; "
-        "'random': normal(0, init_std) weights.")})
-    init_std: float = field(default=0.02, metadata={"help": "Standard deviation of random side weights (side_init='random')."})
-    output_mix: OutputMix = field(default="vector", metadata={"help": (
-        "What the frozen lm_head reads: 'vector' a ⊙ h + up_proj(norm(s)) with h the backbone's final normed "
-        "hidden state and a per channel (a = 1, up_proj = 0 at step 0: the backbone's own loss); 'scalar' the "
-        "same with one a; 'side_only' up_proj(norm(s)) alone, as in the original LST (not the backbone at step 0).")})
-    ladder_storage: LadderStorage = field(default="bf16", metadata={"help": (
-        "How each ladder input h_l kept for the down-projection's weight gradient is stored: 'bf16' or 'int8' "
-        "(per-row absmax, half the memory).")})
-    backbone_quant: BackboneQuant = field(default="nf4", metadata={"help": (
-        "'nf4': quantize the backbone's linear layers (all but lm_head) to NF4 unless already 4-bit; 'none': "
-        "keep them as they are.")})
-    loss_chunk_size: int = field(default=1024, metadata={"help": (
-        "Tokens per chunk of the fused linear cross-entropy (the [tokens x vocab] logits never exist whole).")})
-    side_num_heads: Optional[int] = field(default=None, metadata={"help": "Side attention heads (None: the backbone's)."})
-    side_num_kv_heads: Optional[int] = field(default=None, metadata={"help": (
-        "Side key/value heads, dividing side_num_heads (None: the backbone's, or side_num_heads if that is set).")})
-    side_head_dim: Optional[int] = field(default=None, metadata={"help": (
-        "Side head dimension, even (None: the backbone's head_dim // r, rounded down to even, at least 2).")})
-    side_intermediate_size: Optional[int] = field(default=None, metadata={"help": (
-        "Side SwiGLU MLP width (None: the backbone's intermediate_size // r).")})
-    side_checkpointing: bool = field(default=False, metadata={"help": (
-        "Recompute each side block (with its gate) in the backward instead of keeping its activations: per layer "
-        "only the block's inputs (2 x width per token) stay alive, for about a third more side compute.")})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the side blocks' attention and MLP outputs while training."})
-    compute_dtype: ComputeDType = field(default="auto", metadata={"help": (
-        "dtype of the forward computation: 'auto' keeps the backbone's; otherwise the backbone's floating "
-        "parameters are cast to it. Side parameters stay float32 (master weights) and are cast per use.")})
-    backend: Optional[Backend] = field(default=None, metadata={"help": (
-        "Kernel backend for the backbone's NF4 matmuls, the down-projections and the cross-entropy: 'triton', "
-        "'cpu', 'torch' or None (chosen per call by device).")})
+    side_init: SideInit = field(
+        default="pruned",
+        metadata={
+            "help": (
+                "'pruned': side weights start as the backbone's, keeping the largest-norm channels, heads' rotary "
+                "pairs and MLP units (LST's structural pruning), and the ladders start as channel selections; "
+                "'random': normal(0, init_std) weights."
+            )
+        },
+    )
+    init_std: float = field(
+        default=0.02, metadata={"help": "Standard deviation of random side weights (side_init='random')."}
+    )
+    output_mix: OutputMix = field(
+        default="vector",
+        metadata={
+            "help": (
+                "What the frozen lm_head reads: 'vector' a ⊙ h + up_proj(norm(s)) with h the backbone's final normed "
+                "hidden state and a per channel (a = 1, up_proj = 0 at step 0: the backbone's own loss); 'scalar' the "
+                "same with one a; 'side_only' up_proj(norm(s)) alone, as in the original LST (not the backbone at "
+                "step 0)."
+            )
+        },
+    )
+    ladder_storage: LadderStorage = field(
+        default="bf16",
+        metadata={
+            "help": (
+                "How each ladder input h_l kept for the down-projection's weight gradient is stored: 'bf16' or 'int8' "
+                "(per-row absmax, half the memory)."
+            )
+        },
+    )
+    backbone_quant: BackboneQuant = field(
+        default="nf4",
+        metadata={
+            "help": (
+                "'nf4': quantize the backbone's linear layers (all but lm_head) to NF4 unless already 4-bit; 'none': "
+                "keep them as they are."
+            )
+        },
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": (
+                "Tokens per chunk of the fused linear cross-entropy (the [tokens x vocab] logits never exist whole)."
+            )
+        },
+    )
+    side_num_heads: Optional[int] = field(
+        default=None, metadata={"help": "Side attention heads (None: the backbone's)."}
+    )
+    side_num_kv_heads: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Side key/value heads, dividing side_num_heads (None: the backbone's, or side_num_heads if that is "
+                "set)."
+            )
+        },
+    )
+    side_head_dim: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Side head dimension, even (None: the backbone's head_dim // r, rounded down to even, at least 2)."
+            )
+        },
+    )
+    side_intermediate_size: Optional[int] = field(
+        default=None, metadata={"help": ("Side SwiGLU MLP width (None: the backbone's intermediate_size // r).")}
+    )
+    side_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Recompute each side block (with its gate) in the backward instead of keeping its activations: per "
+                "layer "
+                "only the block's inputs (2 x width per token) stay alive, for about a third more side compute."
+            )
+        },
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the side blocks' attention and MLP outputs while training."}
+    )
+    compute_dtype: ComputeDType = field(
+        default="auto",
+        metadata={
+            "help": (
+                "dtype of the forward computation: 'auto' keeps the backbone's; otherwise the backbone's floating "
+                "parameters are cast to it. Side parameters stay float32 (master weights) and are cast per use."
+            )
+        },
+    )
+    backend: Optional[Backend] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Kernel backend for the backbone's NF4 matmuls, the down-projections and the cross-entropy: 'triton', "
+                "'cpu', 'torch' or None (chosen per call by device)."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,11 +176,21 @@ class LadderConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         if self.side_head_dim is not None and self.side_head_dim % 2:
             raise ValueError(f"LadderConfig.side_head_dim must be even (rotary pairs), got {self.side_head_dim}")
-        if self.side_num_heads is not None and self.side_num_kv_heads is not None and self.side_num_heads % self.side_num_kv_heads:
-            raise ValueError(f"LadderConfig.side_num_kv_heads ({self.side_num_kv_heads}) must divide side_num_heads ({self.side_num_heads})")
+        if (
+            self.side_num_heads is not None
+            and self.side_num_kv_heads is not None
+            and self.side_num_heads % self.side_num_kv_heads
+        ):
+            raise ValueError(
+                f"LadderConfig.side_num_kv_heads ({self.side_num_kv_heads}) must divide side_num_heads "
+                f"({self.side_num_heads})"
+            )
         if self.ladder_layers is not None:
             if isinstance(self.ladder_layers, (str, bytes)) or not hasattr(self.ladder_layers, "__iter__"):
-                raise TypeError(f"LadderConfig.ladder_layers must be a list of layer indices or None, got {type(self.ladder_layers).__name__}")
+                raise TypeError(
+                    "LadderConfig.ladder_layers must be a list of layer indices or None, got "
+                    f"{type(self.ladder_layers).__name__}"
+                )
             layers = list(self.ladder_layers)
             for i in layers:
                 _check_int("ladder_layers[...]", i, minimum=0)
@@ -100,7 +199,9 @@ class LadderConfig:
             if layers != sorted(set(layers)):
                 raise ValueError(f"LadderConfig.ladder_layers must be strictly increasing, got {layers}")
             if self.xladder_depth > 0:
-                raise ValueError("LadderConfig.ladder_layers must be None when xladder_depth > 0 (xLadder uses the top δ layers)")
+                raise ValueError(
+                    "LadderConfig.ladder_layers must be None when xladder_depth > 0 (xLadder uses the top δ layers)"
+                )
             self.ladder_layers = layers
         hints = typing.get_type_hints(LadderConfig)
         for f in dataclasses.fields(self):
@@ -108,7 +209,9 @@ class LadderConfig:
             if choices is not None and not (getattr(self, f.name) is None and f.default is None):
                 _check_choice(f.name, getattr(self, f.name), choices)
         if not isinstance(self.side_checkpointing, bool):
-            raise TypeError(f"LadderConfig.side_checkpointing must be a bool, got {type(self.side_checkpointing).__name__}")
+            raise TypeError(
+                f"LadderConfig.side_checkpointing must be a bool, got {type(self.side_checkpointing).__name__}"
+            )
         _check_float("gate_temperature", self.gate_temperature)
         if self.gate_temperature <= 0:
             raise ValueError(f"LadderConfig.gate_temperature must be > 0, got {self.gate_temperature}")

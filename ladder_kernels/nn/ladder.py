@@ -6,6 +6,7 @@ z_l = downproj_l(h_l) as it appears, and the backbone's loop then drops h_l. Onl
 the down-projections' weight gradients (bf16 or int8) and the side network's own activations (width D/r)
 live until backward. The loss goes through the frozen lm_head by the fused chunked cross-entropy.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,14 +48,24 @@ def side_shape(spec: BackboneSpec, config: LadderConfig) -> SideShape:
     side_heads = config.side_num_heads or spec.num_heads
     side_kv = config.side_num_kv_heads or (spec.num_kv_heads if config.side_num_heads is None else side_heads)
     if side_heads % side_kv:
-        raise ValueError(f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)")
+        raise ValueError(
+            f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)"
+        )
     if spec.activation not in ACT2FN:
-        raise ValueError(f"side network: the backbone's activation {spec.activation!r} is not a transformers activation name")
+        raise ValueError(
+            f"side network: the backbone's activation {spec.activation!r} is not a transformers activation name"
+        )
     return SideShape(
-        hidden_size=D, width=width, num_heads=side_heads, num_kv_heads=side_kv,
+        hidden_size=D,
+        width=width,
+        num_heads=side_heads,
+        num_kv_heads=side_kv,
         head_dim=config.side_head_dim or max(2, (spec.head_dim // r) // 2 * 2),
         intermediate_size=config.side_intermediate_size or max(1, spec.intermediate_size // r),
-        rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, qkv_bias=spec.qkv_bias, activation=spec.activation,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        qkv_bias=spec.qkv_bias,
+        activation=spec.activation,
     )
 
 
@@ -67,7 +78,9 @@ def side_wiring(num_layers: int, config: LadderConfig) -> tuple[int, list[int], 
         return num_layers - delta - 1, list(range(num_layers - delta, num_layers)), delta
     layers = config.ladder_layers if config.ladder_layers is not None else list(range(num_layers))
     if layers[-1] >= num_layers:
-        raise ValueError(f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)")
+        raise ValueError(
+            f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)"
+        )
     return -1, list(layers), 0
 
 
@@ -114,9 +127,18 @@ class LadderModel(nn.Module):
         shape = side_shape(spec, config)
         branch, sources, free = side_wiring(spec.num_layers, config)
         side = SideNetwork(
-            shape, branch, sources, free, gate=config.gate, gate_temperature=config.gate_temperature,
-            gate_init=config.gate_init, output_mix=config.output_mix, dropout=config.dropout,
-            init_std=config.init_std, ladder_storage=config.ladder_storage, backend=config.backend,
+            shape,
+            branch,
+            sources,
+            free,
+            gate=config.gate,
+            gate_temperature=config.gate_temperature,
+            gate_init=config.gate_init,
+            output_mix=config.output_mix,
+            dropout=config.dropout,
+            init_std=config.init_std,
+            ladder_storage=config.ladder_storage,
+            backend=config.backend,
             checkpointing=config.side_checkpointing,
         ).to(device)
         if _initialize_side and config.side_init == "pruned":
@@ -155,9 +177,15 @@ class LadderModel(nn.Module):
         return self.side.connection_map()
 
     # --- streaming forward -------------------------------------------------------------------------------
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
-               backbone_cache=None, side_cache: Optional[SideKVCache] = None,
-               backbone_states: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    def stream(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor],
+        position_ids: Tensor,
+        backbone_cache=None,
+        side_cache: Optional[SideKVCache] = None,
+        backbone_states: Optional[dict] = None,
+    ) -> tuple[Tensor, Tensor]:
         """Backbone under no_grad with ladder hooks, then the side stream: (side stream s [B, T, d], the
         backbone's final normed hidden state [B, T, D]); `side.mix` of them is what lm_head reads.
 
@@ -188,8 +216,9 @@ class LadderModel(nn.Module):
         ladders = [ladder_inputs[k] for k in range(len(side.ladder_sources))]
         return side(ladder_inputs[BRANCH], ladders, position_ids, mask, side_cache), h_final
 
-    def _run_backbone(self, project, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
-                      backbone_cache) -> Tensor:
+    def _run_backbone(
+        self, project, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor, backbone_cache
+    ) -> Tensor:
         """The backbone's forward under no_grad, its final normed hidden state [B, T, D]; hooks hand the side
         network's inputs to project(source, h) as they appear (BRANCH: the branch point, k: ladder k), so the
         backbone's loop can drop each h after it."""
@@ -198,6 +227,7 @@ class LadderModel(nn.Module):
         def ladder_hook(source):
             def hook(module, args, output):
                 project(source, output[0] if isinstance(output, tuple) else output)
+
             return hook
 
         def embedding_hook(module, args, kwargs):
@@ -208,8 +238,12 @@ class LadderModel(nn.Module):
             handles.append(layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
         else:
             handles.append(layers[side.branch_source].register_forward_hook(ladder_hook(BRANCH)))
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=backbone_cache is not None)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=backbone_cache is not None,
+        )
         if backbone_cache is not None:
             kwargs[self.spec.cache_kwarg] = backbone_cache
         try:
@@ -225,9 +259,17 @@ class LadderModel(nn.Module):
         cap = self.spec.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, num_items_in_batch=None, logits_to_keep: int = 0,
-                backbone_states: Optional[dict] = None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        num_items_in_batch=None,
+        logits_to_keep: int = 0,
+        backbone_states: Optional[dict] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """Loss (fused cross-entropy, logits None) when labels are given, else logits [B, T, vocab] (only the last
         `logits_to_keep` positions if > 0, as in transformers).
 
@@ -240,7 +282,11 @@ class LadderModel(nn.Module):
         Trainer, gradient accumulation): the loss is the sum over tokens divided by it.
         """
         # transformers callers may pass these flags; they change nothing here. Anything else is an error.
-        unknown = sorted(k for k, v in kwargs.items() if not (k in ("use_cache", "return_dict") and (v is None or isinstance(v, bool))))
+        unknown = sorted(
+            k
+            for k, v in kwargs.items()
+            if not (k in ("use_cache", "return_dict") and (v is None or isinstance(v, bool)))
+        )
         if unknown:
             raise TypeError(f"LadderModel.forward: unexpected arguments {unknown}")
         _check_ids("input_ids", input_ids, None)
@@ -253,7 +299,9 @@ class LadderModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, input_ids)
         if backbone_states is not None and not isinstance(backbone_states, dict):
-            raise TypeError(f"LadderModel.forward: backbone_states must be a dict or None, got {type(backbone_states).__name__}")
+            raise TypeError(
+                f"LadderModel.forward: backbone_states must be a dict or None, got {type(backbone_states).__name__}"
+            )
         s, h_final = self.stream(input_ids, attention_mask, position_ids, backbone_states=backbone_states)
         if labels is None:
             if logits_to_keep:
@@ -269,9 +317,15 @@ class LadderModel(nn.Module):
         hidden = self.side.mix(s, h_final)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = fused_linear_cross_entropy(
-            hidden.to(lm_head.weight.dtype), lm_head.weight, shifted, bias=getattr(lm_head, "bias", None),
-            ignore_index=-100, chunk_size=self.ladder_config.loss_chunk_size, reduction=reduction,
-            softcap=self.spec.logit_softcap, backend=self.ladder_config.backend,
+            hidden.to(lm_head.weight.dtype),
+            lm_head.weight,
+            shifted,
+            bias=getattr(lm_head, "bias", None),
+            ignore_index=-100,
+            chunk_size=self.ladder_config.loss_chunk_size,
+            reduction=reduction,
+            softcap=self.spec.logit_softcap,
+            backend=self.ladder_config.backend,
         )
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
@@ -279,9 +333,17 @@ class LadderModel(nn.Module):
 
     # --- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id=None,
+        attention_mask: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
         """[B, T + n] token ids. Two KV caches (the backbone's transformers cache and the side's) advance together.
         Finished sequences (eos_token_id: int or list) are padded with their first eos id."""
         _check_ids("input_ids", input_ids, None)
@@ -324,9 +386,13 @@ class LadderModel(nn.Module):
     def _backbone_signature(self) -> dict[str, str]:
         """What a saved side network was trained on (safetensors metadata), checked when loading."""
         cfg = self.config
-        return {"format": "pt", "backbone_model_type": str(getattr(cfg, "model_type", "")),
-                "backbone_num_layers": str(len(self.backbone.model.layers)), "backbone_hidden_size": str(cfg.hidden_size),
-                "backbone_vocab_size": str(self.backbone.lm_head.weight.shape[0])}
+        return {
+            "format": "pt",
+            "backbone_model_type": str(getattr(cfg, "model_type", "")),
+            "backbone_num_layers": str(len(self.backbone.model.layers)),
+            "backbone_hidden_size": str(cfg.hidden_size),
+            "backbone_vocab_size": str(self.backbone.lm_head.weight.shape[0]),
+        }
 
     # --- save / load ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -339,7 +405,9 @@ class LadderModel(nn.Module):
         self.ladder_config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, directory: str | os.PathLike, config: Optional[LadderConfig] = None) -> "LadderModel":
+    def from_pretrained(
+        cls, backbone: nn.Module, directory: str | os.PathLike, config: Optional[LadderConfig] = None
+    ) -> "LadderModel":
         """Rebuild from `save_pretrained` output (or an HF Trainer checkpoint plus `config`). Reads only JSON and
         safetensors."""
         from safetensors import SafetensorError, safe_open
@@ -348,12 +416,22 @@ class LadderModel(nn.Module):
         config_path = os.path.join(directory, CONFIG_NAME)
         if config is None:
             if not os.path.isfile(config_path):
-                raise FileNotFoundError(f"LadderModel.from_pretrained: {config_path} not found (pass config= for a Trainer checkpoint)")
+                raise FileNotFoundError(
+                    f"LadderModel.from_pretrained: {config_path} not found (pass config= for a Trainer checkpoint)"
+                )
             config = LadderConfig.from_json_file(config_path)
-        weights = next((os.path.join(directory, n) for n in (WEIGHTS_NAME, TRAINER_WEIGHTS_NAME)
-                        if os.path.isfile(os.path.join(directory, n))), None)
+        weights = next(
+            (
+                os.path.join(directory, n)
+                for n in (WEIGHTS_NAME, TRAINER_WEIGHTS_NAME)
+                if os.path.isfile(os.path.join(directory, n))
+            ),
+            None,
+        )
         if weights is None:
-            raise FileNotFoundError(f"LadderModel.from_pretrained: neither {WEIGHTS_NAME} nor {TRAINER_WEIGHTS_NAME} in {directory}")
+            raise FileNotFoundError(
+                f"LadderModel.from_pretrained: neither {WEIGHTS_NAME} nor {TRAINER_WEIGHTS_NAME} in {directory}"
+            )
         model = cls(backbone, config, _initialize_side=False)
         try:
             with safe_open(weights, "pt") as f:
@@ -364,7 +442,9 @@ class LadderModel(nn.Module):
         expected = model._backbone_signature()
         mismatched = {k: (v, expected[k]) for k, v in saved_for.items() if k in expected and v != expected[k]}
         if mismatched:
-            raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})")
+            raise ValueError(
+                f"LadderModel.from_pretrained: {weights} does not match this backbone (saved vs given: {mismatched})"
+            )
         state = {k.removeprefix("side."): v for k, v in state.items()}
         if "ladders.0" in state and "branch_proj" not in state:  # adapters saved when ladders[0] was the branch
             n = len(model.side.ladders)
@@ -375,7 +455,9 @@ class LadderModel(nn.Module):
         try:
             model.side.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"LadderModel.from_pretrained: {weights} does not match this backbone and config: {exc}") from exc
+            raise ValueError(
+                f"LadderModel.from_pretrained: {weights} does not match this backbone and config: {exc}"
+            ) from exc
         return model
 
 

@@ -1,4 +1,5 @@
 """Frozen NF4 linear layers, in-place model quantization, and patching bitsandbytes layers to our kernels."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -40,8 +41,10 @@ def _check_storage_dtype(storage_dtype) -> None:
     if not isinstance(storage_dtype, torch.dtype):
         raise TypeError(f"storage_dtype must be a torch.dtype (one of {names}), got {storage_dtype!r}")
     if not storage_dtype.is_floating_point:
-        raise ValueError(f"storage_dtype must be a floating dtype (one of {names}) that FSDP can flatten, got {storage_dtype}; "
-                         "the NF4 bytes are uint8 already: leave them as buffers when not sharding them")
+        raise ValueError(
+            f"storage_dtype must be a floating dtype (one of {names}) that FSDP can flatten, got {storage_dtype}; "
+            "the NF4 bytes are uint8 already: leave them as buffers when not sharding them"
+        )
     if storage_dtype not in SHARDABLE_STORAGE_DTYPES:
         raise ValueError(f"storage_dtype {storage_dtype} is not supported for the NF4 bytes; use one of {names}")
 
@@ -55,7 +58,13 @@ class NF4Linear(nn.Module):
     holding the same bytes viewed as `storage_dtype` (1-D, zero-padded to whole elements), so FSDP2 shards it.
     """
 
-    def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: Optional[torch.Tensor] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"NF4Linear: weight must be an NF4Weight, got {type(weight).__name__}")
@@ -113,12 +122,25 @@ class NF4Linear(nn.Module):
     @property
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(
-            packed=self.packed_bytes, absmax=self.absmax, blocksize=self.blocksize, shape=(self.out_features, self.in_features),
-            dtype=self.weight_dtype, code=self.code, nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset,
+            packed=self.packed_bytes,
+            absmax=self.absmax,
+            blocksize=self.blocksize,
+            shape=(self.out_features, self.in_features),
+            dtype=self.weight_dtype,
+            code=self.code,
+            nested_absmax=self.nested_absmax,
+            nested_code=self.nested_code,
+            offset=self.offset,
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "NF4Linear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"NF4Linear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
@@ -130,7 +152,10 @@ class NF4Linear(nn.Module):
         _bnb_standard_layout_(layer)
         state = getattr(layer.weight, "quant_state", None)
         if state is None:
-            raise ValueError("NF4Linear.from_bnb: layer.weight has no quant_state (move the layer to its device to quantize it first)")
+            raise ValueError(
+                "NF4Linear.from_bnb: layer.weight has no quant_state (move the layer to its device to quantize it "
+                "first)"
+            )
         q = NF4Weight.from_bnb(layer.weight.data, state)
         return cls(q, layer.bias, compute_dtype=getattr(layer, "compute_dtype", None))
 
@@ -143,8 +168,10 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
         storage = f", storage_dtype={self.storage_dtype}" if self.storage_dtype is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}{dq}{storage}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.blocksize}{dq}{storage}"
+        )
 
 
 def make_backbone_shardable_(model: nn.Module, storage_dtype: torch.dtype = torch.bfloat16) -> int:
@@ -158,8 +185,10 @@ def make_backbone_shardable_(model: nn.Module, storage_dtype: torch.dtype = torc
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     linear4bit = bnb_linear4bit_class()
     if not layers and linear4bit is not None and any(isinstance(m, linear4bit) for m in model.modules()):
-        raise ValueError("make_backbone_shardable_: the model holds bitsandbytes Linear4bit layers, not NF4Linear; "
-                         "load them with bnb_4bit_quant_storage instead, or convert them with quantize_model_")
+        raise ValueError(
+            "make_backbone_shardable_: the model holds bitsandbytes Linear4bit layers, not NF4Linear; "
+            "load them with bnb_4bit_quant_storage instead, or convert them with quantize_model_"
+        )
     for layer in layers:
         layer.make_shardable_(storage_dtype)
     return len(layers)
@@ -170,8 +199,13 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
-def quantize_model_(model: nn.Module, skip_modules: Iterable[str] = ("lm_head",), blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def quantize_model_(
+    model: nn.Module,
+    skip_modules: Iterable[str] = ("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
     """Replace, in place, every nn.Linear and bitsandbytes nf4 Linear4bit (except `skip_modules`, matched by
     name or leaf name, glob patterns allowed) by an NF4Linear. Returns the model."""
     skip_modules = tuple(skip_modules)

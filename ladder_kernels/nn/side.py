@@ -6,12 +6,14 @@ Wiring (one `SideNetwork`, whatever the backbone family):
     s_k = block_k(gate_k(s_{k-1}, downproj_k(h_{ladder_sources[k-1]})))   k = 1..n: the ladder-fed blocks
     s_k = block_k(s_{k-1})                           for the δ free blocks that follow (xLadder)
     (in code: blocks[k-1], gates[k-1], ladders[k-1]; downproj_0 is branch_proj)
-    out = a ⊙ h_final + up_proj(norm(s))             (`mix`; output_mix "vector"/"scalar"; "side_only": up_proj(norm(s)))
+    out = a ⊙ h_final + up_proj(norm(s))             (`mix`; output_mix "vector"/"scalar";
+                                                     "side_only": up_proj(norm(s)))
 
 Side parameters are float32 master weights, cast to the activations' dtype where used (bf16 compute works).
 Blocks: RMSNorm, RoPE attention through scaled_dot_product_attention with the side's own KV cache, a gated MLP
 (SwiGLU, or the backbone's gate activation, e.g. Gemma's tanh-GELU).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,11 +45,11 @@ def _rotate_half(x: Tensor) -> Tensor:
 class SideShape:
     """Sizes of the side network, resolved from the backbone's config and the LadderConfig."""
 
-    hidden_size: int          # D, the backbone's width
-    width: int                # d = D // r
+    hidden_size: int  # D, the backbone's width
+    width: int  # d = D // r
     num_heads: int
     num_kv_heads: int
-    head_dim: int             # even (rotary pairs)
+    head_dim: int  # even (rotary pairs)
     intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
@@ -106,12 +108,22 @@ class SideAttention(nn.Module):
         xf = x.float()
         return (xf * emb.cos() + _rotate_half(xf) * emb.sin()).to(x.dtype)
 
-    def forward(self, x: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int) -> Tensor:
+    def forward(
+        self, x: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int
+    ) -> Tensor:
         b, t, _ = x.shape
         group = self.num_heads // self.num_kv_heads
         q = _linear(x, self.q_proj.weight, self.q_proj.bias).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = _linear(x, self.k_proj.weight, self.k_proj.bias).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = _linear(x, self.v_proj.weight, self.v_proj.bias).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = (
+            _linear(x, self.k_proj.weight, self.k_proj.bias)
+            .view(b, t, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)
+        )
+        v = (
+            _linear(x, self.v_proj.weight, self.v_proj.bias)
+            .view(b, t, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         q = self._rope(q, position_ids, self.inv_freq.repeat_interleave(group, dim=0))
         k = self._rope(k, position_ids, self.inv_freq)
         if cache is not None:
@@ -137,7 +149,9 @@ class SideMLP(nn.Module):
         self.act = ACT2FN[shape.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _linear(self.act(_linear(x, self.gate_proj.weight)) * _linear(x, self.up_proj.weight), self.down_proj.weight)
+        return _linear(
+            self.act(_linear(x, self.gate_proj.weight)) * _linear(x, self.up_proj.weight), self.down_proj.weight
+        )
 
 
 class SideBlock(nn.Module):
@@ -151,7 +165,9 @@ class SideBlock(nn.Module):
         self.mlp = SideMLP(shape)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, s: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int) -> Tensor:
+    def forward(
+        self, s: Tensor, position_ids: Tensor, mask: Optional[Tensor], cache: Optional[SideKVCache], index: int
+    ) -> Tensor:
         s = s + self.dropout(self.attn(self.attn_norm(s), position_ids, mask, cache, index))
         return s + self.dropout(self.mlp(self.mlp_norm(s)))
 
@@ -185,12 +201,30 @@ class SideNetwork(nn.Module):
     num_free_blocks: xLadder's blocks without a ladder, after the ladder blocks.
     """
 
-    def __init__(self, shape: SideShape, branch_source: int, ladder_sources: list[int], num_free_blocks: int, *,
-                 gate: str, gate_temperature: float, gate_init: float, output_mix: str, dropout: float,
-                 init_std: float, ladder_storage: str, backend: Optional[str], checkpointing: bool = False):
+    def __init__(
+        self,
+        shape: SideShape,
+        branch_source: int,
+        ladder_sources: list[int],
+        num_free_blocks: int,
+        *,
+        gate: str,
+        gate_temperature: float,
+        gate_init: float,
+        output_mix: str,
+        dropout: float,
+        init_std: float,
+        ladder_storage: str,
+        backend: Optional[str],
+        checkpointing: bool = False,
+    ):
         super().__init__()
         self.shape, self.checkpointing = shape, checkpointing
-        self.branch_source, self.ladder_sources, self.num_free_blocks = branch_source, list(ladder_sources), num_free_blocks
+        self.branch_source, self.ladder_sources, self.num_free_blocks = (
+            branch_source,
+            list(ladder_sources),
+            num_free_blocks,
+        )
         self.ladder_storage, self.backend, self.output_mix = ladder_storage, backend, output_mix
         d, D = shape.width, shape.hidden_size
         # branch_proj starts the side stream from the branch point; ladders[k] feeds block k.
@@ -200,7 +234,9 @@ class SideNetwork(nn.Module):
         self.blocks = nn.ModuleList([SideBlock(shape, dropout) for _ in range(len(ladder_sources) + num_free_blocks)])
         self.norm = SideRMSNorm(d, shape.rms_norm_eps)
         self.up_proj = nn.Linear(d, D, bias=False)
-        self.mix_weight = None if output_mix == "side_only" else nn.Parameter(torch.ones((1,) if output_mix == "scalar" else (D,)))  # [1]: see LadderGate
+        self.mix_weight = (
+            None if output_mix == "side_only" else nn.Parameter(torch.ones((1,) if output_mix == "scalar" else (D,)))
+        )  # [1]: see LadderGate
         self.init_random_(init_std)
 
     # --- structure -------------------------------------------------------------------------------------
@@ -239,20 +275,35 @@ class SideNetwork(nn.Module):
         weight = self.branch_proj if source == BRANCH else self.ladders[source]
         return downproj(h, weight, storage=self.ladder_storage, backend=self.backend)
 
-    def _gated_block(self, k: int, s: Tensor, z: Optional[Tensor], position_ids: Tensor, mask: Optional[Tensor],
-                     cache: Optional[SideKVCache] = None) -> Tensor:
+    def _gated_block(
+        self,
+        k: int,
+        s: Tensor,
+        z: Optional[Tensor],
+        position_ids: Tensor,
+        mask: Optional[Tensor],
+        cache: Optional[SideKVCache] = None,
+    ) -> Tensor:
         if z is not None:
             s = self.gates[k](s, z)
         return self.blocks[k](s, position_ids, mask, cache, k)
 
-    def forward(self, s0: Tensor, ladder_inputs: list[Tensor], position_ids: Tensor, mask: Optional[Tensor] = None,
-                cache: Optional[SideKVCache] = None) -> Tensor:
+    def forward(
+        self,
+        s0: Tensor,
+        ladder_inputs: list[Tensor],
+        position_ids: Tensor,
+        mask: Optional[Tensor] = None,
+        cache: Optional[SideKVCache] = None,
+    ) -> Tensor:
         """The side stream: s0 = project(BRANCH, h_branch), ladder_inputs[k] = project(k, h) -> s [B, T, d].
 
         mask: bool [B, 1, T, T_past + T] (True = attend), or None for plain causal attention without a cache.
         """
         if len(ladder_inputs) != len(self.ladder_sources):
-            raise ValueError(f"SideNetwork: expected {len(self.ladder_sources)} ladder inputs, got {len(ladder_inputs)}")
+            raise ValueError(
+                f"SideNetwork: expected {len(self.ladder_sources)} ladder inputs, got {len(ladder_inputs)}"
+            )
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         s = s0
         for k in range(len(self.blocks)):
@@ -272,7 +323,9 @@ class SideNetwork(nn.Module):
         return h_final * self.mix_weight.to(h_final.dtype) + side_out
 
 
-def attention_mask_for(key_padding: Optional[Tensor], query_len: int, past_len: int, device: torch.device) -> Optional[Tensor]:
+def attention_mask_for(
+    key_padding: Optional[Tensor], query_len: int, past_len: int, device: torch.device
+) -> Optional[Tensor]:
     """Bool [B, 1, Tq, past+Tq] mask (True = attend): causal, padded keys masked. Each query may always see
     itself, so rows of padded queries stay finite (they are ignored anyway). None when no mask is needed:
     no padding and either no past (plain causal) or a single query (it sees everything)."""
@@ -284,6 +337,9 @@ def attention_mask_for(key_padding: Optional[Tensor], query_len: int, past_len: 
     mask = (k_pos <= q_pos)[None, None]
     if key_padding is not None:
         if key_padding.shape[-1] != total:
-            raise ValueError(f"attention_mask covers {key_padding.shape[-1]} positions, expected {total} (past {past_len} + new {query_len})")
+            raise ValueError(
+                f"attention_mask covers {key_padding.shape[-1]} positions, expected {total} (past {past_len} + new "
+                f"{query_len})"
+            )
         mask = mask & key_padding.bool()[:, None, None, :]
     return mask | (k_pos == q_pos)[None, None]

@@ -19,6 +19,7 @@ Row-wise CE kernel `cross_entropy_rows`, backends (chosen per call by `ladder_ke
   cpu     torch.ops.ladder_cpu.cross_entropy_rows_   (csrc/cross_entropy.cpp, parallel over rows)
   torch   the reference below
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,8 +57,15 @@ def reference_ce_rows_(logits: Tensor, labels: Tensor, ignore_index: int, softca
 
 
 def chunked_linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
-    chunk_size: int, softcap: Optional[float], compute_grad: bool, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    ignore_index: int,
+    chunk_size: int,
+    softcap: Optional[float],
+    compute_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """The op's body: (losses [T] fp32, grad_hidden [T, D] (or [0, D]) of sum(losses)), chunk by chunk."""
     T, D = hidden.shape
@@ -89,13 +97,23 @@ def chunked_linear_cross_entropy(
 # --- the op --------------------------------------------------------------------------------------------
 @torch.library.custom_op("ladder::fused_linear_cross_entropy", mutates_args=())
 def _flce_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
-    chunk_size: int, softcap: Optional[float], compute_grad: bool, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    ignore_index: int,
+    chunk_size: int,
+    softcap: Optional[float],
+    compute_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     V = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
-        raise ValueError(f"fused_linear_cross_entropy: labels must be in [0, {V}) or ignore_index={ignore_index}, got {labels[bad][0].item()}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: labels must be in [0, {V}) or ignore_index={ignore_index}, got "
+            f"{labels[bad][0].item()}"
+        )
     return chunked_linear_cross_entropy(
         hidden, weight, labels.contiguous(), bias, ignore_index, chunk_size, softcap, compute_grad, backend
     )
@@ -119,7 +137,9 @@ def _backward(ctx, grad_losses, _grad_of_grad_hidden):
     grad_in = None
     if ctx.needs_input_grad[0]:
         if not ctx.compute_grad:
-            raise RuntimeError("fused_linear_cross_entropy: called with compute_grad=False, so it has no gradient to give")
+            raise RuntimeError(
+                "fused_linear_cross_entropy: called with compute_grad=False, so it has no gradient to give"
+            )
         # Row t's loss depends on hidden[t] only: scaling each stored row by its grad_output is exact.
         grad_in = (grad_hidden.float() * grad_losses.float()[:, None]).to(grad_hidden.dtype)
     return grad_in, None, None, None, None, None, None, None, None
@@ -130,8 +150,14 @@ _flce_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --- public entry point --------------------------------------------------------------------------------
 def check_cross_entropy_args(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-    chunk_size: int, reduction: str, softcap: Optional[float], ignore_index: int,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    chunk_size: int,
+    reduction: str,
+    softcap: Optional[float],
+    ignore_index: int,
 ) -> None:
     op = "fused_linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
@@ -146,17 +172,28 @@ def check_cross_entropy_args(
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden's last dim must equal weight's D = {weight.shape[1]}, got hidden of shape {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{op}: hidden's last dim must equal weight's D = {weight.shape[1]}, got hidden of shape "
+            f"{tuple(hidden.shape)}"
+        )
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{op}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{op}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got "
+            f"{tuple(labels.shape)}"
+        )
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != hidden.device:
             raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: bias must be a float tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}")
+            raise TypeError(
+                f"{op}: bias must be a float tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}"
+            )
         if bias.shape != (weight.shape[0],) or bias.device != hidden.device:
-            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) on {hidden.device}, got {tuple(bias.shape)} on {bias.device}")
+            raise ValueError(
+                f"{op}: bias must have shape ({weight.shape[0]},) on {hidden.device}, got {tuple(bias.shape)} on "
+                f"{bias.device}"
+            )
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if reduction not in REDUCTIONS:
@@ -168,12 +205,21 @@ def check_cross_entropy_args(
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.requires_grad:
-                raise ValueError(f"{op}: {name} must be frozen (requires_grad=False): the lm_head gets no gradient here")
+                raise ValueError(
+                    f"{op}: {name} must be frozen (requires_grad=False): the lm_head gets no gradient here"
+                )
 
 
 def fused_linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, ignore_index: int = -100,
-    chunk_size: int = 1024, reduction: str = "mean", softcap: Optional[float] = None, backend: Optional[str] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Cross-entropy of (softcapped) hidden @ weight.T (+ bias) against labels, chunk_size tokens at a time.
 
@@ -186,8 +232,15 @@ def fused_linear_cross_entropy(
     compute_grad = torch.is_grad_enabled() and hidden.requires_grad
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     losses, _ = _flce_op(
-        hidden2d, weight, labels.reshape(-1).long(), bias, ignore_index, chunk_size,
-        float(softcap) if softcap is not None else None, compute_grad, backend,
+        hidden2d,
+        weight,
+        labels.reshape(-1).long(),
+        bias,
+        ignore_index,
+        chunk_size,
+        float(softcap) if softcap is not None else None,
+        compute_grad,
+        backend,
     )
     if reduction == "none":
         return losses.reshape(labels.shape)

@@ -20,6 +20,7 @@ Backends (chosen per call by `ladder_kernels.backends.resolve_backend`):
   cpu     torch.ops.ladder_cpu.downproj / downproj_backward   (csrc/downproj.cpp)
   torch   the reference below
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,7 +52,9 @@ def dequantize_rows_int8(q: Tensor, scale: Tensor) -> Tensor:
 
 
 @register_reference("downproj")
-def reference_forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str) -> tuple[Tensor, Tensor, Tensor]:
+def reference_forward(
+    h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str
+) -> tuple[Tensor, Tensor, Tensor]:
     z = h2d @ weight.to(h2d.dtype).t()
     if bias is not None:
         z = z + bias.to(z.dtype)
@@ -75,7 +78,9 @@ def reference_backward(
 
 # --- the ops -------------------------------------------------------------------------------------------
 @torch.library.custom_op("ladder::downproj", mutates_args=())
-def _downproj_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _downproj_op(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     d, D = weight.shape
     z, h_saved, h_scale = kernel("downproj", backend)(h.reshape(-1, D), weight, bias, storage)
     return z.reshape(*h.shape[:-1], d), h_saved, h_scale
@@ -90,7 +95,12 @@ def _(h, weight, bias, storage, backend):
 
 @torch.library.custom_op("ladder::downproj_backward", mutates_args=())
 def _downproj_backward_op(
-    grad_z: Tensor, h_saved: Tensor, h_scale: Tensor, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype], backend: str
+    grad_z: Tensor,
+    h_saved: Tensor,
+    h_scale: Tensor,
+    weight_dtype: torch.dtype,
+    bias_dtype: Optional[torch.dtype],
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     return kernel("downproj_backward", backend)(grad_z, h_saved, h_scale, weight_dtype, bias_dtype)
 
@@ -98,7 +108,9 @@ def _downproj_backward_op(
 @_downproj_backward_op.register_fake
 def _(grad_z, h_saved, h_scale, weight_dtype, bias_dtype, backend):
     d, D = grad_z.shape[1], h_saved.shape[1]
-    grad_b = grad_z.new_empty(d, dtype=bias_dtype) if bias_dtype is not None else grad_z.new_empty(0, dtype=torch.float32)
+    grad_b = (
+        grad_z.new_empty(d, dtype=bias_dtype) if bias_dtype is not None else grad_z.new_empty(0, dtype=torch.float32)
+    )
     return grad_z.new_empty(d, D, dtype=weight_dtype), grad_b
 
 
@@ -150,7 +162,9 @@ def check_downproj_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], stora
     if weight.dim() != 2:
         raise ValueError(f"downproj: weight must be 2-D [d, D], got shape {tuple(weight.shape)}")
     if h.dim() == 0 or h.shape[-1] != weight.shape[1]:
-        raise ValueError(f"downproj: h's last dim must equal weight's D = {weight.shape[1]}, got h of shape {tuple(h.shape)}")
+        raise ValueError(
+            f"downproj: h's last dim must equal weight's D = {weight.shape[1]}, got h of shape {tuple(h.shape)}"
+        )
     if weight.device != h.device:
         raise ValueError(f"downproj: weight is on {weight.device} but h is on {h.device}")
     if bias is not None:
@@ -159,10 +173,15 @@ def check_downproj_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], stora
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"downproj: bias must be float32, bfloat16 or float16, got {bias.dtype}")
         if bias.shape != (weight.shape[0],) or bias.device != h.device:
-            raise ValueError(f"downproj: bias must have shape ({weight.shape[0]},) on {h.device}, got {tuple(bias.shape)} on {bias.device}")
+            raise ValueError(
+                f"downproj: bias must have shape ({weight.shape[0]},) on {h.device}, got {tuple(bias.shape)} on "
+                f"{bias.device}"
+            )
 
 
-def downproj(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, storage: str = "bf16", backend: Optional[str] = None) -> Tensor:
+def downproj(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, storage: str = "bf16", backend: Optional[str] = None
+) -> Tensor:
     """z = h @ weight.T + bias, [..., D] -> [..., d] in h's dtype; keeps h for dW in `storage` ("bf16"/"int8").
 
     Differentiable in weight and bias (gradients in their dtypes), and in h if h requires grad.

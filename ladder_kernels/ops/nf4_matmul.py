@@ -9,6 +9,7 @@ Backends (chosen per call by `ladder_kernels.backends.resolve_backend`):
   cpu     torch.ops.ladder_cpu.*              (csrc/nf4_matmul.cpp)
   torch   the reference below: dequantize whole, then matmul
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,22 +23,33 @@ from ladder_kernels.quant.nf4 import NF4Weight, dequantize_packed
 
 # --- reference (the oracle the other backends are tested against) -------------------------------------
 @register_reference("nf4_matmul")
-def reference_forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
+def reference_forward(
+    x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, bias: Optional[Tensor]
+) -> Tensor:
     w = dequantize_packed(packed, absmax, code, n, k, blocksize, x2d.dtype)
     out = x2d @ w.t()
     return out + bias.to(out.dtype) if bias is not None else out
 
 
 @register_reference("nf4_matmul_grad_input")
-def reference_grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int) -> Tensor:
+def reference_grad_input(
+    g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int
+) -> Tensor:
     return g2d @ dequantize_packed(packed, absmax, code, n, k, blocksize, g2d.dtype)
 
 
 # --- the ops -------------------------------------------------------------------------------------------
 @torch.library.custom_op("ladder::nf4_matmul", mutates_args=())
 def _nf4_matmul_op(
-    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
-    out_features: int, in_features: int, blocksize: int, bias: Optional[Tensor], backend: str,
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    bias: Optional[Tensor],
+    backend: str,
 ) -> Tensor:
     x2d = x.reshape(-1, in_features)
     out = kernel("nf4_matmul", backend)(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
@@ -51,8 +63,14 @@ def _(x, packed, absmax, code, out_features, in_features, blocksize, bias, backe
 
 @torch.library.custom_op("ladder::nf4_matmul_grad_input", mutates_args=())
 def _nf4_matmul_grad_input_op(
-    grad_out: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
-    out_features: int, in_features: int, blocksize: int, backend: str,
+    grad_out: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    backend: str,
 ) -> Tensor:
     g2d = grad_out.reshape(-1, out_features)
     gx = kernel("nf4_matmul_grad_input", backend)(g2d, packed, absmax, code, out_features, in_features, blocksize)
@@ -94,14 +112,24 @@ def check_nf4_matmul_args(x: Tensor, q: NF4Weight, bias: Optional[Tensor]) -> No
         raise TypeError(f"nf4_matmul: x must be float32, bfloat16 or float16, got {x.dtype}")
     n, k = q.shape
     if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"nf4_matmul: x's last dim must equal the weight's in_features {k}, got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"nf4_matmul: x's last dim must equal the weight's in_features {k}, got x of shape {tuple(x.shape)}"
+        )
     if x.device != q.device:
         raise ValueError(f"nf4_matmul: x is on {x.device} but the weight q is on {q.device}")
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
-        raise ValueError(f"nf4_matmul: bias must have shape ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+        raise ValueError(
+            f"nf4_matmul: bias must have shape ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}"
+        )
 
 
-def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None, backend: Optional[str] = None, absmax: Optional[Tensor] = None) -> Tensor:
+def nf4_matmul(
+    x: Tensor,
+    q: NF4Weight,
+    bias: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    absmax: Optional[Tensor] = None,
+) -> Tensor:
     """x [..., K] @ dequant(q).T [K, N] (+ bias) -> [..., N] in x's dtype; differentiable in x and bias.
 
     backend: None (by device), "triton", "cpu" or "torch". absmax: q.block_absmax() if the caller caches it.

@@ -9,6 +9,13 @@ from ladder_kernels.planning.methods import MethodTrainer, build_method_model, m
 from ladder_kernels.planning.planner import MemoryPlan, max_seq_len, plan, plan_with_max_seq_len
 
 __all__ = [
-    "PeakMemoryTracker", "MethodTrainer", "build_method_model", "make_qlora_model", "make_qlora_lk_model", "MemoryPlan",
-    "plan", "max_seq_len", "plan_with_max_seq_len",
+    "PeakMemoryTracker",
+    "MethodTrainer",
+    "build_method_model",
+    "make_qlora_model",
+    "make_qlora_lk_model",
+    "MemoryPlan",
+    "plan",
+    "max_seq_len",
+    "plan_with_max_seq_len",
 ]

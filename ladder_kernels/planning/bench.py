@@ -18,6 +18,7 @@ device, metric, value, versions, timestamp, command), e2e_<tag>.md (a table per 
 e2e_<tag>_memory.png (peak memory vs seq_len per method, 12 GB and 24 GB lines) and
 e2e_<tag>_throughput.png (tokens/s vs seq_len).
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,26 +41,64 @@ from ladder_kernels.io import write_bytes_atomic, write_text_atomic
 from ladder_kernels.planning.memory import PeakMemoryTracker, process_rss_bytes
 from ladder_kernels.planning.methods import MethodTrainer
 
-__all__ = ["BenchSettings", "run_bench", "TINY_CONFIGS", "resolve_bench_model", "write_results", "csv_text",
-           "library_versions", "command_line", "CSV_FIELDS"]
+__all__ = [
+    "BenchSettings",
+    "run_bench",
+    "TINY_CONFIGS",
+    "resolve_bench_model",
+    "write_results",
+    "csv_text",
+    "library_versions",
+    "command_line",
+    "CSV_FIELDS",
+]
 
 GIB = 2**30
 CARD_LINES_GIB = (12, 24)
 # Small Llama/Qwen2-shaped configs for CPU runs (dimensions multiples of bitsandbytes' blocksize 64)
 TINY_CONFIGS = {
-    "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=32000, max_position_embeddings=8192),
-    "tiny-qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=32000, max_position_embeddings=8192,
-                       tie_word_embeddings=True),
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2",
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     # TinyLlama-1.1B's shape, random weights (GPU)
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192),
+    "llama-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+    ),
 }
 EMBEDDED_ALIASES = ("smollm2", "embedded")
 # qlora-lk shares qlora's memory exactly: dashed so that both stay visible
-METHOD_STYLE = {"ladder": dict(marker="o"), "xladder": dict(marker="s"), "qlora": dict(marker="^"),
-                "qlora-ckpt": dict(marker="v"), "qlora-lk": dict(marker="x", linestyle="--")}
+METHOD_STYLE = {
+    "ladder": dict(marker="o"),
+    "xladder": dict(marker="s"),
+    "qlora": dict(marker="^"),
+    "qlora-ckpt": dict(marker="v"),
+    "qlora-lk": dict(marker="x", linestyle="--"),
+}
 
 
 @dataclass
@@ -97,7 +136,11 @@ class BenchSettings:
 
 def command_line() -> str:
     """This process's command, with the environment switches that change what it measures."""
-    switches = [f"{k}={os.environ[k]}" for k in ("LADDER_KERNELS_NO_CPU_EXT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES") if k in os.environ]
+    switches = [
+        f"{k}={os.environ[k]}"
+        for k in ("LADDER_KERNELS_NO_CPU_EXT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+        if k in os.environ
+    ]
     return " ".join(switches + [sys.argv[0]] + sys.argv[1:])
 
 
@@ -120,8 +163,10 @@ def resolve_bench_model(spec: str):
         return name, folder, load_tokenizer(folder)
     if spec in shipped_models():
         return spec, load_config(spec), None
-    raise ValueError(f"bench: model {spec!r} is none of {sorted(TINY_CONFIGS)}, smollm2, a shipped config "
-                     f"{shipped_models()} or a checkpoint folder")
+    raise ValueError(
+        f"bench: model {spec!r} is none of {sorted(TINY_CONFIGS)}, smollm2, a shipped config "
+        f"{shipped_models()} or a checkpoint folder"
+    )
 
 
 def token_batch(tokenizer, vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
@@ -185,8 +230,13 @@ def measure_cell(source, method: str, ids: torch.Tensor, settings: BenchSettings
             if i >= settings.warmup:
                 times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    metrics = {"step_s": step_s, "tokens_per_s": ids.numel() / step_s, "loss_first": losses[0], "loss_last": losses[-1],
-               "load_avg": os.getloadavg()[0] / (os.cpu_count() or 1)}  # >1: the CPU was shared while timing
+    metrics = {
+        "step_s": step_s,
+        "tokens_per_s": ids.numel() / step_s,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "load_avg": os.getloadavg()[0] / (os.cpu_count() or 1),
+    }  # >1: the CPU was shared while timing
     if device == "cuda":
         metrics["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -219,7 +269,13 @@ def run_bench(settings: BenchSettings) -> list[dict]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     versions = library_versions()
     resolved = [resolve_bench_model(spec) for spec in settings.models]
-    cells = [(r, b, t, m) for r in resolved for b in settings.batch_sizes for t in settings.seq_lens for m in settings.methods]
+    cells = [
+        (r, b, t, m)
+        for r in resolved
+        for b in settings.batch_sizes
+        for t in settings.seq_lens
+        for m in settings.methods
+    ]
     rows = []
     for (name, source, tokenizer), batch, seq_len, method in tqdm(cells, desc="bench", unit="cell"):
         tqdm.write(f"{name} {method} batch={batch} seq_len={seq_len}")
@@ -234,8 +290,20 @@ def run_bench(settings: BenchSettings) -> list[dict]:
         if settings.with_plan:
             metrics["planned_peak_bytes"] = _planned_peak(source, method, seq_len, batch, settings.dtype)
         for metric, value in metrics.items():
-            rows.append(dict(method=method, model=name, seq_len=seq_len, batch=batch, device=settings.device,
-                             metric=metric, value=value, versions=versions, timestamp=stamp, command=settings.command))
+            rows.append(
+                dict(
+                    method=method,
+                    model=name,
+                    seq_len=seq_len,
+                    batch=batch,
+                    device=settings.device,
+                    metric=metric,
+                    value=value,
+                    versions=versions,
+                    timestamp=stamp,
+                    command=settings.command,
+                )
+            )
     return rows
 
 
@@ -272,7 +340,9 @@ def _pivot(rows: list[dict]) -> dict:
     """{(model, batch, seq_len): {method: {metric: value}}}"""
     table: dict = {}
     for r in rows:
-        table.setdefault((r["model"], int(r["batch"]), int(r["seq_len"])), {}).setdefault(r["method"], {})[r["metric"]] = float(r["value"])
+        table.setdefault((r["model"], int(r["batch"]), int(r["seq_len"])), {}).setdefault(r["method"], {})[
+            r["metric"]
+        ] = float(r["value"])
     return table
 
 
@@ -285,16 +355,30 @@ def markdown_table(rows: list[dict]) -> str:
         return "(no results)\n"
     device, command = rows[0]["device"], rows[0]["command"]
     mem_metric = _memory_metric(device)
-    lines = [f"# End-to-end training step: {device}", "", f"Command: `{command}`  ", f"Versions: {rows[0]['versions']}  ",
-             f"Run: {rows[0]['timestamp']}", "",
-             f"Peak = {'torch.cuda.max_memory_allocated' if device == 'cuda' else 'tracked tensor memory (PeakMemoryTracker)'}; "
-             "×qlora = ratio to qlora in the same cell (memory: lower is better; speed: higher is better).", ""]
+    lines = [
+        f"# End-to-end training step: {device}",
+        "",
+        f"Command: `{command}`  ",
+        f"Versions: {rows[0]['versions']}  ",
+        f"Run: {rows[0]['timestamp']}",
+        "",
+        "Peak = "
+        f"{'torch.cuda.max_memory_allocated' if device == 'cuda' else 'tracked tensor memory (PeakMemoryTracker)'}; "
+        "×qlora = ratio to qlora in the same cell (memory: lower is better; speed: higher is better).",
+        "",
+    ]
     loads = [float(r["value"]) for r in rows if r["metric"] == "load_avg"]
     if loads and max(loads) > 1:
-        lines[-1:-1] = [f"Timings were taken on a shared machine (load up to {max(loads):.1f} per core): tokens/s "
-                        "are indicative only; the memory columns are not affected.", ""]
-    header = "| model | batch | seq_len | method | peak GiB | ×qlora mem | " + ("" if device == "cuda" else "RSS GiB | ") + \
-             "planned GiB | tokens/s | ×qlora speed | loss first → last |"
+        lines[-1:-1] = [
+            f"Timings were taken on a shared machine (load up to {max(loads):.1f} per core): tokens/s "
+            "are indicative only; the memory columns are not affected.",
+            "",
+        ]
+    header = (
+        "| model | batch | seq_len | method | peak GiB | ×qlora mem | "
+        + ("" if device == "cuda" else "RSS GiB | ")
+        + "planned GiB | tokens/s | ×qlora speed | loss first → last |"
+    )
     table = _pivot(rows)
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for (model, batch, seq_len), by_method in sorted(table.items()):
@@ -330,14 +414,19 @@ def plot_results(rows: list[dict], memory_png: Path, throughput_png: Path) -> No
     mem_metric = _memory_metric(device)
     table = _pivot(rows)
     models = sorted({(model, batch) for model, batch, _ in table})
-    for path, metric, ylabel, lines in ((memory_png, mem_metric, "peak memory (GiB)", True),
-                                         (throughput_png, "tokens_per_s", "tokens / s", False)):
+    for path, metric, ylabel, lines in (
+        (memory_png, mem_metric, "peak memory (GiB)", True),
+        (throughput_png, "tokens_per_s", "tokens / s", False),
+    ):
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
         for ax, (model, batch) in zip(axes[0], models):
             present = {meth for (mo, b, _), by in table.items() if (mo, b) == (model, batch) for meth in by}
             for method in [m for m in METHODS if m in present]:
-                points = sorted((t, by[method][metric]) for (mo, b, t), by in table.items()
-                                if (mo, b) == (model, batch) and method in by and metric in by[method])
+                points = sorted(
+                    (t, by[method][metric])
+                    for (mo, b, t), by in table.items()
+                    if (mo, b) == (model, batch) and method in by and metric in by[method]
+                )
                 if points:
                     xs, ys = zip(*points)
                     ax.plot(xs, [y / GIB if lines else y for y in ys], label=method, **METHOD_STYLE[method])
@@ -346,7 +435,16 @@ def plot_results(rows: list[dict], memory_png: Path, throughput_png: Path) -> No
                 ax.set_yscale("log")
                 for gib in CARD_LINES_GIB:
                     ax.axhline(gib, color="gray", linestyle="--", linewidth=1)
-                    ax.text(1.0, gib, f"{gib} GB ", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="gray")
+                    ax.text(
+                        1.0,
+                        gib,
+                        f"{gib} GB ",
+                        transform=ax.get_yaxis_transform(),
+                        ha="right",
+                        va="bottom",
+                        fontsize=8,
+                        color="gray",
+                    )
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length (tokens)")
             ax.set_ylabel(ylabel)
@@ -364,7 +462,12 @@ def write_results(rows: list[dict], out_dir: Path, tag: str) -> list[Path]:
     """CSV, markdown and the two plots for `rows`; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"e2e_{tag}.csv", out_dir / f"e2e_{tag}.md", out_dir / f"e2e_{tag}_memory.png", out_dir / f"e2e_{tag}_throughput.png"]
+    paths = [
+        out_dir / f"e2e_{tag}.csv",
+        out_dir / f"e2e_{tag}.md",
+        out_dir / f"e2e_{tag}_memory.png",
+        out_dir / f"e2e_{tag}_throughput.png",
+    ]
     write_text_atomic(paths[0], csv_text(rows))
     write_text_atomic(paths[1], markdown_table(rows))
     plot_results(rows, paths[2], paths[3])

@@ -9,6 +9,7 @@ What it counts: bytes of tensor storages (`nbytes`; meta tensors hold none). Not
 CUDA context, cuBLAS workspaces, memory held by kernels outside the dispatcher (bitsandbytes' C calls, C++
 scratch buffers).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,14 @@ from torch.utils._pytree import tree_flatten
 
 _LIFT_OPS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift.default)
 
-__all__ = ["PeakMemoryTracker", "peak_memory_bytes", "process_peak_rss_bytes", "process_rss_bytes", "reset_peak_memory",
-           "tensor_storages"]
+__all__ = [
+    "PeakMemoryTracker",
+    "peak_memory_bytes",
+    "process_peak_rss_bytes",
+    "process_rss_bytes",
+    "reset_peak_memory",
+    "tensor_storages",
+]
 
 
 def tensor_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -47,7 +54,11 @@ def _quant_state_tensors(state) -> Iterable[torch.Tensor]:
     """The tensors of a bitsandbytes QuantState (absmax, code, offset, nested state): weights that are
     neither parameters nor buffers."""
     while state is not None:
-        yield from (t for t in (getattr(state, name, None) for name in ("absmax", "code", "offset")) if isinstance(t, torch.Tensor))
+        yield from (
+            t
+            for t in (getattr(state, name, None) for name in ("absmax", "code", "offset"))
+            if isinstance(t, torch.Tensor)
+        )
         state = getattr(state, "state2", None)
 
 
@@ -71,7 +82,10 @@ def _tensors_in(obj: Any) -> Iterable[torch.Tensor]:
         for item in obj.values():
             yield from _tensors_in(item)
     else:
-        raise TypeError(f"PeakMemoryTracker.track: expected tensors, modules, optimizers or containers of them, got {type(obj).__name__}")
+        raise TypeError(
+            "PeakMemoryTracker.track: expected tensors, modules, optimizers or containers of them, got "
+            f"{type(obj).__name__}"
+        )
 
 
 class PeakMemoryTracker(TorchDispatchMode):
@@ -91,7 +105,9 @@ class PeakMemoryTracker(TorchDispatchMode):
         print(mem.peak_bytes)
     """
 
-    def __init__(self, classify: Optional[Callable[[torch.Tensor], Optional[str]]] = None, category: str = "other") -> None:
+    def __init__(
+        self, classify: Optional[Callable[[torch.Tensor], Optional[str]]] = None, category: str = "other"
+    ) -> None:
         super().__init__()
         if classify is not None and not callable(classify):
             raise TypeError(f"PeakMemoryTracker: classify must be a callable or None, got {type(classify).__name__}")

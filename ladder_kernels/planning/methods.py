@@ -25,6 +25,7 @@ Models built from a config or passed in unquantized are quantized in memory, mod
 bitsandbytes' `Params4bit` quantization). bitsandbytes registers fake implementations for its ops, so the
 same code builds and trains a QLoRA model under `FakeTensorMode` (the memory planner does that).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,12 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from ladder_kernels.defaults import DEFAULT_LR, LORA_R, METHODS, QLORA_METHODS, default_xladder_depth
 
 __all__ = [
-    "MethodTrainer", "build_method_model", "make_qlora_model", "make_qlora_lk_model", "bnb_nf4_config",
+    "MethodTrainer",
+    "build_method_model",
+    "make_qlora_model",
+    "make_qlora_lk_model",
+    "bnb_nf4_config",
 ]
-
 
 
 def bnb_nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
@@ -76,8 +80,11 @@ def _fake_params4bit(weight: torch.Tensor, module: nn.Module) -> nn.Parameter:
     with unset_fake_temporarily():
         bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
     packed, state = bnb.functional.quantize_4bit(
-        weight.contiguous(), blocksize=spec.blocksize, compress_statistics=spec.compress_statistics,
-        quant_type=spec.quant_type, quant_storage=spec.quant_storage,
+        weight.contiguous(),
+        blocksize=spec.blocksize,
+        compress_statistics=spec.compress_statistics,
+        quant_type=spec.quant_type,
+        quant_storage=spec.quant_storage,
     )
     param = nn.Parameter(packed, requires_grad=False)  # a FakeTensor flagged as a parameter
     for name in ("blocksize", "compress_statistics", "quant_type", "quant_storage"):
@@ -127,9 +134,14 @@ def _load_base(model_or_dir, bnb_config, compute_dtype: torch.dtype, device) -> 
     if isinstance(model_or_dir, (str, os.PathLike)):
         path = Path(model_or_dir)
         if not (path / "config.json").is_file():
-            raise ValueError(f"make_qlora_model: model_or_dir must be a transformers checkpoint folder (with config.json), got {path}")
+            raise ValueError(
+                "make_qlora_model: model_or_dir must be a transformers checkpoint folder (with config.json), got "
+                f"{path}"
+            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, dtype=compute_dtype, device_map={"": str(device)})
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb_config, dtype=compute_dtype, device_map={"": str(device)}
+        )
     if isinstance(model_or_dir, PretrainedConfig):
         # random initialisation; under FakeTensorMode this allocates nothing
         with torch.device(device or "cpu"):
@@ -181,8 +193,9 @@ def make_qlora_model(
 
     model = _load_base(model_or_dir, bnb_nf4_config(compute_dtype, double_quant), compute_dtype, device)
     # non-reentrant checkpointing: what torch and transformers recommend (the reentrant default is deprecated)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     if not fp32_embeddings and compute_dtype != torch.float32:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None and module.weight.dtype == torch.float32:
@@ -193,7 +206,9 @@ def make_qlora_model(
             head.register_forward_pre_hook(_cast_input_to_weight_dtype)
     model.config.use_cache = False  # no KV cache in training
     _keep_bnb_layout_for_training_(model)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     return peft_model
@@ -230,26 +245,37 @@ def _load_plain_backbone(source, dtype: torch.dtype, device) -> nn.Module:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not (path / "config.json").is_file():
-            raise ValueError(f"build_method_model: source must be a transformers checkpoint folder (with config.json), got {path}")
+            raise ValueError(
+                f"build_method_model: source must be a transformers checkpoint folder (with config.json), got {path}"
+            )
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device or "cpu")})
     if isinstance(source, PretrainedConfig):
         with torch.device(device or "cpu"):
             return AutoModelForCausalLM.from_config(source, dtype=dtype)
     if isinstance(source, nn.Module):
         return source
-    raise TypeError(f"build_method_model: source must be a checkpoint folder, a transformers config or a model, got {type(source).__name__}")
+    raise TypeError(
+        "build_method_model: source must be a checkpoint folder, a transformers config or a model, got "
+        f"{type(source).__name__}"
+    )
 
 
-def build_method_model(method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lora_r: int = LORA_R, **ladder_options) -> nn.Module:
+def build_method_model(
+    method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lora_r: int = LORA_R, **ladder_options
+) -> nn.Module:
     """The trainable model of `method` (see the module docstring) over `source`: a checkpoint folder, a
     transformers config (random weights) or a model. ladder_options: LadderConfig fields (Ladder methods)."""
     if method not in METHODS:
         raise ValueError(f"build_method_model: method must be one of {METHODS}, got {method!r}")
     if method in QLORA_METHODS:
         if ladder_options:
-            raise ValueError(f"build_method_model: LadderConfig options {sorted(ladder_options)} do not apply to method {method!r}")
+            raise ValueError(
+                f"build_method_model: LadderConfig options {sorted(ladder_options)} do not apply to method {method!r}"
+            )
         maker = make_qlora_lk_model if method == "qlora-lk" else make_qlora_model
-        return maker(source, r=lora_r, compute_dtype=dtype, gradient_checkpointing=method == "qlora-ckpt", device=device)
+        return maker(
+            source, r=lora_r, compute_dtype=dtype, gradient_checkpointing=method == "qlora-ckpt", device=device
+        )
     from ladder_kernels.nn.config import LadderConfig
     from ladder_kernels.nn.ladder import LadderModel
 
@@ -271,8 +297,16 @@ class MethodTrainer:
     norms in fp32 and LoRA weights in fp32); Ladder handles its dtypes itself.
     """
 
-    def __init__(self, method: str, source, dtype: torch.dtype = torch.bfloat16, device=None, lr: Optional[float] = None,
-                 lora_r: int = LORA_R, **ladder_options):
+    def __init__(
+        self,
+        method: str,
+        source,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        lr: Optional[float] = None,
+        lora_r: int = LORA_R,
+        **ladder_options,
+    ):
         self.method = method
         self.model = build_method_model(method, source, dtype=dtype, device=device, lora_r=lora_r, **ladder_options)
         trainable = [p for p in self.model.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ rounding). What it does not: the CUDA context and cuBLAS/cuDNN workspaces, the c
 reserve (fragmentation), and scratch memory a kernel allocates outside the dispatcher. `MemoryPlan.fits`
 adds a documented fixed margin for those: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK × peak.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,17 @@ from ladder_kernels.planning.methods import MethodTrainer
 from ladder_kernels.units import parse_bytes
 
 __all__ = [
-    "plan", "max_seq_len", "plan_with_max_seq_len", "MemoryPlan", "load_config", "parse_bytes", "planning_fake_mode", "shipped_models",
-    "TrackedTraining", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK",
+    "plan",
+    "max_seq_len",
+    "plan_with_max_seq_len",
+    "MemoryPlan",
+    "load_config",
+    "parse_bytes",
+    "planning_fake_mode",
+    "shipped_models",
+    "TrackedTraining",
+    "CUDA_CONTEXT_BYTES",
+    "ALLOCATOR_SLACK",
 ]
 
 # CUDA context + cuBLAS workspace as PyTorch sees them on a recent GPU (lazy module loading): ~0.4-0.5 GiB
@@ -56,7 +66,9 @@ def load_config(config) -> "PretrainedConfig":  # noqa: F821
     if isinstance(config, PretrainedConfig):
         return config
     if not isinstance(config, (str, Path)):
-        raise TypeError(f"plan: config must be a transformers config, a shipped model name or a path, got {type(config).__name__}")
+        raise TypeError(
+            f"plan: config must be a transformers config, a shipped model name or a path, got {type(config).__name__}"
+        )
     name = str(config)
     if name in shipped_models():
         path = Path(str(resources.files("ladder_kernels") / "configs" / f"{name}.json"))
@@ -65,7 +77,10 @@ def load_config(config) -> "PretrainedConfig":  # noqa: F821
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ValueError(f"plan: config {name!r} is neither a shipped model {shipped_models()} nor an existing config.json or checkpoint folder")
+            raise ValueError(
+                f"plan: config {name!r} is neither a shipped model {shipped_models()} nor an existing config.json or "
+                "checkpoint folder"
+            )
     with open(path, encoding="utf-8") as f:
         values = json.load(f)
     if "model_type" not in values:
@@ -226,13 +241,29 @@ class MemoryPlan:
     def max_seq_len(self, gpu_bytes, granularity: int = 256, limit: int = MAX_CONTEXT_SEARCHED) -> int:
         """The longest sequence length (a multiple of `granularity`, at most `limit`) at this batch size whose
         step fits `gpu_bytes`; 0 if none does (see the function max_seq_len)."""
-        return max_seq_len(self.config, parse_bytes(gpu_bytes), method=self.method, batch_size=self.batch_size,
-                           dtype=self.dtype, granularity=granularity, limit=limit, **self.ladder_options)
+        return max_seq_len(
+            self.config,
+            parse_bytes(gpu_bytes),
+            method=self.method,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            granularity=granularity,
+            limit=limit,
+            **self.ladder_options,
+        )
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "model": self.model, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "dtype": str(self.dtype).replace("torch.", ""), "peak_bytes": self.peak_bytes,
-                "required_bytes": self.required_bytes, "breakdown": dict(self.breakdown), "ladder_options": dict(self.ladder_options)}
+        return {
+            "method": self.method,
+            "model": self.model,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "peak_bytes": self.peak_bytes,
+            "required_bytes": self.required_bytes,
+            "breakdown": dict(self.breakdown),
+            "ladder_options": dict(self.ladder_options),
+        }
 
 
 def _model_name(config, given) -> str:
@@ -257,12 +288,23 @@ def _check_plan_args(method: str, batch_size: int, **positive_ints) -> None:
         _check_positive_int(name, value)
 
 
-def _plan_from_run(run: TrackedTraining, cfg, config, method: str, seq_len: int, batch_size: int, dtype: torch.dtype,
-                   steps: int, ladder_options: dict) -> MemoryPlan:
+def _plan_from_run(
+    run: TrackedTraining,
+    cfg,
+    config,
+    method: str,
+    seq_len: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    steps: int,
+    ladder_options: dict,
+) -> MemoryPlan:
     peak, by_category = run.peak_of_steps(seq_len, batch_size, steps)
     breakdown = {key: by_category.get(key, 0) for key in BREAKDOWN_KEYS}
     breakdown["weights"] += by_category.get("other", 0)
-    return MemoryPlan(method, _model_name(cfg, config), seq_len, batch_size, dtype, peak, breakdown, dict(ladder_options), cfg)
+    return MemoryPlan(
+        method, _model_name(cfg, config), seq_len, batch_size, dtype, peak, breakdown, dict(ladder_options), cfg
+    )
 
 
 def _longest_fitting(peak_at, gpu_bytes: int, limit_units: int, known: dict[int, int]) -> int:
@@ -302,8 +344,15 @@ def _longest_fitting(peak_at, gpu_bytes: int, limit_units: int, known: dict[int,
     return lo
 
 
-def plan(config, method: str = "ladder", seq_len: int = 2048, batch_size: int = 1, dtype=torch.bfloat16,
-         steps: int = 2, **ladder_options) -> MemoryPlan:
+def plan(
+    config,
+    method: str = "ladder",
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    dtype=torch.bfloat16,
+    steps: int = 2,
+    **ladder_options,
+) -> MemoryPlan:
     """Plan one method's training step (see the module docstring). `config`: a transformers config, a
     shipped model name (`shipped_models()`), a config.json or a checkpoint folder. ladder_options:
     LadderConfig fields for ladder / xladder (e.g. reduction_factor=8, ladder_storage="int8")."""
@@ -314,8 +363,16 @@ def plan(config, method: str = "ladder", seq_len: int = 2048, batch_size: int = 
         return _plan_from_run(run, cfg, config, method, seq_len, batch_size, dtype, steps, ladder_options)
 
 
-def max_seq_len(config, gpu_bytes, method: str = "ladder", batch_size: int = 1, dtype=torch.bfloat16,
-                granularity: int = 256, limit: int = MAX_CONTEXT_SEARCHED, **ladder_options) -> int:
+def max_seq_len(
+    config,
+    gpu_bytes,
+    method: str = "ladder",
+    batch_size: int = 1,
+    dtype=torch.bfloat16,
+    granularity: int = 256,
+    limit: int = MAX_CONTEXT_SEARCHED,
+    **ladder_options,
+) -> int:
     """The longest multiple of `granularity` (≤ limit) whose training step fits `gpu_bytes` with the margins
     of MemoryPlan.fits; 0 if none does. Memory only: a length beyond the model's max_position_embeddings
     fits but may not train well. One fake model: after a warm-up step (the optimizer state exists), each
@@ -331,9 +388,17 @@ def max_seq_len(config, gpu_bytes, method: str = "ladder", batch_size: int = 1, 
         return _longest_fitting(peak_at, gpu_bytes, limit // granularity, {}) * granularity
 
 
-def plan_with_max_seq_len(config, gpu_bytes, method: str = "ladder", seq_len: int = 2048, batch_size: int = 1,
-                          dtype=torch.bfloat16, granularity: int = 256, limit: int = MAX_CONTEXT_SEARCHED,
-                          **ladder_options) -> tuple[MemoryPlan, int]:
+def plan_with_max_seq_len(
+    config,
+    gpu_bytes,
+    method: str = "ladder",
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    dtype=torch.bfloat16,
+    granularity: int = 256,
+    limit: int = MAX_CONTEXT_SEARCHED,
+    **ladder_options,
+) -> tuple[MemoryPlan, int]:
     """`plan(...)` and `max_seq_len(...)` from one fake model (what the CLI prints per method)."""
     cfg = load_config(config)
     _check_plan_args(method, batch_size, seq_len=seq_len, granularity=granularity, limit=limit)

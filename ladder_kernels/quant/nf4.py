@@ -6,6 +6,7 @@ rows); each block stores its absmax in fp32 and each element the index of the ne
 w / absmax. Two codes per byte, element 2i in the high nibble. With double quantization the absmax vector
 minus its mean (`offset`) is itself 8-bit blockwise-quantized with the signed dynamic map in blocks of 256.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,10 +18,22 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 # bitsandbytes' NF4 table (create_normal_map(0.9677083)); tests compare it with bitsandbytes' own floats.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 NESTED_BLOCKSIZE = 256
 
@@ -126,13 +139,18 @@ class NF4Weight:
     def validate(self) -> None:
         """Raise a ValueError/TypeError naming the field when this is not a well-formed NF4 weight."""
         if len(self.shape) != 2 or min(self.shape) <= 0:
-            raise ValueError(f"NF4Weight.shape must be 2-D [out_features, in_features] with positive sizes, got {self.shape}")
+            raise ValueError(
+                f"NF4Weight.shape must be 2-D [out_features, in_features] with positive sizes, got {self.shape}"
+            )
         _check_blocksize(self.blocksize)
         if not isinstance(self.packed, torch.Tensor) or self.packed.dtype != torch.uint8:
-            raise TypeError(f"NF4Weight.packed must be a uint8 tensor, got {getattr(self.packed, 'dtype', type(self.packed))}")
+            raise TypeError(
+                f"NF4Weight.packed must be a uint8 tensor, got {getattr(self.packed, 'dtype', type(self.packed))}"
+            )
         if self.packed.numel() != (self.numel + 1) // 2:
             raise ValueError(
-                f"NF4Weight.packed has {self.packed.numel()} bytes, expected {(self.numel + 1) // 2} for shape {self.shape}"
+                f"NF4Weight.packed has {self.packed.numel()} bytes, expected {(self.numel + 1) // 2} for shape "
+                f"{self.shape}"
             )
         if self.code.numel() != 16 or self.code.dtype != torch.float32:
             raise ValueError(f"NF4Weight.code must be 16 fp32 values, got {self.code.numel()} of {self.code.dtype}")
@@ -143,10 +161,14 @@ class NF4Weight:
             )
         if self.double_quant:
             if self.absmax.dtype != torch.uint8:
-                raise TypeError(f"NF4Weight.absmax must be uint8 codes with double quantization, got {self.absmax.dtype}")
+                raise TypeError(
+                    f"NF4Weight.absmax must be uint8 codes with double quantization, got {self.absmax.dtype}"
+                )
             n_nested = -(-self.n_blocks // NESTED_BLOCKSIZE)
             if self.nested_absmax.numel() != n_nested:
-                raise ValueError(f"NF4Weight.nested_absmax has {self.nested_absmax.numel()} entries, expected {n_nested}")
+                raise ValueError(
+                    f"NF4Weight.nested_absmax has {self.nested_absmax.numel()} entries, expected {n_nested}"
+                )
             if self.nested_code is None or self.nested_code.numel() != 256:
                 raise ValueError("NF4Weight.nested_code must hold the 256-entry dynamic map")
             if self.offset is None or self.offset.numel() != 1:
@@ -168,8 +190,12 @@ class NF4Weight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
-            packed=move(self.packed), absmax=move(self.absmax), code=move(self.code),
-            nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code), offset=move(self.offset),
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            code=move(self.code),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            offset=move(self.offset),
         )
 
     def nbytes(self) -> int:
@@ -194,10 +220,17 @@ class NF4Weight:
                 offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device).reshape(()),
             )
             if quant_state.state2.blocksize != NESTED_BLOCKSIZE:
-                raise ValueError(f"quant_state.state2.blocksize must be {NESTED_BLOCKSIZE}, got {quant_state.state2.blocksize}")
+                raise ValueError(
+                    f"quant_state.state2.blocksize must be {NESTED_BLOCKSIZE}, got {quant_state.state2.blocksize}"
+                )
         return cls(
-            packed=data, absmax=quant_state.absmax, blocksize=int(quant_state.blocksize), shape=shape,
-            dtype=quant_state.dtype, code=quant_state.code.float().to(data.device), **kwargs,
+            packed=data,
+            absmax=quant_state.absmax,
+            blocksize=int(quant_state.blocksize),
+            shape=shape,
+            dtype=quant_state.dtype,
+            code=quant_state.code.float().to(data.device),
+            **kwargs,
         )
 
     def to_bnb(self):
@@ -206,10 +239,18 @@ class NF4Weight:
 
         state2 = None
         if self.double_quant:
-            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+            state2 = QuantState(
+                absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+            )
         qs = QuantState(
-            absmax=self.absmax, shape=torch.Size(self.shape), code=self.code, blocksize=self.blocksize,
-            quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2,
+            absmax=self.absmax,
+            shape=torch.Size(self.shape),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
         )
         return self.packed, qs
 
@@ -246,10 +287,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
             nested_code = _dynamic_map_cpu().to(w.device)
             absmax, nested_absmax = _quantize_nested(absmax - offset, nested_code)
             kwargs = dict(nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
-    return NF4Weight(packed=packed, absmax=absmax, blocksize=blocksize, shape=tuple(w.shape), dtype=w.dtype, code=code, **kwargs)
+    return NF4Weight(
+        packed=packed, absmax=absmax, blocksize=blocksize, shape=tuple(w.shape), dtype=w.dtype, code=code, **kwargs
+    )
 
 
-def dequantize_packed(packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype) -> Tensor:
+def dequantize_packed(
+    packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype
+) -> Tensor:
     """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only)."""
     flat = packed.reshape(-1)
     codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[: n * k].long()
@@ -267,4 +312,12 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     return dequantize_packed(q.packed, q.block_absmax(), q.code, n, k, q.blocksize, dtype or q.dtype)
 
 
-__all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "dequantize_packed", "nf4_code", "NF4_CODE", "NESTED_BLOCKSIZE"]
+__all__ = [
+    "NF4Weight",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "dequantize_packed",
+    "nf4_code",
+    "NF4_CODE",
+    "NESTED_BLOCKSIZE",
+]

@@ -12,6 +12,15 @@ from ladder_kernels.train.run import TrainingRun, build_model, warmup_cosine
 from ladder_kernels.train.run_dir import load_finetuned
 
 __all__ = [
-    "FinetuneConfig", "ladder_config", "Dataset", "Example", "load_dataset", "evaluate", "greedy_complete", "TrainingRun",
-    "build_model", "warmup_cosine", "load_finetuned",
+    "FinetuneConfig",
+    "ladder_config",
+    "Dataset",
+    "Example",
+    "load_dataset",
+    "evaluate",
+    "greedy_complete",
+    "TrainingRun",
+    "build_model",
+    "warmup_cosine",
+    "load_finetuned",
 ]

@@ -5,6 +5,7 @@ A GGUF file is converted once to a safetensors checkpoint in the cache folder (t
 GGUF on every load, ~25 s for the default model; the converted copy loads in about a second). Nothing is
 downloaded: everything comes from local files and installed packages.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,9 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
         return path
     if path.suffix.lower() == ".gguf":
         return convert_gguf(path)
-    raise ModelError(f"--model: expected a transformers checkpoint folder, a .gguf file or '{EMBEDDED_MODEL}', got {path}")
+    raise ModelError(
+        f"--model: expected a transformers checkpoint folder, a .gguf file or '{EMBEDDED_MODEL}', got {path}"
+    )
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
@@ -93,7 +96,10 @@ def check_causal_lm(model_dir: Path) -> str:
     except (ValueError, KeyError, OSError) as exc:
         raise ModelError(f"--model: unsupported model in {model_dir}: {_first_line(exc)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"--model: unsupported model type '{config.model_type}' in {model_dir} (need a decoder-only causal LM such as llama, qwen2, mistral, gemma)")
+        raise ModelError(
+            f"--model: unsupported model type '{config.model_type}' in {model_dir} (need a decoder-only causal LM "
+            "such as llama, qwen2, mistral, gemma)"
+        )
     return config.model_type
 
 
@@ -119,10 +125,14 @@ def load_backbone(model_dir: Path, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"--model: unsupported model in {model_dir} (need a decoder-only causal LM): {_first_line(exc)}") from None
+        raise ModelError(
+            f"--model: unsupported model in {model_dir} (need a decoder-only causal LM): {_first_line(exc)}"
+        ) from None
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ModelError(f"--model: unsupported model {type(model).__name__}: Ladder needs decoder layers at model.model.layers")
+        raise ModelError(
+            f"--model: unsupported model {type(model).__name__}: Ladder needs decoder layers at model.model.layers"
+        )
     model.eval().requires_grad_(False)
     return model
 
@@ -130,4 +140,3 @@ def load_backbone(model_dir: Path, dtype: torch.dtype = torch.float32):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-

@@ -37,4 +37,3 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign or damaged file: say which
         raise RunDirError(f"--resume: cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
-

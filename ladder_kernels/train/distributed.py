@@ -11,7 +11,9 @@ import torch
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # under torchrun: this process's GPU (set_device)
+    return torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # under torchrun: this process's GPU (set_device)
 
 
 @contextlib.contextmanager
@@ -77,8 +79,11 @@ def data_parallel(model: torch.nn.Module, world_size: int) -> torch.nn.Module:
     # only rank 0 (zero-shot evaluation) has done.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
-                                   find_unused_parameters=False)
+    return DistributedDataParallel(
+        model,
+        device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+        find_unused_parameters=False,
+    )
 
 
 def token_weight(labels: torch.Tensor, world_size: int) -> float:

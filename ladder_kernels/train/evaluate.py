@@ -16,7 +16,9 @@ def _model_input(batch: dict, dev: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, dataset: Dataset, examples: Sequence[Example], seq_len: int, batch_size: int, desc: str) -> dict:
+def evaluate(
+    model, tokenizer, dataset: Dataset, examples: Sequence[Example], seq_len: int, batch_size: int, desc: str
+) -> dict:
     """Held-out accuracy: classification by the label words' first-token scores, generation by exact match."""
     was_training = model.training
     model.eval()
@@ -37,7 +39,7 @@ def _evaluate_classification(model, tokenizer, dataset, examples, seq_len, batch
     predicted: list[Optional[str]] = [None] * len(prompts)
     dev = distributed.device()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         batch = collate([(prompts[i], prompts[i]) for i in chunk], tokenizer.pad_token_id)
         logits = model(**_model_input(batch, dev)).logits
         last = batch["attention_mask"].sum(1) - 1
@@ -45,31 +47,43 @@ def _evaluate_classification(model, tokenizer, dataset, examples, seq_len, batch
         for i, k in zip(chunk, scores.argmax(-1).tolist()):
             predicted[i] = dataset.labels[k]
     correct = sum(p == dataset.label_of(ex) for p, ex in zip(predicted, examples))
-    return {"accuracy": correct / len(examples), "n": len(examples), "predicted": dict(sorted(Counter(predicted).items()))}
+    return {
+        "accuracy": correct / len(examples),
+        "n": len(examples),
+        "predicted": dict(sorted(Counter(predicted).items())),
+    }
 
 
 def greedy_complete(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
     """Greedy continuation of one prompt, decoded (special tokens dropped)."""
     dev = distributed.device()
     input_ids = torch.tensor([prompt_ids], device=dev)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, len(prompt_ids) :].tolist(), skip_special_tokens=True)
 
 
 def _evaluate_generation(model, tokenizer, examples, seq_len, desc) -> dict:
     from tqdm.auto import tqdm
 
     correct, samples = 0, []
-    for ex, prompt_ids in tqdm(list(zip(examples, encode_prompts(tokenizer, [ex.prompt for ex in examples], seq_len))),
-                               desc=desc, unit="example", leave=False):
+    for ex, prompt_ids in tqdm(
+        list(zip(examples, encode_prompts(tokenizer, [ex.prompt for ex in examples], seq_len))),
+        desc=desc,
+        unit="example",
+        leave=False,
+    ):
         reference = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
         text = greedy_complete(model, tokenizer, prompt_ids, max_new_tokens=min(seq_len, 2 * len(reference) + 8))
         correct += final_answer(text) == final_answer(ex.completion)
         if len(samples) < 3:
             samples.append({"prompt": ex.prompt, "output": text.strip(), "reference": ex.completion.strip()})
     return {"accuracy": correct / len(examples), "n": len(examples), "samples": samples}
-
 
 
 def default_max_new_tokens(info: dict, tokenizer) -> int:

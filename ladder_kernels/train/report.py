@@ -29,17 +29,30 @@ def summary_table(s: dict) -> str:
     metric = "accuracy" if s["task"] == "sentiment" else "exact match"
     processes = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
     rows = [
-        ("method", f"{s['method']} ({s['dtype']}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}{processes}, seq-len {s['seq_len']}, balance {s['config']['balance']:g})"),
+        (
+            "method",
+            f"{s['method']} ({s['dtype']}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}{processes}, "
+            f"seq-len {s['seq_len']}, balance {s['config']['balance']:g})",
+        ),
         ("model / task", f"{Path(s['model_dir']).name} / {s['task']} ({s['data']}, {s['train_examples']} train)"),
         (f"held-out {metric} before (zero-shot)", f"{s['accuracy_before']:.1%} on {s['eval_examples']}"),
         (f"held-out {metric} after", f"{s['accuracy_after']:.1%} ({gain:+.1f} points)"),
     ]
     if "predicted" in s["eval_after"]:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
-        rows.append(("predictions before -> after", f"{fmt(s['eval_before']['predicted'])} -> {fmt(s['eval_after']['predicted'])}"))
+        rows.append(
+            (
+                "predictions before -> after",
+                f"{fmt(s['eval_before']['predicted'])} -> {fmt(s['eval_after']['predicted'])}",
+            )
+        )
     rows += [
-        ("steps", f"{s['steps']} of {s['steps_planned']}" + (f" (stopped: {s['stopped_early']})" if s["stopped_early"] else "")
-         + (f"; {len(s['skipped_steps'])} skipped for a non-finite loss/gradient" if s.get("skipped_steps") else "")),
+        (
+            "steps",
+            f"{s['steps']} of {s['steps_planned']}"
+            + (f" (stopped: {s['stopped_early']})" if s["stopped_early"] else "")
+            + (f"; {len(s['skipped_steps'])} skipped for a non-finite loss/gradient" if s.get("skipped_steps") else ""),
+        ),
         ("train wall time", f"{s['train_seconds']:.0f} s ({s['seconds_per_step']:.2f} s/step)"),
         ("tokens/s", f"{s['tokens_per_second']:.0f}"),
         ("peak memory", f"{format_gib(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
@@ -60,7 +73,7 @@ def smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
         if math.isfinite(v):
             t += 1
             average = beta * average + (1 - beta) * v
-        out.append(average / (1 - beta ** t) if t else math.nan)
+        out.append(average / (1 - beta**t) if t else math.nan)
     return out
 
 
@@ -87,13 +100,16 @@ def plot_loss_curve(history: list[float], path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-
 def write_reports(out: Path, summary: dict, history: list[float]) -> None:
     """Print the summary table; write summary.json, summary.md and loss_curve.png into the run folder."""
     table = summary_table(summary)
     print("\n" + table)
     write_text_atomic(out / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / SUMMARY_MD, f"```\n{summary['command']}\n```\n\n{table}\n")
-    plot_loss_curve(history, out / LOSS_PNG, f"{summary['method']} on {summary['task']}: held-out accuracy "
-                    f"{summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}")
+    plot_loss_curve(
+        history,
+        out / LOSS_PNG,
+        f"{summary['method']} on {summary['task']}: held-out accuracy "
+        f"{summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}",
+    )
     print(f"\nrun folder: {out} (adapter/, {SUMMARY_MD}, {LOSS_PNG})")

@@ -60,6 +60,7 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
             return (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -100,13 +101,20 @@ class TrainingRun:
         cfg.validate()
         self.rank, self.world_size = rank_and_world()
         if cfg.batch_size < self.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is split across {self.world_size} processes: it must be at least {self.world_size}")
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is split across {self.world_size} processes: it must be at least "
+                f"{self.world_size}"
+            )
         self.cfg, self.resume, self.out = cfg, resume, Path(cfg.output_dir)
         self.command = cfg.command_line() + (" --resume" if resume else "")
         check_output_dir(self.out, resume)
         self.dataset = load_dataset(cfg.task, cfg.data)
         if cfg.n_eval > len(self.dataset.heldout) and self.rank == 0:
-            print(f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all of them", file=sys.stderr)
+            print(
+                f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all "
+                "of them",
+                file=sys.stderr,
+            )
         self.eval_set = self.dataset.heldout[: cfg.n_eval]
         # Rank 0 first: converting a .gguf into the model cache must not race. The barrier also means that every
         # rank has checked the output folder before rank 0 writes to it.
@@ -137,7 +145,10 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         self._encoded: dict[int, tuple[list[int], list[int]]] = {}
-        self._states: tuple[Optional[int], list[dict]] = (None, [])  # --steps-per-batch: (batch number, backbone outputs)
+        self._states: tuple[Optional[int], list[dict]] = (
+            None,
+            [],
+        )  # --steps-per-batch: (batch number, backbone outputs)
         self.saved_step: Optional[int] = None  # the step of the last checkpoint written or resumed from
         state = self._start() if self.checkpoint is None else self._restore(self.checkpoint)
         self.train_model = data_parallel(self.model, self.world_size)
@@ -146,19 +157,35 @@ class TrainingRun:
         self.model.train()
         reset_peak_memory()
         session_start = time.perf_counter()
-        with tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {cfg.task}", unit="step", dynamic_ncols=True,
-                  disable=not main) as bar:
+        with tqdm(
+            total=cfg.steps,
+            initial=start_step,
+            desc=f"{cfg.method} {cfg.task}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not main,
+        ) as bar:
             while state["step"] < cfg.steps and stop_reason is None:
                 self._guarded_step(state)
                 bar.update(1)
                 recent = finite_mean(state["history"][-20:])
-                bar.set_postfix(loss="nan" if recent is None else f"{recent:.3f}", tok_s=f"{state['tokens'] / state['train_seconds']:.0f}",
-                                peak=format_gib(peak_memory_bytes()), refresh=False)
+                bar.set_postfix(
+                    loss="nan" if recent is None else f"{recent:.3f}",
+                    tok_s=f"{state['tokens'] / state['train_seconds']:.0f}",
+                    peak=format_gib(peak_memory_bytes()),
+                    refresh=False,
+                )
                 step = state["step"]
-                if cfg.max_minutes is not None and time.perf_counter() - session_start > 60 * cfg.max_minutes and step < cfg.steps:
+                if (
+                    cfg.max_minutes is not None
+                    and time.perf_counter() - session_start > 60 * cfg.max_minutes
+                    and step < cfg.steps
+                ):
                     stop_reason = f"--max-minutes {cfg.max_minutes:g} reached at step {step} of {cfg.steps}"
                 if cfg.max_minutes is not None:
-                    stop_reason = from_rank0(stop_reason, self.world_size)  # the ranks' clocks differ: all stop where rank 0 does
+                    stop_reason = from_rank0(
+                        stop_reason, self.world_size
+                    )  # the ranks' clocks differ: all stop where rank 0 does
                 if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason):
                     self._checkpoint(state)
                 if on_step is not None:
@@ -167,10 +194,20 @@ class TrainingRun:
         summary = None
         if main:
             peak = peak_memory_bytes()
-            after = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, cfg.seq_len, self.eval_batch, "held-out eval")
+            after = evaluate(
+                self.model, self.tokenizer, self.dataset, self.eval_set, cfg.seq_len, self.eval_batch, "held-out eval"
+            )
             adapter_bytes = save_adapter(self.model, cfg, self.dataset, self.out / ADAPTER)
-            summary = self._summary(state, state["step"], start_step, peak, after, adapter_bytes,
-                                    sum(p.numel() for p in self.params.values()), stop_reason)
+            summary = self._summary(
+                state,
+                state["step"],
+                start_step,
+                peak,
+                after,
+                adapter_bytes,
+                sum(p.numel() for p in self.params.values()),
+                stop_reason,
+            )
             self._write_reports(summary, state["history"])
         return from_rank0(summary, self.world_size)
 
@@ -179,13 +216,28 @@ class TrainingRun:
         return max(self.cfg.batch_size, 32)  # forward-only batches: bigger ones are cheaper per example on CPU
 
     def _start(self) -> dict:
-        """A new run: its configuration on disk, then the zero-shot evaluation (rank 0; the others wait in DDP's setup)."""
+        """A new run: its configuration on disk, then the zero-shot evaluation (rank 0; the others wait in DDP's
+        setup)."""
         before = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / RUN_CONFIG, json.dumps({"config": dataclasses.asdict(self.cfg), "command": self.command,
-                                                                 "model_dir": str(self.model_dir)}, indent=2) + "\n")
-            before = evaluate(self.model, self.tokenizer, self.dataset, self.eval_set, self.cfg.seq_len, self.eval_batch, "zero-shot eval")
+            write_text_atomic(
+                self.out / RUN_CONFIG,
+                json.dumps(
+                    {"config": dataclasses.asdict(self.cfg), "command": self.command, "model_dir": str(self.model_dir)},
+                    indent=2,
+                )
+                + "\n",
+            )
+            before = evaluate(
+                self.model,
+                self.tokenizer,
+                self.dataset,
+                self.eval_set,
+                self.cfg.seq_len,
+                self.eval_batch,
+                "zero-shot eval",
+            )
             print(f"zero-shot held-out accuracy: {before['accuracy']:.1%} on {before['n']} examples", file=sys.stderr)
         return dict(zip(PROGRESS_KEYS, (0, [], 0, 0.0, before, [])))
 
@@ -203,21 +255,32 @@ class TrainingRun:
             for leftover in self.out.glob(".tmp-*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             print(f"resuming {self.out} at step {state['step']} of {self.cfg.steps}", file=sys.stderr)
-        return {"skipped": [], **{k: state[k] for k in PROGRESS_KEYS if k in state}}  # "skipped": older checkpoints lack it
+        return {
+            "skipped": [],
+            **{k: state[k] for k in PROGRESS_KEYS if k in state},
+        }  # "skipped": older checkpoints lack it
 
     def _checkpoint(self, state: dict) -> None:
-        save_checkpoint(self.out / CHECKPOINT, {
-            **state, "trainable": {n: p.detach().cpu() for n, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-            "data": self.stream.state(state["step"])})
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            {
+                **state,
+                "trainable": {n: p.detach().cpu() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "data": self.stream.state(state["step"]),
+            },
+        )
         self.saved_step = state["step"]
 
     def _rows(self, indices: Sequence[int]) -> list[tuple[list[int], list[int]]]:
         """Tokenized training examples, each encoded once."""
         for i in indices:
             if i not in self._encoded:
-                ids, labels, _ = encode_example(self.tokenizer, self.dataset.train[i], self.cfg.seq_len,
-                                                add_eos=not self.dataset.is_classification)
+                ids, labels, _ = encode_example(
+                    self.tokenizer, self.dataset.train[i], self.cfg.seq_len, add_eos=not self.dataset.is_classification
+                )
                 self._encoded[i] = (ids, labels)
         return [self._encoded[i] for i in indices]
 
@@ -242,13 +305,17 @@ class TrainingRun:
         t0 = time.perf_counter()
         batch_number = state["step"] // cfg.steps_per_batch
         indices = self.stream.indices(batch_number)
-        if cfg.steps_per_batch > 1 and self._states[0] != batch_number:  # a new batch: its backbone outputs, one per micro-batch
+        if (
+            cfg.steps_per_batch > 1 and self._states[0] != batch_number
+        ):  # a new batch: its backbone outputs, one per micro-batch
             self._states = (batch_number, [{} for _ in range(cfg.grad_accum)])
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         for m in range(cfg.grad_accum):
-            micro = indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            batch = collate(self._rows(micro[self.rank::self.world_size]), self.tokenizer.pad_token_id)  # this rank's share
+            micro = indices[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+            batch = collate(
+                self._rows(micro[self.rank :: self.world_size]), self.tokenizer.pad_token_id
+            )  # this rank's share
             last = m == cfg.grad_accum - 1
             # DDP all-reduces the gradients in the last micro-batch's backward only
             with contextlib.nullcontext() if self.world_size == 1 or last else self.train_model.no_sync():
@@ -277,31 +344,50 @@ class TrainingRun:
         state["history"].append(step_loss)
 
     def _nonfinite_message(self, step: int, loss: float, grad_norm: float) -> str:
-        kept = (f"the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is kept as it was"
-                if self.saved_step is not None else "no checkpoint had been written yet")
-        return (f"step {step} of {self.cfg.steps}: the training loss is {loss} and the gradient norm {grad_norm}; stopped "
-                f"before the optimizer step, {kept}. Lower --lr, or continue with --resume --skip-nonfinite to skip such steps")
+        kept = (
+            f"the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is kept as it was"
+            if self.saved_step is not None
+            else "no checkpoint had been written yet"
+        )
+        return (
+            f"step {step} of {self.cfg.steps}: the training loss is {loss} and the gradient norm {grad_norm}; stopped "
+            f"before the optimizer step, {kept}. Lower --lr, or continue with --resume --skip-nonfinite to skip such "
+            "steps"
+        )
 
     def _out_of_memory_message(self, step: int) -> str:
         """One line: the settings that lower memory, and what the memory planner predicts for this run."""
         cfg = self.cfg
         per_rank = -(-cfg.batch_size // self.world_size)  # one process's share of the micro-batch
-        where = (f" on a {torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.1f} GiB GPU"
-                 if torch.cuda.is_available() else "")
-        lower = (f"lower --batch-size {cfg.batch_size} (and raise --grad-accum {cfg.grad_accum} to keep the batch per "
-                 f"optimizer step) or --seq-len {cfg.seq_len}")
+        where = (
+            f" on a {torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.1f} GiB GPU"
+            if torch.cuda.is_available()
+            else ""
+        )
+        lower = (
+            f"lower --batch-size {cfg.batch_size} (and raise --grad-accum {cfg.grad_accum} to keep the batch per "
+            f"optimizer step) or --seq-len {cfg.seq_len}"
+        )
         if cfg.method != "qlora":
-            lower += (", use --ladder-storage int8" if cfg.ladder_storage != "int8" else "") + f", or raise --reduction-factor {cfg.reduction_factor}"
+            lower += (
+                ", use --ladder-storage int8" if cfg.ladder_storage != "int8" else ""
+            ) + f", or raise --reduction-factor {cfg.reduction_factor}"
         try:
             from .plan import plan
 
             options = {}
             if cfg.method != "qlora":
                 lc = ladder_config(cfg, self.model.config.num_hidden_layers)
-                options = {k: getattr(lc, k) for k in ("reduction_factor", "ladder_layers", "xladder_depth", "ladder_storage")}
-            p = plan(self.model_dir, cfg.method, seq_len=cfg.seq_len, batch_size=per_rank, dtype=cfg.torch_dtype, **options)
-            predicted = (f"`ladder-kernels plan` predicts a peak of {p.peak_bytes / 2**30:.3g} GiB (a GPU needs "
-                         f"{p.required_bytes / 2**30:.3g} GiB) for {cfg.method} at --seq-len {cfg.seq_len}, batch {per_rank}")
+                options = {
+                    k: getattr(lc, k) for k in ("reduction_factor", "ladder_layers", "xladder_depth", "ladder_storage")
+                }
+            p = plan(
+                self.model_dir, cfg.method, seq_len=cfg.seq_len, batch_size=per_rank, dtype=cfg.torch_dtype, **options
+            )
+            predicted = (
+                f"`ladder-kernels plan` predicts a peak of {p.peak_bytes / 2**30:.3g} GiB (a GPU needs "
+                f"{p.required_bytes / 2**30:.3g} GiB) for {cfg.method} at --seq-len {cfg.seq_len}, batch {per_rank}"
+            )
         except Exception as exc:  # noqa: BLE001 - the advice above stands without the prediction
             first_line = (str(exc).splitlines() or [""])[0]
             predicted = f"`ladder-kernels plan` could not predict this run ({type(exc).__name__}: {first_line})"
@@ -311,18 +397,43 @@ class TrainingRun:
         cfg, before = self.cfg, state["before"]
         seconds = state["train_seconds"]
         return {
-            "command": self.command, "method": cfg.method, "model": cfg.model, "model_dir": str(self.model_dir),
-            "task": cfg.task, "data": self.dataset.source, "train_examples": len(self.dataset.train),
-            "eval_examples": after["n"], "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-            "eval_before": before, "eval_after": after, "steps": step, "steps_planned": cfg.steps,
-            "resumed_from_step": start_step if self.resume else None, "stopped_early": stop_reason,
-            "skipped_steps": state["skipped"], "processes": self.world_size,
-            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "lr": cfg.learning_rate,
-            "dtype": cfg.dtype, "train_seconds": seconds, "seconds_per_step": seconds / max(1, step),
-            "tokens_per_second": state["tokens"] / seconds if seconds else 0.0, "tokens": state["tokens"],
-            "peak_memory_bytes": peak, "peak_memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS during training",
-            "trainable_parameters": n_trainable, "adapter_bytes": adapter_bytes, "final_loss": mean_tail(state["history"]),
-            "device": str(distributed.device()), "torch_threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg),
+            "command": self.command,
+            "method": cfg.method,
+            "model": cfg.model,
+            "model_dir": str(self.model_dir),
+            "task": cfg.task,
+            "data": self.dataset.source,
+            "train_examples": len(self.dataset.train),
+            "eval_examples": after["n"],
+            "accuracy_before": before["accuracy"],
+            "accuracy_after": after["accuracy"],
+            "eval_before": before,
+            "eval_after": after,
+            "steps": step,
+            "steps_planned": cfg.steps,
+            "resumed_from_step": start_step if self.resume else None,
+            "stopped_early": stop_reason,
+            "skipped_steps": state["skipped"],
+            "processes": self.world_size,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "seq_len": cfg.seq_len,
+            "lr": cfg.learning_rate,
+            "dtype": cfg.dtype,
+            "train_seconds": seconds,
+            "seconds_per_step": seconds / max(1, step),
+            "tokens_per_second": state["tokens"] / seconds if seconds else 0.0,
+            "tokens": state["tokens"],
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda max_memory_allocated"
+            if torch.cuda.is_available()
+            else "process peak RSS during training",
+            "trainable_parameters": n_trainable,
+            "adapter_bytes": adapter_bytes,
+            "final_loss": mean_tail(state["history"]),
+            "device": str(distributed.device()),
+            "torch_threads": torch.get_num_threads(),
+            "config": dataclasses.asdict(cfg),
         }
 
     def _write_reports(self, summary: dict, history: list[float]) -> None:

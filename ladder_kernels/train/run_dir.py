@@ -1,10 +1,10 @@
 """The run folder: what it holds, checks before a run writes to it, and the saved adapter.
 
-  run_config.json     the configuration (written once, before training)
-  checkpoint.pt       trainable weights, optimizer, scheduler, step, RNG states, data order, loss history
-  adapter/            the trained side network (or LoRA adapter) + finetune.json naming its backbone
-  summary.json/.md    accuracy before/after, steps, wall time, tokens/s, peak memory, adapter size
-  loss_curve.png
+run_config.json     the configuration (written once, before training)
+checkpoint.pt       trainable weights, optimizer, scheduler, step, RNG states, data order, loss history
+adapter/            the trained side network (or LoRA adapter) + finetune.json naming its backbone
+summary.json/.md    accuracy before/after, steps, wall time, tokens/s, peak memory, adapter size
+loss_curve.png
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from ladder_kernels.train.config import RESUMABLE_CHANGES, FinetuneConfig, flag
 from ladder_kernels.train.data import Dataset
 
 RUN_CONFIG, CHECKPOINT, ADAPTER, SUMMARY_JSON, SUMMARY_MD, LOSS_PNG = (
-    "run_config.json", "checkpoint.pt", "adapter", "summary.json", "summary.md", "loss_curve.png")
+    "run_config.json",
+    "checkpoint.pt",
+    "adapter",
+    "summary.json",
+    "summary.md",
+    "loss_curve.png",
+)
 ADAPTER_INFO = "finetune.json"
 
 
@@ -50,8 +56,10 @@ def resume_config(output_dir: str | Path | None, explicit: dict) -> FinetuneConf
     cfg = saved_config(output_dir)
     for name, value in explicit.items():
         if name not in RESUMABLE_CHANGES and getattr(cfg, name) != value:
-            raise RunDirError(f"--resume: {flag(name)} {value!r} differs from the run in {output_dir} ({getattr(cfg, name)!r}); "
-                              "a resumed run keeps its configuration")
+            raise RunDirError(
+                f"--resume: {flag(name)} {value!r} differs from the run in {output_dir} ({getattr(cfg, name)!r}); "
+                "a resumed run keeps its configuration"
+            )
     changes = {k: v for k, v in explicit.items() if k in RESUMABLE_CHANGES}
     cfg = dataclasses.replace(cfg, **{**changes, "output_dir": str(output_dir)})
     cfg.validate()
@@ -68,7 +76,9 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise RunDirError(f"--output-dir {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         what = "another run" if (out / RUN_CONFIG).exists() else "other files"
-        raise RunDirError(f"--output-dir {out} already holds {what}; pass --resume to continue a run, or choose another --output-dir")
+        raise RunDirError(
+            f"--output-dir {out} already holds {what}; pass --resume to continue a run, or choose another --output-dir"
+        )
 
 
 def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> int:
@@ -76,8 +86,13 @@ def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> 
     An existing adapter (a run stopped by --max-minutes and then resumed) is replaced."""
     with atomic_folder(target, replace=True) as tmp:
         model.save_pretrained(tmp)
-        info = {"model": cfg.model if cfg.model == EMBEDDED_MODEL else str(Path(cfg.model).resolve()),
-                "method": cfg.method, "dtype": cfg.dtype, "task": cfg.task, "labels": dataset.labels}
+        info = {
+            "model": cfg.model if cfg.model == EMBEDDED_MODEL else str(Path(cfg.model).resolve()),
+            "method": cfg.method,
+            "dtype": cfg.dtype,
+            "task": cfg.task,
+            "labels": dataset.labels,
+        }
         write_text_atomic(tmp / ADAPTER_INFO, json.dumps(info, indent=2) + "\n")
     return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 

@@ -1,5 +1,6 @@
 """The `ladder-kernels` command line: subcommands, a run through `main`, `generate`, and every bad-input case
 (one-line error, exit code 2, no traceback, nothing written)."""
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
     labels = ("negative", "neutral", "positive")
-    path.write_text("".join(json.dumps({"text": f"tweet {i}", "label": labels[i % 3]}) + "\n" for i in range(30)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": f"tweet {i}", "label": labels[i % 3]}) + "\n" for i in range(30)), encoding="utf-8"
+    )
     return path
 
 
 def _tiny_args(tiny_model, data_file, out) -> list[str]:
-    return ["finetune", "--model", str(tiny_model), "--data", str(data_file), "--steps", "2", "--batch-size", "4",
-            "--seq-len", "32", "--eval-samples", "3", "--reduction-factor", "2", "--dtype", "float32", "--output-dir", str(out)]
+    return [
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data_file),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-samples",
+        "3",
+        "--reduction-factor",
+        "2",
+        "--dtype",
+        "float32",
+        "--output-dir",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +60,9 @@ def cli_run(tiny_model, data_file, tmp_path_factory):
 
 
 def test_help_lists_all_subcommands():
-    proc = subprocess.run([sys.executable, "-m", "ladder_kernels", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladder_kernels", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     listed = set(re.findall(r"^ {4}(\w+)\s", proc.stdout, flags=re.M))  # one help row per registered subcommand
     assert listed >= {"finetune", "generate", "evaluate", "plan", "bench"}, proc.stdout
@@ -49,9 +73,27 @@ def test_finetune_help_documents_every_option(capsys):
         main(["finetune", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--data", "--task", "--method", "--seq-len", "--batch-size", "--grad-accum", "--steps", "--lr",
-                   "--reduction-factor", "--xladder-depth", "--ladder-storage", "--eval-samples", "--output-dir", "--resume",
-                   "--seed", "--max-minutes", "--skip-nonfinite", "--no-skip-nonfinite"):
+    for option in (
+        "--model",
+        "--data",
+        "--task",
+        "--method",
+        "--seq-len",
+        "--batch-size",
+        "--grad-accum",
+        "--steps",
+        "--lr",
+        "--reduction-factor",
+        "--xladder-depth",
+        "--ladder-storage",
+        "--eval-samples",
+        "--output-dir",
+        "--resume",
+        "--seed",
+        "--max-minutes",
+        "--skip-nonfinite",
+        "--no-skip-nonfinite",
+    ):
         assert option in text
 
 
@@ -66,7 +108,10 @@ def test_finetune_through_main_prints_the_summary(cli_run, capsys):
 def test_generate_prints_prompt_and_completion(cli_run, capsys):
     out, _ = cli_run
     capsys.readouterr()
-    assert main(["generate", "--adapter", str(out), "--prompt", "great car", "--task-template", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["generate", "--adapter", str(out), "--prompt", "great car", "--task-template", "--max-new-tokens", "3"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("Tweet: great car\nSentiment (negative, neutral or positive):")
     assert len(printed.strip()) > len("Tweet: great car\nSentiment (negative, neutral or positive):")
@@ -78,11 +123,20 @@ def test_evaluate_bad_input(capsys, cli_run, tmp_path, case):
     if case == "missing_adapter":
         argv, needle = ["evaluate", "--adapter", str(tmp_path / "nope")], "--adapter: no such folder"
     elif case == "zero_samples":
-        argv, needle = ["evaluate", "--adapter", str(out), "--eval-samples", "0"], "--eval-samples must be an integer >= 1"
+        argv, needle = (
+            ["evaluate", "--adapter", str(out), "--eval-samples", "0"],
+            "--eval-samples must be an integer >= 1",
+        )
     else:
         other = tmp_path / "yes_no.jsonl"
-        other.write_text("".join(json.dumps({"text": f"t {i}", "label": ("yes", "no")[i % 2]}) + "\n" for i in range(10)), encoding="utf-8")
-        argv, needle = ["evaluate", "--adapter", str(out), "--data", str(other), "--json", str(tmp_path / "r.json")], "--data: its labels"
+        other.write_text(
+            "".join(json.dumps({"text": f"t {i}", "label": ("yes", "no")[i % 2]}) + "\n" for i in range(10)),
+            encoding="utf-8",
+        )
+        argv, needle = (
+            ["evaluate", "--adapter", str(out), "--data", str(other), "--json", str(tmp_path / "r.json")],
+            "--data: its labels",
+        )
     _expect_input_error(capsys, argv, needle)
     assert not (tmp_path / "r.json").exists()
 
@@ -105,7 +159,9 @@ def test_missing_data_file(capsys, tiny_model, tmp_path):
 
 def test_malformed_row_reports_its_line(capsys, tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a", "label": "positive"}\n{"text": "b", "label": "negative"}\n{"text": "c"\n', encoding="utf-8")
+    bad.write_text(
+        '{"text": "a", "label": "positive"}\n{"text": "b", "label": "negative"}\n{"text": "c"\n', encoding="utf-8"
+    )
     _expect_input_error(capsys, _tiny_args(tiny_model, bad, tmp_path / "out"), f"{bad}:3: not valid JSON")
     assert not (tmp_path / "out").exists()
 
@@ -154,14 +210,33 @@ def test_resume_errors(capsys, cli_run, tmp_path):
 
 
 def test_bad_option_values(capsys, tiny_model, data_file, tmp_path):
-    _expect_input_error(capsys, _tiny_args(tiny_model, data_file, tmp_path / "o") + ["--seq-len", "2"], "--seq-len must be an integer >= 8")
+    _expect_input_error(
+        capsys,
+        _tiny_args(tiny_model, data_file, tmp_path / "o") + ["--seq-len", "2"],
+        "--seq-len must be an integer >= 8",
+    )
     _expect_input_error(capsys, ["generate", "--adapter", str(tmp_path), "--prompt", "x"], "holds no adapter")
 
 
 def test_bad_input_in_a_real_process_is_one_line_and_exit_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "ladder_kernels", "finetune", "--data", str(tmp_path / "missing.csv"),
-                           "--output-dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ladder_kernels",
+            "finetune",
+            "--data",
+            str(tmp_path / "missing.csv"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ sdist carries csrc/ and what setup.py needs.
 Both are built from a copy of the repository in a temporary folder (build/ and *.egg-info land there, never in
 the checkout). The wheel build compiles the C++ extension with the torch of this interpreter
 (--no-build-isolation, as the Makefile installs): a few minutes, 8 on a busy 2-core CPU."""
+
 import email.parser
 import os
 import shutil
@@ -25,8 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = sorted((ROOT / "csrc").glob("*.cpp"))
 CONFIGS = sorted((ROOT / "ladder_kernels" / "configs").glob("*.json"))
 BUILD_TIMEOUT_S = 1800
-IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".pytest_cache",
-                                 ".hypothesis", ".benchmarks", "runs", "outputs")
+IGNORED = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.so",
+    ".pytest_cache",
+    ".hypothesis",
+    ".benchmarks",
+    "runs",
+    "outputs",
+)
 
 
 def _copy_repo(dest: Path) -> Path:
@@ -114,8 +127,19 @@ def test_wheel_metadata(wheel):
     assert meta["Version"] == ladder_kernels.__version__
     requires = {Requirement(r).name.lower(): Requirement(r) for r in meta.get_all("Requires-Dist", [])}
     runtime = {name for name, req in requires.items() if req.marker is None or "extra" not in str(req.marker)}
-    for needed in ("torch", "transformers", "bitsandbytes", "safetensors", "accelerate", "peft", "gguf", "matplotlib",
-                   "numpy", "tqdm", "ninja"):
+    for needed in (
+        "torch",
+        "transformers",
+        "bitsandbytes",
+        "safetensors",
+        "accelerate",
+        "peft",
+        "gguf",
+        "matplotlib",
+        "numpy",
+        "tqdm",
+        "ninja",
+    ):
         assert needed in runtime, f"{needed} is not a runtime Requires-Dist of the wheel (got {sorted(runtime)})"
     assert "Apache-2.0" in (meta.get("License-Expression") or "")
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel.namelist()), "the wheel lacks its LICENSE"
@@ -128,7 +152,13 @@ def test_sdist_carries_csrc_and_build_files(sdist):
     for p in CSRC:
         assert f"csrc/{p.name}" in members, f"the sdist lacks csrc/{p.name}"
         assert sdist.extractfile(members[f"csrc/{p.name}"]).read() == p.read_bytes()
-    for needed in ("setup.py", "pyproject.toml", "LICENSE", "README.md", "ladder_kernels/_version.py",
-                   *(f"ladder_kernels/configs/{p.name}" for p in CONFIGS)):
+    for needed in (
+        "setup.py",
+        "pyproject.toml",
+        "LICENSE",
+        "README.md",
+        "ladder_kernels/_version.py",
+        *(f"ladder_kernels/configs/{p.name}" for p in CONFIGS),
+    ):
         assert needed in members, f"the sdist lacks {needed}"
     assert not [n for n in members if n.endswith(".so")], "the sdist carries compiled objects"

@@ -2,6 +2,7 @@
 both launch paths (tiled and split-reduction), forced configs, int64 offsets, config validity, bad input.
 Runs under TRITON_INTERPRET=1 without a GPU (tiny shapes, big tiles), plus one ahead-of-time sm_90 build;
 on a GPU (bench/gpu_check) every autotune config and the autotuned launch are checked too."""
+
 import pytest
 import torch
 
@@ -40,8 +41,15 @@ def weight(n, k, blocksize, double_quant):
 
 
 def ref_forward(x, q, absmax, bias):
-    return reference_forward(x.double(), q.packed, absmax.double(), q.code.double(), *q.shape, q.blocksize,
-                             None if bias is None else bias.double())
+    return reference_forward(
+        x.double(),
+        q.packed,
+        absmax.double(),
+        q.code.double(),
+        *q.shape,
+        q.blocksize,
+        None if bias is None else bias.double(),
+    )
 
 
 def ref_grad_input(g, q, absmax):
@@ -81,15 +89,21 @@ def test_non_contiguous_inputs(k):
 
 
 def _config(bm, bp, br, split=1, group_m=1):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, SPLIT=split, GROUP_M=group_m), num_warps=4, num_stages=2)
+    return triton.Config(
+        dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, SPLIT=split, GROUP_M=group_m), num_warps=4, num_stages=2
+    )
 
 
-@pytest.mark.parametrize("config", [
-    _config(16, 32, 64, split=2),   # 5 reduction steps over 2 programs (3 + 2)
-    _config(16, 32, 32, split=3),   # split count not a power of two
-    _config(16, 64, 64, split=8),   # more splits than steps: some programs add nothing (and no bias)
-    _config(16, 32, 32, split=1, group_m=2),  # plain store path, partial last group of row tiles
-], ids=["split2", "split3", "split8_empty", "grouped"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        _config(16, 32, 64, split=2),  # 5 reduction steps over 2 programs (3 + 2)
+        _config(16, 32, 32, split=3),  # split count not a power of two
+        _config(16, 64, 64, split=8),  # more splits than steps: some programs add nothing (and no bias)
+        _config(16, 32, 32, split=1, group_m=2),  # plain store path, partial last group of row tiles
+    ],
+    ids=["split2", "split3", "split8_empty", "grouped"],
+)
 @pytest.mark.parametrize("k", [300, 320])
 def test_forced_configs_split_and_grouping(config, k):
     m, n = 37, 70
@@ -112,7 +126,9 @@ def test_int64_offset_path(monkeypatch):
     for m, k in ((3, 97), (40, 97), (3, 128), (40, 128)):
         q, absmax = weight(45, k, 64, False)
         x = torch.randn(m, k, device=DEVICE)
-        assert rel_err(tk.forward(x, q.packed, absmax, q.code, 45, k, 64, None), ref_forward(x, q, absmax, None)) <= 1e-5
+        assert (
+            rel_err(tk.forward(x, q.packed, absmax, q.code, 45, k, 64, None), ref_forward(x, q, absmax, None)) <= 1e-5
+        )
         g = torch.randn(m, 45, device=DEVICE)
         assert rel_err(tk.grad_input(g, q.packed, absmax, q.code, 45, k, 64), ref_grad_input(g, q, absmax)) <= 1e-5
 
@@ -173,7 +189,9 @@ def test_gpu_default_configs_and_pruning(monkeypatch):
     for dot_fp32, aligned in ((True, True), (False, False)):
         kept = tk._prune_configs(tk.LARGE_M_CONFIGS, {"M": 4096, "R": 4096}, DOT_FP32=dot_fp32, ALIGNED_K=aligned)
         assert 0 < len(kept) < len(tk.LARGE_M_CONFIGS)
-        assert not any(c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_M"] == 128 * 256 and c.kwargs["BLOCK_R"] == 64 for c in kept)
+        assert not any(
+            c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_M"] == 128 * 256 and c.kwargs["BLOCK_R"] == 64 for c in kept
+        )
     kept_small = tk._prune_configs(tk.SMALL_M_CONFIGS, {"M": 1, "R": 200}, DOT_FP32=False, ALIGNED_K=True)
     assert kept_small and all(c.kwargs["SPLIT"] <= triton.cdiv(200, c.kwargs["BLOCK_R"]) for c in kept_small)
 
@@ -263,7 +281,9 @@ def test_compiles_for_hopper():
         pytest.skip("this Triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["large"]["wgmma"] and got["small"]["mma_sync"]

@@ -3,6 +3,7 @@
 Each corruption of a valid `save_pretrained` folder must raise a clear error (its type and a message naming
 the file or the config field), never load silently; a pickle in the folder is never unpickled.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,11 +47,16 @@ def adapters(tmp_path_factory):
     backbone = tiny_backbone("llama", num_layers=2)
     LadderModel(copy.deepcopy(backbone), LadderConfig(**CONFIG)).save_pretrained(root / "good")
     others = {}
-    for name, kwargs in {"wider": dict(num_layers=2, hidden_size=96, num_heads=4), "deeper": dict(num_layers=3)}.items():
+    for name, kwargs in {
+        "wider": dict(num_layers=2, hidden_size=96, num_heads=4),
+        "deeper": dict(num_layers=3),
+    }.items():
         LadderModel(tiny_backbone("llama", **kwargs), LadderConfig(**CONFIG)).save_pretrained(root / name)
         others[name] = root / name
     yield backbone, root / "good", others
-    print(f"\nadapter fuzz: {sum(TRIED.values())} malformed folders tried, all rejected with a clear error: {dict(TRIED)}")
+    print(
+        f"\nadapter fuzz: {sum(TRIED.values())} malformed folders tried, all rejected with a clear error: {dict(TRIED)}"
+    )
     assert not os.path.exists(MARKER)
 
 
@@ -64,26 +70,65 @@ def test_valid_adapter_loads(adapters):
 # --- the corruptions: each edits `folder` and returns (expected exception types, a substring of the message) ----
 def _wrong_config_values():
     """(field, a value of the wrong type or outside its domain)."""
-    not_int = st.one_of(st.floats(allow_nan=False, allow_infinity=False),  # JSON 3.0 is a float: rejected too
-                        st.text(max_size=5), st.lists(st.integers(), max_size=2), st.booleans())
+    not_int = st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False),  # JSON 3.0 is a float: rejected too
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.booleans(),
+    )
     not_number = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.booleans(), st.none())
-    not_choice = st.one_of(st.integers(), st.text(max_size=8).filter(lambda s: s not in {
-        "scalar", "vector", "none", "pruned", "random", "side_only", "bf16", "int8", "nf4", "auto", "float32",
-        "bfloat16", "float16", "triton", "cpu", "torch"}), st.lists(st.text(max_size=3), max_size=2))
+    not_choice = st.one_of(
+        st.integers(),
+        st.text(max_size=8).filter(
+            lambda s: (
+                s
+                not in {
+                    "scalar",
+                    "vector",
+                    "none",
+                    "pruned",
+                    "random",
+                    "side_only",
+                    "bf16",
+                    "int8",
+                    "nf4",
+                    "auto",
+                    "float32",
+                    "bfloat16",
+                    "float16",
+                    "triton",
+                    "cpu",
+                    "torch",
+                }
+            )
+        ),
+        st.lists(st.text(max_size=3), max_size=2),
+    )
     fields = {
         "reduction_factor": st.one_of(not_int, st.none(), st.integers(max_value=0)),
         "xladder_depth": st.one_of(not_int, st.none(), st.integers(max_value=-1)),
         "loss_chunk_size": st.one_of(not_int, st.integers(max_value=0)),
         "side_num_heads": st.one_of(not_int, st.integers(max_value=0)),
         "side_intermediate_size": st.one_of(not_int, st.integers(max_value=0)),
-        "ladder_layers": st.one_of(st.text(min_size=1, max_size=4), st.integers(), st.just([]),
-                                   st.lists(st.text(max_size=2), min_size=1, max_size=2), st.just([1, 0])),
-        "gate": not_choice, "side_init": not_choice, "output_mix": not_choice, "ladder_storage": not_choice,
-        "backbone_quant": not_choice, "compute_dtype": not_choice,
+        "ladder_layers": st.one_of(
+            st.text(min_size=1, max_size=4),
+            st.integers(),
+            st.just([]),
+            st.lists(st.text(max_size=2), min_size=1, max_size=2),
+            st.just([1, 0]),
+        ),
+        "gate": not_choice,
+        "side_init": not_choice,
+        "output_mix": not_choice,
+        "ladder_storage": not_choice,
+        "backbone_quant": not_choice,
+        "compute_dtype": not_choice,
         "side_checkpointing": st.one_of(st.integers(), st.text(max_size=3), st.none()),
         "gate_temperature": st.one_of(not_number, st.floats(max_value=0.0, allow_nan=False)),
         "init_std": st.one_of(not_number, st.floats(max_value=0.0, allow_nan=False)),
-        "dropout": st.one_of(not_number, st.floats(min_value=1.0, allow_nan=False), st.floats(max_value=-1e-6, allow_nan=False)),
+        "dropout": st.one_of(
+            not_number, st.floats(min_value=1.0, allow_nan=False), st.floats(max_value=-1e-6, allow_nan=False)
+        ),
         "gate_init": not_number,
     }
     return st.sampled_from(sorted(fields)).flatmap(lambda name: st.tuples(st.just(name), fields[name]))
@@ -107,12 +152,28 @@ def _edit_tensors(folder: Path, edit) -> None:
 
 @st.composite
 def corruptions(draw):
-    kind = draw(st.sampled_from([
-        "missing_config", "config_not_json", "config_not_a_dict", "unknown_config_key", "wrong_config_value",
-        "config_for_other_side", "missing_weights", "truncated_weights", "garbage_weights", "wrong_shape",
-        "missing_tensor", "extra_tensor", "other_backbone", "other_backbone_no_metadata", "pickle_as_weights",
-        "pickle_instead_of_weights",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "missing_config",
+                "config_not_json",
+                "config_not_a_dict",
+                "unknown_config_key",
+                "wrong_config_value",
+                "config_for_other_side",
+                "missing_weights",
+                "truncated_weights",
+                "garbage_weights",
+                "wrong_shape",
+                "missing_tensor",
+                "extra_tensor",
+                "other_backbone",
+                "other_backbone_no_metadata",
+                "pickle_as_weights",
+                "pickle_instead_of_weights",
+            ]
+        )
+    )
     config_file, weights_file = CONFIG_NAME, WEIGHTS_NAME
     if kind == "missing_config":
         return kind, lambda d, o: (d / CONFIG_NAME).unlink(), (FileNotFoundError,), config_file
@@ -122,7 +183,8 @@ def corruptions(draw):
 
         def edit(d, o):
             text = (d / CONFIG_NAME).read_bytes().rstrip()
-            (d / CONFIG_NAME).write_bytes(text[:min(text_cut, len(text) - 1)] + junk)
+            (d / CONFIG_NAME).write_bytes(text[: min(text_cut, len(text) - 1)] + junk)
+
         return kind, edit, (ValueError,), config_file
     if kind == "config_not_a_dict":
         value = draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5), st.none()))
@@ -136,9 +198,20 @@ def corruptions(draw):
         name, value = draw(_wrong_config_values())
         return kind, lambda d, o: _edit_config(d, lambda c: c.__setitem__(name, value)), (TypeError, ValueError), name
     if kind == "config_for_other_side":  # valid values, but not the ones these weights were trained with
-        change = draw(st.sampled_from([dict(reduction_factor=4), dict(reduction_factor=16), dict(xladder_depth=1),
-                                       dict(ladder_layers=[1]), dict(gate="vector"), dict(output_mix="side_only"),
-                                       dict(side_num_heads=2), dict(side_intermediate_size=5)]))
+        change = draw(
+            st.sampled_from(
+                [
+                    dict(reduction_factor=4),
+                    dict(reduction_factor=16),
+                    dict(xladder_depth=1),
+                    dict(ladder_layers=[1]),
+                    dict(gate="vector"),
+                    dict(output_mix="side_only"),
+                    dict(side_num_heads=2),
+                    dict(side_intermediate_size=5),
+                ]
+            )
+        )
         return kind, lambda d, o: _edit_config(d, lambda c: c.update(change)), (ValueError,), weights_file
     if kind == "missing_weights":
         return kind, lambda d, o: (d / WEIGHTS_NAME).unlink(), (FileNotFoundError,), weights_file
@@ -147,14 +220,17 @@ def corruptions(draw):
 
         def edit(d, o):
             data = (d / WEIGHTS_NAME).read_bytes()
-            (d / WEIGHTS_NAME).write_bytes(data[:int(fraction * len(data))])
+            (d / WEIGHTS_NAME).write_bytes(data[: int(fraction * len(data))])
+
         return kind, edit, (ValueError,), weights_file
     if kind == "garbage_weights":
         junk = draw(st.binary(max_size=64))
         return kind, lambda d, o: (d / WEIGHTS_NAME).write_bytes(junk), (ValueError,), weights_file
     if kind in ("wrong_shape", "missing_tensor", "extra_tensor"):
         index = draw(st.integers(min_value=0, max_value=10_000))
-        extra_name = draw(st.sampled_from(["side.extra", "blocks.9.attn.q_proj.weight", "lora_A", "ladders.7", "ladders.0.bias"]))
+        extra_name = draw(
+            st.sampled_from(["side.extra", "blocks.9.attn.q_proj.weight", "lora_A", "ladders.7", "ladders.0.bias"])
+        )
         delta = draw(st.sampled_from([(1, 0), (0, 1), (-1, 0), (0, -1), "flat", "unsqueeze"]))
 
         def edit(d, o):
@@ -173,10 +249,14 @@ def corruptions(draw):
                     elif delta == "unsqueeze":
                         state[key] = t.unsqueeze(0).clone()
                     else:
-                        state[key] = torch.zeros(max(1, t.shape[0] + delta[0]), max(1, t.shape[1] + delta[1]), *t.shape[2:])
+                        state[key] = torch.zeros(
+                            max(1, t.shape[0] + delta[0]), max(1, t.shape[1] + delta[1]), *t.shape[2:]
+                        )
                         if state[key].shape == t.shape:
                             state[key] = torch.zeros(t.shape[0] + 1, *t.shape[1:])
+
             _edit_tensors(d, change)
+
         return kind, edit, (ValueError,), weights_file
     if kind in ("other_backbone", "other_backbone_no_metadata"):
         which = draw(st.sampled_from(["wider", "deeper"]))
@@ -187,6 +267,7 @@ def corruptions(draw):
             if kind == "other_backbone_no_metadata":
                 state = load_file(str(d / WEIGHTS_NAME))
                 (d / WEIGHTS_NAME).write_bytes(save(state))  # no signature: only shapes/keys can tell
+
         return kind, edit, (ValueError,), weights_file
     # A pickle with a malicious __reduce__, in place of or beside the safetensors file.
     payload = pickle.dumps({"side.norm.weight": _Malicious()})
@@ -197,10 +278,13 @@ def corruptions(draw):
         (d / WEIGHTS_NAME).unlink()
         for name in ("pytorch_model.bin", "adapter_model.bin", "ladder_model.bin", "ladder_model.pt"):
             (d / name).write_bytes(payload)
+
     return kind, edit, (FileNotFoundError,), weights_file
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(case=corruptions())
 def test_malformed_adapter_is_rejected(adapters, case):
     backbone, good, others = adapters

@@ -5,6 +5,7 @@
 processes (CPU, gloo): each backbone decoder layer, each side block and the LadderModel root sharded; training on
 a split global batch ends where one unsharded process ends, and each rank holds about half of the NF4 bytes.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,11 +56,15 @@ def _nf4_bytes(model: nn.Module) -> torch.Tensor:
 
 
 def _side_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 # --- one process ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("storage_dtype", [torch.bfloat16, torch.float32])
 def test_shardable_backbone_is_exact(storage_dtype):
@@ -69,7 +74,10 @@ def test_shardable_backbone_is_exact(storage_dtype):
     padded = 0
     for m in _nf4_layers(model):
         assert isinstance(m.packed, nn.Parameter) and m.packed.dtype == storage_dtype and not m.packed.requires_grad
-        assert m.packed.numel() * storage_dtype.itemsize == -(-m.packed_nbytes // storage_dtype.itemsize) * storage_dtype.itemsize
+        assert (
+            m.packed.numel() * storage_dtype.itemsize
+            == -(-m.packed_nbytes // storage_dtype.itemsize) * storage_dtype.itemsize
+        )
         padded += m.packed.numel() * storage_dtype.itemsize != m.packed_nbytes
         assert m.absmax.dtype == torch.uint8 and "absmax" in dict(m.named_buffers())  # metadata stay buffers
     assert padded > 0  # the odd shapes exercise the padding
@@ -77,7 +85,9 @@ def test_shardable_backbone_is_exact(storage_dtype):
         assert any(torch.isnan(m.packed).any() for m in _nf4_layers(model))
     assert torch.equal(_nf4_bytes(model), original)
     names = {n for n, _ in model.named_parameters()}
-    assert "backbone.model.layers.0.mlp.down_proj.packed" in names and not any(n.startswith("side.") for n in names if "packed" in n)
+    assert "backbone.model.layers.0.mlp.down_proj.packed" in names and not any(
+        n.startswith("side.") for n in names if "packed" in n
+    )
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
     ids = _batch()
@@ -129,7 +139,9 @@ def test_compute_dtype_cast_skips_shardable_bytes():
     assert model.backbone.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("bad", [torch.uint8, torch.int32, torch.bool, torch.float64, torch.float8_e4m3fn, "bfloat16", None])
+@pytest.mark.parametrize(
+    "bad", [torch.uint8, torch.int32, torch.bool, torch.float64, torch.float8_e4m3fn, "bfloat16", None]
+)
 def test_bad_storage_dtype_names_the_argument(bad):
     model = _model()
     with pytest.raises((TypeError, ValueError), match="storage_dtype"):
@@ -148,11 +160,13 @@ def test_bitsandbytes_layers_are_refused():
 
 # --- two processes, gloo --------------------------------------------------------------------------------------
 
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     # a rank that fails mid-collective must not leave the other waiting for gloo's default 30 minutes
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -179,9 +193,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             return loss.item() / WORLD
 
         losses, _ = _train(model, _batch().chunk(WORLD)[rank], global_mean)
-        result = dict(params=_side_params(model), losses=losses, nf4=_nf4_bytes(model), sharded=sharded,
-                      resharded=all(isinstance(m.packed, DTensor) for m in layers), local_bytes=local_bytes,
-                      total_bytes=total_bytes)
+        result = dict(
+            params=_side_params(model),
+            losses=losses,
+            nf4=_nf4_bytes(model),
+            sharded=sharded,
+            resharded=all(isinstance(m.packed, DTensor) for m in layers),
+            local_bytes=local_bytes,
+            total_bytes=total_bytes,
+        )
     except Exception:  # noqa: BLE001 - recorded for the test to report
         result = dict(error=traceback.format_exc())
     try:
@@ -209,9 +229,11 @@ def test_fsdp2_sharded_backbone_matches_single_process(tmp_path):
     diff = rel_err(flat(run["params"]), flat(single))
     worst = max(rel_err(run["params"][k], single[k]) for k in single)
     total = run["total_bytes"]
-    print(f"\nFSDP2 backbone x{WORLD}: side params rel diff {diff:.2e} (worst tensor {worst:.2e}, moved {moved:.2e}); "
-          f"losses {run['losses']} vs {losses}; NF4 storage bytes per rank {[r['local_bytes'] for r in runs]} of {total} "
-          f"({sum(m.packed_nbytes for m in _nf4_layers(reference))} unpadded)")
+    print(
+        f"\nFSDP2 backbone x{WORLD}: side params rel diff {diff:.2e} (worst tensor {worst:.2e}, moved {moved:.2e}); "
+        f"losses {run['losses']} vs {losses}; NF4 storage bytes per rank {[r['local_bytes'] for r in runs]} of {total} "
+        f"({sum(m.packed_nbytes for m in _nf4_layers(reference))} unpadded)"
+    )
     assert moved > 1e-3
     assert diff < 1e-4 and worst < 1e-4
     assert run["losses"] == pytest.approx(losses, rel=1e-5)

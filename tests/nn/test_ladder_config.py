@@ -1,4 +1,5 @@
 """LadderConfig: help strings, JSON round-trip, validation with clear errors, atomic writes."""
+
 import dataclasses
 import json
 import os
@@ -22,9 +23,21 @@ def test_defaults_follow_the_method():
 
 
 def test_json_round_trip_through_a_file(tmp_path):
-    c = LadderConfig(reduction_factor=4, ladder_layers=[0, 3, 5], gate="vector", side_init="random",
-                     ladder_storage="int8", loss_chunk_size=256, side_num_heads=4, side_num_kv_heads=2,
-                     side_head_dim=6, dropout=0.1, compute_dtype="bfloat16", backend="torch", output_mix="scalar")
+    c = LadderConfig(
+        reduction_factor=4,
+        ladder_layers=[0, 3, 5],
+        gate="vector",
+        side_init="random",
+        ladder_storage="int8",
+        loss_chunk_size=256,
+        side_num_heads=4,
+        side_num_kv_heads=2,
+        side_head_dim=6,
+        dropout=0.1,
+        compute_dtype="bfloat16",
+        backend="torch",
+        output_mix="scalar",
+    )
     path = tmp_path / "ladder_config.json"
     c.to_json_file(path)
     assert json.loads(path.read_text())["ladder_layers"] == [0, 3, 5]
@@ -63,29 +76,32 @@ def test_invalid_json_is_a_clear_error(tmp_path):
         LadderConfig.from_json_file(path)
 
 
-@pytest.mark.parametrize("kwargs, error, field", [
-    (dict(reduction_factor=0), ValueError, "reduction_factor"),
-    (dict(reduction_factor=2.0), TypeError, "reduction_factor"),
-    (dict(reduction_factor=True), TypeError, "reduction_factor"),
-    (dict(xladder_depth=-1), ValueError, "xladder_depth"),
-    (dict(gate="sigmoid"), ValueError, "gate"),
-    (dict(side_init="zeros"), ValueError, "side_init"),
-    (dict(output_mix="add"), ValueError, "output_mix"),
-    (dict(ladder_storage="fp8"), ValueError, "ladder_storage"),
-    (dict(backbone_quant="int4"), ValueError, "backbone_quant"),
-    (dict(compute_dtype="half"), ValueError, "compute_dtype"),
-    (dict(backend="cuda"), ValueError, "backend"),
-    (dict(gate_temperature=0.0), ValueError, "gate_temperature"),
-    (dict(dropout=1.0), ValueError, "dropout"),
-    (dict(loss_chunk_size=0), ValueError, "loss_chunk_size"),
-    (dict(side_head_dim=5), ValueError, "side_head_dim"),
-    (dict(side_num_heads=4, side_num_kv_heads=3), ValueError, "side_num_kv_heads"),
-    (dict(ladder_layers=[3, 1]), ValueError, "ladder_layers"),
-    (dict(ladder_layers=[]), ValueError, "ladder_layers"),
-    (dict(ladder_layers="0,1"), TypeError, "ladder_layers"),
-    (dict(ladder_layers=[0, -1]), ValueError, "ladder_layers"),
-    (dict(ladder_layers=[0, 1], xladder_depth=1), ValueError, "ladder_layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, field",
+    [
+        (dict(reduction_factor=0), ValueError, "reduction_factor"),
+        (dict(reduction_factor=2.0), TypeError, "reduction_factor"),
+        (dict(reduction_factor=True), TypeError, "reduction_factor"),
+        (dict(xladder_depth=-1), ValueError, "xladder_depth"),
+        (dict(gate="sigmoid"), ValueError, "gate"),
+        (dict(side_init="zeros"), ValueError, "side_init"),
+        (dict(output_mix="add"), ValueError, "output_mix"),
+        (dict(ladder_storage="fp8"), ValueError, "ladder_storage"),
+        (dict(backbone_quant="int4"), ValueError, "backbone_quant"),
+        (dict(compute_dtype="half"), ValueError, "compute_dtype"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(gate_temperature=0.0), ValueError, "gate_temperature"),
+        (dict(dropout=1.0), ValueError, "dropout"),
+        (dict(loss_chunk_size=0), ValueError, "loss_chunk_size"),
+        (dict(side_head_dim=5), ValueError, "side_head_dim"),
+        (dict(side_num_heads=4, side_num_kv_heads=3), ValueError, "side_num_kv_heads"),
+        (dict(ladder_layers=[3, 1]), ValueError, "ladder_layers"),
+        (dict(ladder_layers=[]), ValueError, "ladder_layers"),
+        (dict(ladder_layers="0,1"), TypeError, "ladder_layers"),
+        (dict(ladder_layers=[0, -1]), ValueError, "ladder_layers"),
+        (dict(ladder_layers=[0, 1], xladder_depth=1), ValueError, "ladder_layers"),
+    ],
+)
 def test_bad_values_name_the_field(kwargs, error, field):
     with pytest.raises(error, match=field):
         LadderConfig(**kwargs)

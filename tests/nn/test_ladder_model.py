@@ -1,5 +1,6 @@
 """LadderModel on tiny random backbones of several families: step-0 equivalence, training, wiring, pruned
 init, generation with two caches, padding, save/load, int8 ladders, gradient accumulation, HF Trainer."""
+
 import copy
 import os
 
@@ -62,11 +63,14 @@ def test_step0_loss_and_logits_equal_the_quantized_backbone(family):
 
 
 # --- training ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family, extra", [
-    ("llama", dict(backbone_quant="nf4")),
-    ("qwen2", dict(gate="vector", side_init="random")),
-    ("gemma3", dict(xladder_depth=1, ladder_storage="int8")),
-])
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("llama", dict(backbone_quant="nf4")),
+        ("qwen2", dict(gate="vector", side_init="random")),
+        ("gemma3", dict(xladder_depth=1, ladder_storage="int8")),
+    ],
+)
 def test_training_learns_and_leaves_the_backbone_bit_identical(family, extra):
     model = make_model(family, num_layers=3, **extra)
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -132,8 +136,10 @@ def test_kernel_backends_agree_with_the_torch_reference_end_to_end(backend):
     device = "cpu" if backend == "cpu" else DEVICE
     models = {}
     for name in ("torch", backend):
-        models[name] = LadderModel(tiny_backbone("llama", num_layers=2).to(device),
-                                   LadderConfig(reduction_factor=4, backbone_quant="none", backend=name, ladder_storage="int8"))
+        models[name] = LadderModel(
+            tiny_backbone("llama", num_layers=2).to(device),
+            LadderConfig(reduction_factor=4, backbone_quant="none", backend=name, ladder_storage="int8"),
+        )
     perturb_side_(models["torch"])
     models[backend].side.load_state_dict(models["torch"].side.state_dict())
     ids = torch.randint(3, VOCAB, (2, 8), device=device)
@@ -210,8 +216,12 @@ def test_bitsandbytes_4bit_backbone_is_used_as_it_is(tmp_path):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     tiny_backbone("llama", num_layers=1, hidden_size=256, intermediate_size=512).save_pretrained(tmp_path)
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     backbone = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config, device_map={"": DEVICE})
     linear4bit = type(backbone.model.layers[0].mlp.up_proj)
     model = LadderModel(backbone, LadderConfig(reduction_factor=4))  # pruned init reads the 4-bit weights
@@ -226,12 +236,15 @@ def test_bitsandbytes_4bit_backbone_is_used_as_it_is(tmp_path):
 
 
 # --- wiring --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_layers, extra, branch, expected_map", [
-    (4, dict(xladder_depth=2), 1, [2, 3, None, None]),
-    (3, dict(xladder_depth=3), -1, [0, 1, 2, None, None, None]),
-    (4, dict(ladder_layers=[0, 2]), -1, [0, 2]),
-    (3, {}, -1, [0, 1, 2]),
-])
+@pytest.mark.parametrize(
+    "num_layers, extra, branch, expected_map",
+    [
+        (4, dict(xladder_depth=2), 1, [2, 3, None, None]),
+        (3, dict(xladder_depth=3), -1, [0, 1, 2, None, None, None]),
+        (4, dict(ladder_layers=[0, 2]), -1, [0, 2]),
+        (3, {}, -1, [0, 1, 2]),
+    ],
+)
 def test_connection_map_and_which_hidden_states_feed_which_ladders(num_layers, extra, branch, expected_map):
     model = make_model("mistral", num_layers=num_layers, **extra)
     perturb_side_(model)
@@ -249,6 +262,7 @@ def test_connection_map_and_which_hidden_states_feed_which_ladders(num_layers, e
     def keep_output(index):
         def hook(module, args, out):
             seen[index] = out
+
         return hook
 
     handles = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
@@ -289,13 +303,16 @@ def test_pruned_side_block_reproduces_its_backbone_layer(family):
             units = torch.randperm(128)[:64]
             mlp.gate_proj.weight[units] = 0
             mlp.up_proj.weight[units] = 0
-    model = LadderModel(backbone, LadderConfig(reduction_factor=1, side_head_dim=8, side_intermediate_size=64, backbone_quant="none"))
+    model = LadderModel(
+        backbone, LadderConfig(reduction_factor=1, side_head_dim=8, side_intermediate_size=64, backbone_quant="none")
+    )
     inner = model.backbone.model
     h = torch.randn(2, 7, 64, device=DEVICE)
     positions = torch.arange(7, device=DEVICE)[None].expand(2, -1)
     with torch.no_grad():
-        expected = inner.layers[1](h, attention_mask=None, position_ids=positions,
-                                   position_embeddings=inner.rotary_emb(h, positions))
+        expected = inner.layers[1](
+            h, attention_mask=None, position_ids=positions, position_embeddings=inner.rotary_emb(h, positions)
+        )
         got = model.side.blocks[0](h, positions, None, None, 0)  # block 0 takes layer 0's output: mirrors layer 1
         assert rel_err(got, expected) < 1e-5
         assert torch.equal(model.side.project(1, h), h)  # ladders start as channel selections (all channels at r=1)
@@ -345,7 +362,9 @@ def test_padding_changes_nothing_on_real_tokens(family, side):
     long, short = random_ids(1, 10), random_ids(1, 6)
     pad = torch.zeros(1, 4, dtype=short.dtype, device=DEVICE)
     padded = torch.cat((short, pad), 1) if side == "right" else torch.cat((pad, short), 1)
-    mask = torch.cat((torch.ones_like(short), pad), 1) if side == "right" else torch.cat((pad, torch.ones_like(short)), 1)
+    mask = (
+        torch.cat((torch.ones_like(short), pad), 1) if side == "right" else torch.cat((pad, torch.ones_like(short)), 1)
+    )
     batch = torch.cat((long, padded))
     batch_mask = torch.cat((torch.ones_like(long), mask))
     with torch.no_grad():
@@ -393,7 +412,12 @@ def test_adapters_saved_with_the_branch_projection_as_ladders_0_still_load(tmp_p
     weights = tmp_path / "ladder_model.safetensors"
     with safe_open(weights, "pt") as f:
         metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    old_name = lambda k: "ladders.0" if k == "branch_proj" else (f"ladders.{int(k.split('.')[1]) + 1}" if k.startswith("ladders.") else k)  # noqa: E731
+
+    def old_name(key: str) -> str:
+        if key == "branch_proj":
+            return "ladders.0"
+        return f"ladders.{int(key.split('.')[1]) + 1}" if key.startswith("ladders.") else key
+
     old = {old_name(k): v for k, v in state.items()}
     assert "branch_proj" not in old and len([k for k in old if k.startswith("ladders.")]) == 1 + len(model.side.ladders)
     save_file(old, weights, metadata=metadata)
@@ -416,7 +440,9 @@ def test_scalar_gate_and_mix_are_shape_1_and_old_0_dim_adapters_still_load(tmp_p
     weights = tmp_path / "ladder_model.safetensors"
     with safe_open(weights, "pt") as f:
         metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    save_file({k: v.reshape(()) if k in scalars else v for k, v in state.items()}, weights, metadata=metadata)  # the old layout
+    save_file(
+        {k: v.reshape(()) if k in scalars else v for k, v in state.items()}, weights, metadata=metadata
+    )  # the old layout
     restored = LadderModel.from_pretrained(tiny_backbone("llama", num_layers=2).to(DEVICE), tmp_path)
     assert all(restored.side.state_dict()[k].shape == (1,) for k in scalars)
     ids = random_ids(2, 8)
@@ -430,9 +456,18 @@ def test_hf_trainer_trains_and_checkpoints_only_the_side(tmp_path):
     model = make_model("llama", seed=3)
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     data = [{"input_ids": row, "labels": row} for row in toy_batch(16).cpu()]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             max_steps=3, learning_rate=1e-2, save_steps=3, logging_steps=1, report_to=[],
-                             use_cpu=DEVICE == "cpu", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=DEVICE == "cpu",
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=data).train()
     ckpt = tmp_path / "checkpoint-3"
     from safetensors.torch import load_file
@@ -441,7 +476,9 @@ def test_hf_trainer_trains_and_checkpoints_only_the_side(tmp_path):
     assert saved and all(k.startswith("side.") for k in saved)
     for k, v in frozen.items():
         assert torch.equal(v, model.backbone.state_dict()[k]), k
-    restored = LadderModel.from_pretrained(tiny_backbone("llama", num_layers=2, seed=3).to(DEVICE), ckpt, config=model.ladder_config)
+    restored = LadderModel.from_pretrained(
+        tiny_backbone("llama", num_layers=2, seed=3).to(DEVICE), ckpt, config=model.ladder_config
+    )
     ids = random_ids(1, 8)
     with torch.no_grad():
         assert torch.equal(restored(ids).logits, model(ids).logits)

@@ -3,6 +3,7 @@ fp32 scale per row) plus the side block's own activations at width D/r, never th
 
 Measured with the dispatch-mode tracker of live tensor storages (ladder_kernels.memory) over L = 2, 4, 8.
 """
+
 import pytest
 import torch
 
@@ -16,13 +17,23 @@ LAYERS = (2, 4, 8)
 
 
 def backbone(num_layers, dtype):
-    return tiny_backbone("llama", num_layers=num_layers, hidden_size=D, intermediate_size=INTERMEDIATE, num_heads=4,
-                         num_kv_heads=4, vocab_size=VOCAB, dtype=dtype)
+    return tiny_backbone(
+        "llama",
+        num_layers=num_layers,
+        hidden_size=D,
+        intermediate_size=INTERMEDIATE,
+        num_heads=4,
+        num_kv_heads=4,
+        vocab_size=VOCAB,
+        dtype=dtype,
+    )
 
 
 def ladder_step_bytes(num_layers, dtype, storage, quant, checkpointing):
     """(bytes kept for backward at the end of the forward, peak of forward + backward, side-alone kept bytes)."""
-    config = LadderConfig(reduction_factor=R, ladder_storage=storage, backbone_quant=quant, side_checkpointing=checkpointing)
+    config = LadderConfig(
+        reduction_factor=R, ladder_storage=storage, backbone_quant=quant, side_checkpointing=checkpointing
+    )
     model = LadderModel(backbone(num_layers, dtype), config)
     ids = torch.randint(3, VOCAB, (B, T))
     model(ids, labels=ids).loss.backward()  # warm-up: lazily built state is not part of a step
@@ -59,12 +70,15 @@ def per_layer(values):
     return [(values[b] - values[a]) / (b - a) for a, b in zip(LAYERS, LAYERS[1:])]
 
 
-@pytest.mark.parametrize("dtype, storage, quant, checkpointing, ladder_bytes", [
-    (torch.float32, "bf16", "none", False, B * T * D * 2),    # a bf16 copy of each fp32 h_l
-    (torch.float32, "int8", "none", False, B * T * (D + 4)),  # int8 rows + one fp32 scale per row: half
-    (torch.bfloat16, "bf16", "nf4", False, B * T * D * 2),    # bf16 compute on an NF4 backbone: h_l itself
-    (torch.bfloat16, "int8", "none", True, B * T * (D + 4)),  # side blocks recomputed in backward
-])
+@pytest.mark.parametrize(
+    "dtype, storage, quant, checkpointing, ladder_bytes",
+    [
+        (torch.float32, "bf16", "none", False, B * T * D * 2),  # a bf16 copy of each fp32 h_l
+        (torch.float32, "int8", "none", False, B * T * (D + 4)),  # int8 rows + one fp32 scale per row: half
+        (torch.bfloat16, "bf16", "nf4", False, B * T * D * 2),  # bf16 compute on an NF4 backbone: h_l itself
+        (torch.bfloat16, "int8", "none", True, B * T * (D + 4)),  # side blocks recomputed in backward
+    ],
+)
 def test_memory_grows_by_one_ladder_input_per_layer(dtype, storage, quant, checkpointing, ladder_bytes):
     kept, peak, side_kept = zip(*(ladder_step_bytes(n, dtype, storage, quant, checkpointing) for n in LAYERS))
     kept, peak, side_kept = (dict(zip(LAYERS, v)) for v in (kept, peak, side_kept))

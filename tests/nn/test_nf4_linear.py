@@ -1,4 +1,5 @@
 """NF4Linear, quantize_model_ and patch_bnb_ on small transformers models (random weights, no downloads)."""
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +13,14 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(vocab=128, hidden=64, layers=2):
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -69,7 +76,10 @@ def _tiny_qlora(tmp_path):
     peft = pytest.importorskip("peft")
     tiny_llama().save_pretrained(tmp_path)
     qcfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, dtype=torch.float32)
     lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)

@@ -1,5 +1,6 @@
 """fused_linear_cross_entropy: every backend against a float64 reference (loss and grad_hidden), chunking,
 ignore_index, softcap, no_grad, op checks, fake shapes, peak memory, bad inputs."""
+
 import importlib
 
 import pytest
@@ -43,7 +44,9 @@ def reference(hidden, weight, labels, bias=None, softcap=None, reduction="mean",
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,D,V,chunk", [(1, 24, 1000, 1024), (7, 24, 3001, 3), (37, 40, 1000, 16), (129, 24, 3001, 50)])
+@pytest.mark.parametrize(
+    "T,D,V,chunk", [(1, 24, 1000, 1024), (7, 24, 3001, 3), (37, 40, 1000, 16), (129, 24, 3001, 50)]
+)
 def test_loss_and_grad_match_float64(backend, dtype, T, D, V, chunk):
     require_backend(backend)
     hidden, weight, labels = make_inputs(T, D, V, dtype)
@@ -67,11 +70,20 @@ def test_reductions_bias_softcap_and_leading_dims(backend, reduction):
     weight, bias = torch.randn(1000, 40) / 3, torch.randn(1000)
     labels = torch.randint(0, 1000, (3, 13))
     labels[1, 2:5] = -100
-    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=8, reduction=reduction, softcap=4.0, backend=backend)
+    loss = fused_linear_cross_entropy(
+        hidden, weight, labels, bias, chunk_size=8, reduction=reduction, softcap=4.0, backend=backend
+    )
     grad_out = torch.randn_like(loss)
     (grad,) = torch.autograd.grad(loss, hidden, grad_out)
-    loss_ref, grad_ref = reference(hidden.reshape(-1, 40), weight, labels.reshape(-1), bias, 4.0, reduction,
-                                   grad_out.reshape(-1) if reduction == "none" else grad_out)
+    loss_ref, grad_ref = reference(
+        hidden.reshape(-1, 40),
+        weight,
+        labels.reshape(-1),
+        bias,
+        4.0,
+        reduction,
+        grad_out.reshape(-1) if reduction == "none" else grad_out,
+    )
     assert loss.shape == (labels.shape if reduction == "none" else ())
     assert rel_err(loss.reshape(-1), loss_ref.reshape(-1)) < 1e-5
     assert rel_err(grad.reshape(-1, 40), grad_ref) < 1e-5
@@ -128,7 +140,9 @@ def test_no_grad_skips_gradient_work(backend, monkeypatch):
     def spying_kernel(name, backend_):
         rows = real_kernel(name, backend_)
         assert name == "cross_entropy_rows" and backend_ == backend
-        return lambda logits, lab, ignore, cap, compute_grad: seen.append(compute_grad) or rows(logits, lab, ignore, cap, compute_grad)
+        return lambda logits, lab, ignore, cap, compute_grad: (
+            seen.append(compute_grad) or rows(logits, lab, ignore, cap, compute_grad)
+        )
 
     monkeypatch.setattr(ce_module, "kernel", spying_kernel)
     with torch.no_grad():
@@ -138,7 +152,9 @@ def test_no_grad_skips_gradient_work(backend, monkeypatch):
     assert not loss.requires_grad and not loss_frozen.requires_grad
     loss_ref = reference(hidden, weight, labels)[0]
     assert rel_err(loss, loss_ref) < 1e-5 and rel_err(loss_frozen, loss_ref) < 1e-5
-    _, grad_hidden = torch.ops.ladder.fused_linear_cross_entropy(hidden.detach(), weight, labels, None, -100, 16, None, False, backend)
+    _, grad_hidden = torch.ops.ladder.fused_linear_cross_entropy(
+        hidden.detach(), weight, labels, None, -100, 16, None, False, backend
+    )
     assert grad_hidden.shape == (0, 24)  # nothing kept
 
 
@@ -159,7 +175,8 @@ def test_fake_tensor_shapes():
         weight = torch.empty(32000, 64, dtype=torch.bfloat16)
         labels = torch.empty(4, 9, dtype=torch.long)
         losses, grad_hidden = torch.ops.ladder.fused_linear_cross_entropy(
-            hidden.reshape(36, 64), weight, labels.reshape(36), None, -100, 8, None, True, "torch")
+            hidden.reshape(36, 64), weight, labels.reshape(36), None, -100, 8, None, True, "torch"
+        )
         assert losses.shape == (36,) and losses.dtype == torch.float32
         assert grad_hidden.shape == (36, 64) and grad_hidden.dtype == torch.bfloat16
         assert fused_linear_cross_entropy(hidden, weight, labels, reduction="none", backend="torch").shape == (4, 9)
@@ -175,7 +192,9 @@ def test_peak_memory_far_below_full_logits():
     full_logits_bytes = T * V * 4
     # The op is one dispatcher call (a mode cannot see inside it), so track its body directly.
     with PeakMemoryTracker() as mem:
-        losses, grad_hidden = chunked_linear_cross_entropy(hidden, weight, labels, None, -100, chunk, None, True, backend)
+        losses, grad_hidden = chunked_linear_cross_entropy(
+            hidden, weight, labels, None, -100, chunk, None, True, backend
+        )
     assert mem.peak_bytes >= chunk * V * 4  # the tracker does see the logits chunk...
     assert mem.peak_bytes < full_logits_bytes / 4  # ...and nothing of the full logits' size
     assert grad_hidden.shape == (T, D) and losses.isfinite().all()

@@ -1,4 +1,5 @@
 """downproj: every backend against a float64 reference (forward, dW, db, grad_h), int8 storage, op checks."""
+
 import importlib
 
 import pytest
@@ -136,7 +137,9 @@ def test_opcheck(backend, storage):
     g = torch.randn(7, 11, dtype=torch.bfloat16)
     _, q, s = torch.ops.ladder.downproj(h, w.detach(), b.detach(), storage, backend)
     saved = q if storage == "int8" else h
-    torch.library.opcheck(torch.ops.ladder.downproj_backward.default, (g, saved, s, torch.float32, torch.float32, backend))
+    torch.library.opcheck(
+        torch.ops.ladder.downproj_backward.default, (g, saved, s, torch.float32, torch.float32, backend)
+    )
 
 
 @pytest.mark.parametrize("storage,saved_dtype", [("bf16", torch.bfloat16), ("int8", torch.int8)])

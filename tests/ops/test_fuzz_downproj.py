@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) for the ladder down-projection: random shapes, leading dims, strides,
 dtypes, storages and backends against a float64 reference (output, dW, db, dh); malformed arguments must raise
 a clear error naming the argument, never return an answer. FUZZ_EXAMPLES=600 runs a longer search."""
+
 import os
 
 import hypothesis  # noqa: F401
@@ -12,18 +13,31 @@ from hypothesis import strategies as st  # noqa: E402
 from ladder_kernels.ops.downproj import downproj  # noqa: E402
 from tests.helpers import require_backend  # noqa: E402
 
-FAST = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 # output tolerance per h dtype; dW also carries the stored copy of h (bf16: 2^-8 relative, int8: per-row 1/254)
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DW_TOL = {"bf16": 1e-2, "int8": 2e-2}
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), lead=st.lists(st.integers(1, 9), min_size=1, max_size=3),
-       D=st.integers(1, 130), d=st.integers(1, 40), dtype=st.sampled_from(list(OUT_TOL)),
-       storage=st.sampled_from(["bf16", "int8"]), backend=st.sampled_from(["torch", "cpu", "triton"]),
-       transposed=st.booleans(), with_bias=st.booleans(), h_grad=st.booleans(), scale=st.sampled_from([1e-2, 1.0, 50.0]))
-def test_downproj_matches_float64_reference(seed, lead, D, d, dtype, storage, backend, transposed, with_bias, h_grad, scale):
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    D=st.integers(1, 130),
+    d=st.integers(1, 40),
+    dtype=st.sampled_from(list(OUT_TOL)),
+    storage=st.sampled_from(["bf16", "int8"]),
+    backend=st.sampled_from(["torch", "cpu", "triton"]),
+    transposed=st.booleans(),
+    with_bias=st.booleans(),
+    h_grad=st.booleans(),
+    scale=st.sampled_from([1e-2, 1.0, 50.0]),
+)
+def test_downproj_matches_float64_reference(
+    seed, lead, D, d, dtype, storage, backend, transposed, with_bias, h_grad, scale
+):
     require_backend(backend)
     g = torch.Generator().manual_seed(seed)
     rows = 1
@@ -61,7 +75,11 @@ def bounded_err(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -
 
 
 @settings(max_examples=40, deadline=None)
-@given(D=st.integers(2, 40), d=st.integers(1, 10), fault=st.sampled_from(["width", "bias_len", "w_rank", "storage", "dtype"]))
+@given(
+    D=st.integers(2, 40),
+    d=st.integers(1, 10),
+    fault=st.sampled_from(["width", "bias_len", "w_rank", "storage", "dtype"]),
+)
 def test_malformed_arguments_raise_clear_errors(D, d, fault):
     h, w, b, storage = torch.randn(3, D), torch.randn(d, D), torch.randn(d), "bf16"
     if fault == "width":

@@ -1,4 +1,5 @@
 """nf4_matmul on every backend against a float64 reference: forward, gradients, odd shapes, dtypes."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -103,7 +104,17 @@ def test_backends_agree_with_torch_backend(backend):
 def test_opcheck(backend):
     require_backend(backend)
     q = make_weight(24, 80)
-    args = (torch.randn(5, 80, requires_grad=True), q.packed, q.block_absmax(), q.code, 24, 80, 64, torch.randn(24), backend)
+    args = (
+        torch.randn(5, 80, requires_grad=True),
+        q.packed,
+        q.block_absmax(),
+        q.code,
+        24,
+        80,
+        64,
+        torch.randn(24),
+        backend,
+    )
     torch.library.opcheck(torch.ops.ladder.nf4_matmul.default, args)
     grad_args = (torch.randn(5, 24), q.packed, q.block_absmax(), q.code, 24, 80, 64, backend)
     torch.library.opcheck(torch.ops.ladder.nf4_matmul_grad_input.default, grad_args)

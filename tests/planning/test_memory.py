@@ -114,7 +114,9 @@ def test_categories_split_the_peak():
 def test_track_counts_bitsandbytes_quant_states():
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(128, 64, bias=False, compress_statistics=True, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(64, 128), requires_grad=False, quant_type="nf4", compress_statistics=True
+    ).to("cpu")
     state = layer.weight.quant_state
     expected = layer.weight.nbytes + state.absmax.nbytes + state.code.nbytes + state.offset.nbytes
     expected += state.state2.absmax.nbytes + state.state2.code.nbytes

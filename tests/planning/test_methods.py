@@ -23,7 +23,11 @@ def _cfg(family="llama", num_layers=2, **kw):
 
 def _linear4bit_names(model):
     # peft wraps each as <name>.base_layer
-    return {name.removesuffix(".base_layer").rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return {
+        name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
 
 
 def test_qlora_from_config_is_nf4_double_quant_with_lora_on_every_linear():
@@ -50,8 +54,12 @@ def test_in_memory_quantization_gives_from_pretrained_bytes(tmp_path):
 
     source = AutoModelForCausalLM.from_config(_cfg(), dtype=torch.bfloat16)
     source.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_nf4_config(), dtype=torch.bfloat16, device_map={"": "cpu"})
-    in_memory = quantize_to_bnb_4bit_(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16), bnb_nf4_config())
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=bnb_nf4_config(), dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
+    in_memory = quantize_to_bnb_4bit_(
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16), bnb_nf4_config()
+    )
     pairs = [(a, b) for a, b in zip(loaded.modules(), in_memory.modules()) if isinstance(a, bnb.nn.Linear4bit)]
     assert len(pairs) == 2 * len(LINEAR_NAMES)
     for a, b in pairs:
@@ -93,13 +101,16 @@ def test_every_method_learns_a_fixed_batch(method):
     assert last < first - 0.05, (method, first, last)
 
 
-@pytest.mark.parametrize("dtype,logits_tol,grad_tol", [
-    # fp32: both dequantize the same NF4 bytes to the same fp32 weights and multiply in fp32; only the summation
-    # order of a matmul may differ (K <= 256 terms: ~sqrt(K) * 6e-8 per layer).
-    (torch.float32, 1e-6, 1e-5),
-    # bf16: the same, but a different summation or rounding order moves results by up to one bf16 ulp (2**-8).
-    (torch.bfloat16, 1e-2, 2e-2),
-])
+@pytest.mark.parametrize(
+    "dtype,logits_tol,grad_tol",
+    [
+        # fp32: both dequantize the same NF4 bytes to the same fp32 weights and multiply in fp32; only the summation
+        # order of a matmul may differ (K <= 256 terms: ~sqrt(K) * 6e-8 per layer).
+        (torch.float32, 1e-6, 1e-5),
+        # bf16: the same, but a different summation or rounding order moves results by up to one bf16 ulp (2**-8).
+        (torch.bfloat16, 1e-2, 2e-2),
+    ],
+)
 def test_qlora_lk_computes_like_qlora(dtype, logits_tol, grad_tol):
     """qlora-lk (bitsandbytes layers patched to nf4_matmul) against qlora (bitsandbytes' own matmul_4bit) on
     the same 4-bit bytes and the same LoRA weights: the full logits and every LoRA parameter's gradient after
@@ -160,12 +171,24 @@ def test_bad_arguments_are_named():
 def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
     from ladder_kernels.planning.bench import BenchSettings, read_results, run_bench, write_results
 
-    settings = BenchSettings(methods=("ladder", "qlora"), models=("tiny-llama",), seq_lens=(32,), steps=1, warmup=0,
-                             device="cpu", out_dir=tmp_path, tag="t", command="test")
+    settings = BenchSettings(
+        methods=("ladder", "qlora"),
+        models=("tiny-llama",),
+        seq_lens=(32,),
+        steps=1,
+        warmup=0,
+        device="cpu",
+        out_dir=tmp_path,
+        tag="t",
+        command="test",
+    )
     csv_path, md_path, mem_png, speed_png = write_results(run_bench(settings), tmp_path, "t")
     rows = read_results(csv_path)
-    assert {(r["method"], r["metric"]) for r in rows} >= {(m, k) for m in ("ladder", "qlora")
-                                                         for k in ("tracked_peak_bytes", "rss_peak_bytes", "tokens_per_s", "loss_last")}
+    assert {(r["method"], r["metric"]) for r in rows} >= {
+        (m, k)
+        for m in ("ladder", "qlora")
+        for k in ("tracked_peak_bytes", "rss_peak_bytes", "tokens_per_s", "loss_last")
+    }
     assert all(r["device"] == "cpu" and r["seq_len"] == "32" and "torch=" in r["versions"] for r in rows)
     peak = {r["method"]: float(r["value"]) for r in rows if r["metric"] == "tracked_peak_bytes"}
     assert 0 < peak["ladder"] < peak["qlora"]

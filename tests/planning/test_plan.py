@@ -37,10 +37,17 @@ def _measured_peak(cfg, method: str) -> int:
     return peak
 
 
-@pytest.mark.parametrize("family,method", [
-    ("llama", "ladder"), ("llama", "xladder"), ("llama", "qlora"), ("llama", "qlora-ckpt"),
-    ("qwen2", "ladder"), ("qwen2", "qlora"),  # q/k/v biases, tied embeddings
-])
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("llama", "ladder"),
+        ("llama", "xladder"),
+        ("llama", "qlora"),
+        ("llama", "qlora-ckpt"),
+        ("qwen2", "ladder"),
+        ("qwen2", "qlora"),  # q/k/v biases, tied embeddings
+    ],
+)
 def test_plan_within_1_percent_of_measured_cpu_peak(family, method):
     cfg = _cfg(family)
     estimate = plan(cfg, method, seq_len=SEQ)
@@ -85,12 +92,15 @@ def test_fits_and_max_seq_len_agree():
     assert max_seq_len(cfg, CUDA_CONTEXT_BYTES, "qlora", granularity=64, limit=1024) == 0
 
 
-@pytest.mark.parametrize("peaks", [
-    lambda k: 10**9 + 3 * 10**7 * k,                 # linear, as sequence length scaling mostly is
-    lambda k: 10**9 + 10**6 * k + 2 * 10**6 * k * k,  # quadratic (eager attention)
-    lambda k: 10**9 if k < 77 else 10**12,            # a cliff
-    lambda k: 10**12,                                 # never fits
-])
+@pytest.mark.parametrize(
+    "peaks",
+    [
+        lambda k: 10**9 + 3 * 10**7 * k,  # linear, as sequence length scaling mostly is
+        lambda k: 10**9 + 10**6 * k + 2 * 10**6 * k * k,  # quadratic (eager attention)
+        lambda k: 10**9 if k < 77 else 10**12,  # a cliff
+        lambda k: 10**12,  # never fits
+    ],
+)
 def test_longest_fitting_equals_exhaustive_search(peaks):
     gpu = 12 * 2**30
     calls = []
@@ -111,8 +121,15 @@ def test_shipped_configs():
     }
     for name, fields in expected.items():
         c = load_config(name)
-        assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
-                c.intermediate_size, c.vocab_size) == fields
+        assert (
+            c.model_type,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+            c.vocab_size,
+        ) == fields
 
 
 def test_config_from_a_json_file_and_bad_inputs(tmp_path):
@@ -202,6 +219,10 @@ def test_cli_ladder_every_defaults_to_finetunes_and_changes_the_plan(tmp_path, c
         assert main(base + ([] if every is None else ["--ladder-every", str(every)])) == 0
         plans[every] = json.loads(capsys.readouterr().out)[0]
     assert plans[None]["ladder_options"]["ladder_layers"] == every_nth_layer(6, DEFAULT_LADDER_EVERY) == [2, 5]
-    assert "ladder_layers" not in plans[1]["ladder_options"] and plans[2]["ladder_options"]["ladder_layers"] == [1, 3, 5]
+    assert "ladder_layers" not in plans[1]["ladder_options"] and plans[2]["ladder_options"]["ladder_layers"] == [
+        1,
+        3,
+        5,
+    ]
     assert plans[None]["peak_bytes"] < plans[2]["peak_bytes"] < plans[1]["peak_bytes"]  # fewer side blocks, less memory
     assert main(base + ["--ladder-every", "0"]) == 2 and "--ladder-every" in capsys.readouterr().err

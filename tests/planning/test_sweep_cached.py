@@ -1,4 +1,5 @@
 """bench/sweep_cached.py: training on cached backbone features is training the LadderModel itself."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,15 +28,27 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
     labels = ("negative", "neutral", "positive")
     words = ("awful day", "the bus came", "lovely news", "so bad", "it is tuesday", "great game", "meh")
-    path.write_text("".join(json.dumps({"text": f"{words[i % 7]} number {i}", "label": labels[(i * 5) % 3 if i % 4 else 0]}) + "\n"
-                            for i in range(90)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"text": f"{words[i % 7]} number {i}", "label": labels[(i * 5) % 3 if i % 4 else 0]}) + "\n"
+            for i in range(90)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def sweep(tiny_model, data_file):
-    cfg = FinetuneConfig(model=str(tiny_model), data=str(data_file), steps=4, batch_size=6, seq_len=24,
-                         reduction_factor=2, dtype="float32")
+    cfg = FinetuneConfig(
+        model=str(tiny_model),
+        data=str(data_file),
+        steps=4,
+        batch_size=6,
+        seq_len=24,
+        reduction_factor=2,
+        dtype="float32",
+    )
     return sweep_cached.Sweep(cfg, eval_samples=9)
 
 
@@ -52,7 +65,9 @@ def _perturbed(sweep):
 def test_loss_and_gradients_match_the_models_own_forward(sweep):
     model = _perturbed(sweep)
     batch_ids = sweep.order[1]
-    encoded = [encode_example(sweep.tokenizer, sweep.dataset.train[i], sweep.cfg.seq_len, add_eos=False)[:2] for i in batch_ids]
+    encoded = [
+        encode_example(sweep.tokenizer, sweep.dataset.train[i], sweep.cfg.seq_len, add_eos=False)[:2] for i in batch_ids
+    ]
     batch = collate(encoded, sweep.tokenizer.pad_token_id)
     assert not bool(batch["attention_mask"].all())  # ragged: padding is exercised
 
@@ -90,15 +105,36 @@ def test_other_orders_permute_examples_within_each_class(sweep):
 
 def test_main_writes_a_table_per_variant(tiny_model, data_file, tmp_path):
     out = tmp_path / "sweep"
-    args = ["--model", str(tiny_model), "--data", str(data_file), "--steps", "3", "--batch-size", "4", "--seq-len", "24",
-            "--variants", "default,lr3e-3,3_passes,3_steps_per_batch", "--orders", "2", "--eval-samples", "6", "--out", str(out)]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data_file),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "24",
+        "--variants",
+        "default,lr3e-3,3_passes,3_steps_per_batch",
+        "--orders",
+        "2",
+        "--eval-samples",
+        "6",
+        "--out",
+        str(out),
+    ]
     assert sweep_cached.main(args) == 0
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     assert set(results) == {"default", "lr3e-3", "3_passes", "3_steps_per_batch"}
     # three passes over the same batches, or three steps on each, fit them better than one
     for more in ("3_passes", "3_steps_per_batch"):
         assert all(m["final_loss"] < d["final_loss"] for m, d in zip(results[more], results["default"])), results
-    assert all(len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["final_loss"] > 0 for r in runs) for runs in results.values())
+    assert all(
+        len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["final_loss"] > 0 for r in runs)
+        for runs in results.values()
+    )
     table = out.with_suffix(".md").read_text()
     assert "| default |" in table and '| lr3e-3 | `{"lr": 0.003}` |' in table
 

@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) for the NF4 format and nf4_matmul: random shapes, dtypes, strides,
 scales and malformed states. Each malformed input must raise a clear error; none may give an answer."""
+
 import dataclasses
 
 import hypothesis  # noqa: F401
@@ -24,21 +25,34 @@ def random_weight(seed, n, k, scale, dtype):
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 70), k=st.integers(1, 300),
-       blocksize=st.sampled_from([32, 64, 128, 256]), scale=st.sampled_from([1e-3, 1.0, 300.0]), dtype=st.sampled_from(DTYPES))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    blocksize=st.sampled_from([32, 64, 128, 256]),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_round_trip_error_is_within_half_a_code_step_per_block(seed, n, k, blocksize, scale, dtype):
     w = random_weight(seed, n, k, scale, dtype)
     q = quantize_nf4(w, blocksize=blocksize, double_quant=False)
     out = dequantize_nf4(q, torch.float32)
     block = torch.arange(n * k) // blocksize
-    absmax = w.float().reshape(-1).abs().new_zeros(q.n_blocks).scatter_reduce(0, block, w.float().reshape(-1).abs(), "amax")
+    absmax = (
+        w.float().reshape(-1).abs().new_zeros(q.n_blocks).scatter_reduce(0, block, w.float().reshape(-1).abs(), "amax")
+    )
     err = (out - w.float()).abs().reshape(-1)
     assert (err <= HALF_GAP * absmax[block] * (1 + 1e-6) + 1e-30).all()
     assert out.shape == w.shape and torch.isfinite(out).all()
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 70), k=st.integers(1, 300), blocksize=st.sampled_from([32, 64, 128]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    blocksize=st.sampled_from([32, 64, 128]),
+)
 def test_double_quant_error_is_bounded_by_the_absmax_error(seed, n, k, blocksize):
     w = random_weight(seed, n, k, 1.0, torch.float32)
     q1, q2 = quantize_nf4(w, blocksize, double_quant=False), quantize_nf4(w, blocksize, double_quant=True)
@@ -48,10 +62,20 @@ def test_double_quant_error_is_bounded_by_the_absmax_error(seed, n, k, blocksize
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 40), n=st.integers(1, 48), k=st.integers(1, 160),
-       lead=st.sampled_from([(), (2,), (2, 3)]), transpose=st.booleans(), dtype=st.sampled_from(DTYPES),
-       backend=st.sampled_from(["torch", "cpu"]), with_bias=st.booleans())
-def test_nf4_matmul_matches_reference_on_random_shapes_and_strides(seed, m, n, k, lead, transpose, dtype, backend, with_bias):
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 40),
+    n=st.integers(1, 48),
+    k=st.integers(1, 160),
+    lead=st.sampled_from([(), (2,), (2, 3)]),
+    transpose=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    backend=st.sampled_from(["torch", "cpu"]),
+    with_bias=st.booleans(),
+)
+def test_nf4_matmul_matches_reference_on_random_shapes_and_strides(
+    seed, m, n, k, lead, transpose, dtype, backend, with_bias
+):
     g = torch.Generator().manual_seed(seed)
     q = quantize_nf4(torch.randn(n, k, generator=g), blocksize=64)
     x = torch.randn(*lead, k, m, generator=g).transpose(-1, -2) if transpose else torch.randn(*lead, m, k, generator=g)

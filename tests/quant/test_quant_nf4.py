@@ -1,4 +1,5 @@
 """NF4 format: byte/bit equality with bitsandbytes, round trips, bad input."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Datasets: embedded tasks, user files (and their errors with line numbers), batches, tokenization."""
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,13 @@ def test_final_answer_extraction():
 
 
 def test_user_jsonl_prompt_completion_and_text_label(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1+1?", "completion": "2"}, {"prompt": "Q: 2+2?", "completion": "4"}])
+    path = _jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "Q: 1+1?", "completion": "2"}, {"prompt": "Q: 2+2?", "completion": "4"}]
+    )
     assert read_user_file(path, "arith") == [Example("Q: 1+1?", " 2"), Example("Q: 2+2?", " 4")]
-    path = _jsonl(tmp_path / "t.jsonl", [{"text": "great car", "label": "positive"}, {"text": "bad car", "label": "negative"}])
+    path = _jsonl(
+        tmp_path / "t.jsonl", [{"text": "great car", "label": "positive"}, {"text": "bad car", "label": "negative"}]
+    )
     ex = read_user_file(path, "sentiment")[0]
     assert ex.prompt.startswith("Tweet: great car\nSentiment") and ex.completion == " positive"
 
@@ -76,14 +81,17 @@ def test_user_csv(tmp_path):
     assert len(ds.train) + len(ds.heldout) == 3 and len(ds.heldout) == 1
 
 
-@pytest.mark.parametrize("content, suffix, line, needle", [
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n', ".jsonl", 2, "not valid JSON"),
-    ('{"prompt": "a", "completion": "b"}\n\n{"question": "c"}\n', ".jsonl", 3, "expected fields"),
-    ('{"prompt": "a", "completion": ""}\n', ".jsonl", 1, "field 'completion' must be a non-empty string"),
-    ('[1, 2]\n', ".jsonl", 1, "expected a JSON object"),
-    ('text,label\nfine,positive\ntoo,many,cells\n', ".csv", 3, "expected 2 columns"),
-    ('text,label\nfine,positive\nmissing label,\n', ".csv", 3, "field 'label'"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, line, needle",
+    [
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n', ".jsonl", 2, "not valid JSON"),
+        ('{"prompt": "a", "completion": "b"}\n\n{"question": "c"}\n', ".jsonl", 3, "expected fields"),
+        ('{"prompt": "a", "completion": ""}\n', ".jsonl", 1, "field 'completion' must be a non-empty string"),
+        ("[1, 2]\n", ".jsonl", 1, "expected a JSON object"),
+        ("text,label\nfine,positive\ntoo,many,cells\n", ".csv", 3, "expected 2 columns"),
+        ("text,label\nfine,positive\nmissing label,\n", ".csv", 3, "field 'label'"),
+    ],
+)
 def test_malformed_rows_name_their_line(tmp_path, content, suffix, line, needle):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content, encoding="utf-8")
@@ -99,13 +107,16 @@ def test_invalid_utf8_names_its_line(tmp_path):
         read_user_file(path, "arith")
 
 
-@pytest.mark.parametrize("content, suffix, needle", [
-    ("", ".jsonl", "empty dataset"),
-    ("\n\n", ".jsonl", "empty dataset"),
-    ("", ".csv", "empty dataset"),
-    ("text,label\n", ".csv", "empty dataset"),
-    ("a\tb\n", ".tsv", "expected a .jsonl or .csv"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, needle",
+    [
+        ("", ".jsonl", "empty dataset"),
+        ("\n\n", ".jsonl", "empty dataset"),
+        ("", ".csv", "empty dataset"),
+        ("text,label\n", ".csv", "empty dataset"),
+        ("a\tb\n", ".tsv", "expected a .jsonl or .csv"),
+    ],
+)
 def test_empty_or_unsupported_files(tmp_path, content, suffix, needle):
     path = tmp_path / f"d{suffix}"
     path.write_text(content, encoding="utf-8")
@@ -142,7 +153,7 @@ def test_fully_balanced_stream_draws_classes_equally_and_covers_each_class():
     assert Counter(ds.label_of(ds.train[i]) for i in drawn) == {"negative": 28, "neutral": 28, "positive": 28}
     positives = [i for i in drawn if ds.label_of(ds.train[i]) == "positive"]
     for p in range(4):  # each pass over the minority class is a permutation of it
-        assert sorted(positives[7 * p:7 * p + 7]) == list(range(80, 87))
+        assert sorted(positives[7 * p : 7 * p + 7]) == list(range(80, 87))
 
 
 @pytest.mark.parametrize("balance", [0.0, 0.5])

@@ -5,6 +5,7 @@ backbone's parameters ignored) on a fixed global batch split across the ranks mu
 parameters as one process training on the whole batch. One spawn runs both; the tests read its results.
 `torchrun --nproc_per_node 2 -m ladder_kernels finetune` must likewise match the same command in one process.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,11 @@ def _state_checksums(model: torch.nn.Module) -> list[float]:
     out = []
     for t in [*model.parameters(), *model.buffers()]:
         t = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
-        out.append(float(t.double().mul(torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape).remainder(97).add(1)).sum()))
+        out.append(
+            float(
+                t.double().mul(torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape).remainder(97).add(1)).sum()
+            )
+        )
     return out
 
 
@@ -113,8 +118,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.all_gather_object(everyone_after, after)
         losses, grads = _train(ddp, local, _global_mean)
         if rank == 0:
-            torch.save(dict(params=_side_params(ddp), grads=grads, losses=losses, bucketed=bucketed,
-                            checksums_before=everyone_before, checksums_after=everyone_after), os.path.join(out_dir, "ddp.pt"))
+            torch.save(
+                dict(
+                    params=_side_params(ddp),
+                    grads=grads,
+                    losses=losses,
+                    bucketed=bucketed,
+                    checksums_before=everyone_before,
+                    checksums_after=everyone_after,
+                ),
+                os.path.join(out_dir, "ddp.pt"),
+            )
         dist.barrier()
 
         # --- FSDP2 on the side network: each side block, then the model root (the backbone's parameters ignored).
@@ -153,7 +167,9 @@ def runs(tmp_path_factory):
         reference = _model(side_seed=0, gate=gate)
         initial, checksums = _side_params(reference), _state_checksums(reference)
         losses, grads = _train(reference, _batch(), float)
-        single[gate] = dict(params=_side_params(reference), grads=grads, losses=losses, initial=initial, checksums=checksums)
+        single[gate] = dict(
+            params=_side_params(reference), grads=grads, losses=losses, initial=initial, checksums=checksums
+        )
     mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
     load = lambda name: torch.load(tmp / name, weights_only=True)  # noqa: E731 - our own files
     return single["scalar"], load("ddp.pt"), {gate: (single[gate], load(f"fsdp2-{gate}.pt")) for gate in GATES}, tmp
@@ -169,10 +185,14 @@ def _compare(single: dict, run: dict, label: str) -> None:
     grad_err = rel_err(flat(run["grads"]), flat(single["grads"]))
     # ... the global loss per step and the final side parameters match one process on the whole batch.
     param_err = rel_err(flat(run["params"]), flat(single["params"]))
-    update_err = rel_err(flat(run["params"]) - flat(single["initial"]), flat(single["params"]) - flat(single["initial"]))
+    update_err = rel_err(
+        flat(run["params"]) - flat(single["initial"]), flat(single["params"]) - flat(single["initial"])
+    )
     worst = max(rel_err(run["params"][k], single["params"][k]) for k in single["params"])
-    print(f"\n{label}: rel diff params {param_err:.2e} (worst tensor {worst:.2e}, of the update {update_err:.2e}), "
-          f"first-step grads {grad_err:.2e}, losses {run['losses']} vs {single['losses']}")
+    print(
+        f"\n{label}: rel diff params {param_err:.2e} (worst tensor {worst:.2e}, of the update {update_err:.2e}), "
+        f"first-step grads {grad_err:.2e}, losses {run['losses']} vs {single['losses']}"
+    )
     assert run["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert grad_err < 1e-4
     assert param_err < 1e-4 and worst < 1e-4 and update_err < 1e-3
@@ -201,6 +221,7 @@ def test_fsdp2_side_network_matches_single_process(runs, gate):
 
 # --- `ladder-kernels finetune` under torchrun ---------------------------------------------------------------
 
+
 def _flat_adapter(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -218,23 +239,72 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
     from tests.helpers import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
-    args = ["finetune", "--model", str(model), "--task", task, "--seq-len", "48", "--batch-size", "8", "--grad-accum", "2",
-            "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1", "--reduction-factor", "2", "--eval-samples", "3",
-            "--checkpoint-every", "2", "--dtype", "float32"]
+    args = [
+        "finetune",
+        "--model",
+        str(model),
+        "--task",
+        task,
+        "--seq-len",
+        "48",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--eval-samples",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--dtype",
+        "float32",
+    ]
     if task == "sentiment":
         words = {"negative": "awful", "neutral": "okay", "positive": "great"}
         data = tmp_path / "data.jsonl"
-        data.write_text("".join(json.dumps({"text": f"car {i} is {w}", "label": label}) + "\n"
-                                for i in range(40) for label, w in words.items()), encoding="utf-8")
+        data.write_text(
+            "".join(
+                json.dumps({"text": f"car {i} is {w}", "label": label}) + "\n"
+                for i in range(40)
+                for label, w in words.items()
+            ),
+            encoding="utf-8",
+        )
         args += ["--data", str(data)]
     repo = REPO
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-                           "-m", "ladder_kernels", *args, "--output-dir", str(tmp_path / "torchrun")],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            "-m",
+            "ladder_kernels",
+            *args,
+            "--output-dir",
+            str(tmp_path / "torchrun"),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # rank 0 alone evaluates and reports
-    assert proc.stdout.count("run folder:") == 1 and proc.stderr.count("zero-shot held-out") == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("run folder:") == 1 and proc.stderr.count("zero-shot held-out") == 1, (
+        proc.stdout + proc.stderr
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -249,12 +319,16 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
     multi, single, half = (_flat_adapter(tmp_path / n) for n in ("torchrun", "single", "half"))
     diff = rel_err(flat(multi), flat(single))
     worst = max(rel_err(multi[k], single[k]) for k in single)
-    print(f"\ntorchrun x{WORLD} vs one process ({task}): side weights rel diff {diff:.2e} (worst tensor {worst:.2e}); "
-          f"half the batch: {rel_err(flat(half), flat(single)):.2e}")
+    print(
+        f"\ntorchrun x{WORLD} vs one process ({task}): side weights rel diff {diff:.2e} (worst tensor {worst:.2e}); "
+        f"half the batch: {rel_err(flat(half), flat(single)):.2e}"
+    )
     assert multi.keys() == single.keys() and diff < 1e-4 and worst < 1e-4
     assert rel_err(flat(half), flat(single)) > 100 * max(diff, 1e-6)  # the comparison tells batches apart
     summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
     reference = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["processes"] == WORLD and summary["steps"] == 4 and summary["tokens"] == reference["tokens"]
     history = torch.load(tmp_path / "torchrun" / "checkpoint.pt", weights_only=True)["history"]
-    assert history == pytest.approx(torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["history"], rel=1e-5)
+    assert history == pytest.approx(
+        torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["history"], rel=1e-5
+    )

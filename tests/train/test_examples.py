@@ -1,4 +1,5 @@
 """The runnable scripts in python/, each on a tiny local checkpoint."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,13 +29,30 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
     labels = ("negative", "neutral", "positive")
-    path.write_text("".join(json.dumps({"text": f"tweet number {i}", "label": labels[i % 3]}) + "\n" for i in range(60)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": f"tweet number {i}", "label": labels[i % 3]}) + "\n" for i in range(60)),
+        encoding="utf-8",
+    )
     return path
 
 
 def _common(tiny_model, data_file, out) -> list[str]:
-    return ["--model", str(tiny_model), "--data", str(data_file), "--batch-size", "4", "--seq-len", "32",
-            "--reduction-factor", "2", "--dtype", "float32", "--output-dir", str(out)]
+    return [
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data_file),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--reduction-factor",
+        "2",
+        "--dtype",
+        "float32",
+        "--output-dir",
+        str(out),
+    ]
 
 
 def test_hf_trainer_checkpoints_only_the_side_network_and_resumes(tiny_model, data_file, tmp_path, capsys):
@@ -72,8 +90,19 @@ def test_trl_sft_trains_a_ladder_model(tiny_model, data_file, tmp_path):
 
 def test_generate_script_prints_completion_and_label_probabilities(tiny_model, data_file, tmp_path, capsys):
     out = tmp_path / "run"
-    TrainingRun(FinetuneConfig(model=str(tiny_model), data=str(data_file), seq_len=32, batch_size=4, steps=2,
-                               eval_samples=3, reduction_factor=2, dtype="float32", output_dir=str(out))).run()
+    TrainingRun(
+        FinetuneConfig(
+            model=str(tiny_model),
+            data=str(data_file),
+            seq_len=32,
+            batch_size=4,
+            steps=2,
+            eval_samples=3,
+            reduction_factor=2,
+            dtype="float32",
+            output_dir=str(out),
+        )
+    ).run()
     capsys.readouterr()
     assert load_script("generate").main(["--adapter", str(out), "--tweet", "a tweet", "--max-new-tokens", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -1,6 +1,7 @@
 """`finetune` end to end on a tiny local checkpoint: training, evaluation, reports, checkpoints and exact resume
 (after an exception, and after SIGKILL of a real process between checkpoints or during a checkpoint write), a
 NaN/Inf loss or gradient (stop or --skip-nonfinite), and out of memory."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,11 @@ from ladder_kernels.train.run_dir import (
 )
 from tests.helpers import REPO
 
-WORDS = {"negative": ("awful", "broken", "hate"), "neutral": ("okay", "average", "plain"), "positive": ("great", "love", "superb")}
+WORDS = {
+    "negative": ("awful", "broken", "hate"),
+    "neutral": ("okay", "average", "plain"),
+    "positive": ("great", "love", "superb"),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -48,8 +53,20 @@ def keyword_data(tmp_path_factory):
 
 
 def _cfg(tiny_model, data, out, **kw) -> FinetuneConfig:
-    base = dict(model=str(tiny_model), data=str(data), seq_len=32, batch_size=8, steps=6, lr=1e-2, warmup_steps=1,
-                reduction_factor=2, eval_samples=24, checkpoint_every=2, dtype="float32", output_dir=str(out))
+    base = dict(
+        model=str(tiny_model),
+        data=str(data),
+        seq_len=32,
+        batch_size=8,
+        steps=6,
+        lr=1e-2,
+        warmup_steps=1,
+        reduction_factor=2,
+        eval_samples=24,
+        checkpoint_every=2,
+        dtype="float32",
+        output_dir=str(out),
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -83,8 +100,24 @@ def test_evaluate_command_reloads_the_adapter_to_the_same_accuracy(trained_run, 
 
     out, summary = trained_run
     result_file = tmp_path / "eval.json"
-    assert main(["evaluate", "--adapter", str(out), "--data", str(keyword_data), "--eval-samples", "24", "--seq-len", "32",
-                 "--json", str(result_file)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--adapter",
+                str(out),
+                "--data",
+                str(keyword_data),
+                "--eval-samples",
+                "24",
+                "--seq-len",
+                "32",
+                "--json",
+                str(result_file),
+            ]
+        )
+        == 0
+    )
     result = json.loads(result_file.read_text())
     assert result["n"] == 24 and result["accuracy"] == summary["accuracy_after"]
     assert result["predicted"] == summary["eval_after"]["predicted"]
@@ -109,6 +142,7 @@ def _interrupt_at(step_to_stop: int):
     def on_step(step):
         if step == step_to_stop:
             raise _Interrupt
+
     return on_step
 
 
@@ -123,7 +157,10 @@ def test_resume_after_a_crash_ends_bit_identical(tiny_model, keyword_data, tmp_p
     b = load_file(crashed / ADAPTER / "ladder_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
-    assert load_checkpoint(crashed / CHECKPOINT)["history"] == load_checkpoint(tmp_path / "straight" / CHECKPOINT)["history"]
+    assert (
+        load_checkpoint(crashed / CHECKPOINT)["history"]
+        == load_checkpoint(tmp_path / "straight" / CHECKPOINT)["history"]
+    )
     assert resumed["accuracy_before"] == straight["accuracy_before"]
 
 
@@ -141,6 +178,7 @@ def test_steps_per_batch_runs_the_backbone_once_per_batch_and_resumes_exactly(ti
             after_step.append(len(calls))
             if crash and step == 5:
                 raise _Interrupt
+
         if name == "crashed":
             with pytest.raises(_Interrupt):
                 run.run(on_step=on_step)
@@ -195,17 +233,20 @@ def test_output_dir_holding_a_run_is_refused_untouched(trained_run, tiny_model, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"seq_len": 4}, "--seq-len must be an integer >= 8"),
-    ({"steps": 0}, "--steps must be an integer >= 1"),
-    ({"lr": -1.0}, "--lr must be a positive number"),
-    ({"method": "lora"}, "--method must be one of ladder, xladder, qlora"),
-    ({"xladder_depth": 2}, "--xladder-depth applies to --method xladder only"),
-    ({"balance": 2.0}, "--balance must be a number in [0, 1]"),
-    ({"eval_samples": 0}, "--eval-samples must be an integer >= 1"),
-    ({"steps_per_batch": 0}, "--steps-per-batch must be an integer >= 1"),
-    ({"steps_per_batch": 2, "method": "qlora"}, "--steps-per-batch applies to --method ladder and xladder"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"seq_len": 4}, "--seq-len must be an integer >= 8"),
+        ({"steps": 0}, "--steps must be an integer >= 1"),
+        ({"lr": -1.0}, "--lr must be a positive number"),
+        ({"method": "lora"}, "--method must be one of ladder, xladder, qlora"),
+        ({"xladder_depth": 2}, "--xladder-depth applies to --method xladder only"),
+        ({"balance": 2.0}, "--balance must be a number in [0, 1]"),
+        ({"eval_samples": 0}, "--eval-samples must be an integer >= 1"),
+        ({"steps_per_batch": 0}, "--steps-per-batch must be an integer >= 1"),
+        ({"steps_per_batch": 2, "method": "qlora"}, "--steps-per-batch applies to --method ladder and xladder"),
+    ],
+)
 def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "x", **change))
@@ -213,7 +254,9 @@ def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, n
 
 
 def test_xladder_runs_with_its_depth(tiny_model, keyword_data, tmp_path):
-    summary = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "x", method="xladder", xladder_depth=1, steps=2)).run()
+    summary = TrainingRun(
+        _cfg(tiny_model, keyword_data, tmp_path / "x", method="xladder", xladder_depth=1, steps=2)
+    ).run()
     assert summary["steps"] == 2
     assert json.loads((tmp_path / "x" / ADAPTER / "ladder_config.json").read_text())["xladder_depth"] == 1
 
@@ -234,8 +277,19 @@ def test_qlora_baseline_trains_lora_only(tiny_model, keyword_data, tmp_path):
 
 
 def test_arith_is_scored_by_greedy_generation(tiny_model, tmp_path):
-    summary = TrainingRun(FinetuneConfig(model=str(tiny_model), task="arith", seq_len=64, batch_size=4, steps=2,
-                                         eval_samples=2, dtype="float32", reduction_factor=2, output_dir=str(tmp_path / "a"))).run()
+    summary = TrainingRun(
+        FinetuneConfig(
+            model=str(tiny_model),
+            task="arith",
+            seq_len=64,
+            batch_size=4,
+            steps=2,
+            eval_samples=2,
+            dtype="float32",
+            reduction_factor=2,
+            output_dir=str(tmp_path / "a"),
+        )
+    ).run()
     assert summary["eval_after"]["n"] == 2 and len(summary["eval_after"]["samples"]) == 2
     assert 0.0 <= summary["accuracy_after"] <= 1.0
     assert json.loads((tmp_path / "a" / RUN_CONFIG).read_text())["config"]["task"] == "arith"
@@ -268,7 +322,11 @@ def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
 
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)  # bias correction: no pull towards 0
     curve = smoothed([4.0] * 10 + [1.0] * 30)
-    assert curve[10] > 1.0 and curve[-1] == pytest.approx(1.0, abs=0.2) and all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))
+    assert (
+        curve[10] > 1.0
+        and curve[-1] == pytest.approx(1.0, abs=0.2)
+        and all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))
+    )
 
 
 def test_ladder_layers_follow_ladder_every_from_the_top():
@@ -283,6 +341,7 @@ def test_ladder_layers_follow_ladder_every_from_the_top():
 
 
 # --- non-finite loss / gradient, out of memory ---------------------------------------------------------------
+
 
 class _NanGradient(torch.autograd.Function):
     """The identity whose gradient is NaN: a finite loss with a non-finite gradient."""
@@ -321,14 +380,40 @@ def _poisoned_build(monkeypatch, nan_loss_at=(), nan_grad_at=()):
     monkeypatch.setattr(finetune, "build_model", build)
 
 
-def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model, keyword_data, tmp_path, monkeypatch, capsys):
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    tiny_model, keyword_data, tmp_path, monkeypatch, capsys
+):
     from ladder_kernels.cli import main
 
     _poisoned_build(monkeypatch, nan_loss_at={4})  # step 4 would write a checkpoint (--checkpoint-every 2)
     out = tmp_path / "nan"
-    args = ["finetune", "--model", str(tiny_model), "--data", str(keyword_data), "--seq-len", "32", "--batch-size", "8",
-            "--steps", "6", "--lr", "1e-2", "--warmup-steps", "1", "--reduction-factor", "2", "--eval-samples", "6",
-            "--checkpoint-every", "2", "--dtype", "float32", "--output-dir", str(out)]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(keyword_data),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--eval-samples",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--dtype",
+        "float32",
+        "--output-dir",
+        str(out),
+    ]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -350,7 +435,9 @@ def test_skip_nonfinite_skips_the_optimizer_step(tiny_model, keyword_data, tmp_p
     _poisoned_build(monkeypatch, nan_loss_at={3}, nan_grad_at={5})
     run = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "skip", skip_nonfinite=True))
     weights = {}
-    summary = run.run(on_step=lambda step: weights.update({step: {n: p.detach().clone() for n, p in run.params.items()}}))
+    summary = run.run(
+        on_step=lambda step: weights.update({step: {n: p.detach().clone() for n, p in run.params.items()}})
+    )
     assert summary["steps"] == 6 and summary["skipped_steps"] == [3, 5]
     history = load_checkpoint(tmp_path / "skip" / CHECKPOINT)["history"]
     assert [math.isfinite(v) for v in history] == [True, True, False, True, True, True]  # step 5's loss was finite
@@ -391,19 +478,48 @@ def test_out_of_memory_names_the_settings_and_the_plan(tiny_model, keyword_data,
 
     _out_of_memory_at(monkeypatch, 3)
     out = tmp_path / "oom"
-    args = ["finetune", "--model", str(tiny_model), "--data", str(keyword_data), "--seq-len", "32", "--batch-size", "8",
-            "--steps", "6", "--reduction-factor", "2", "--eval-samples", "3", "--checkpoint-every", "2", "--dtype", "float32",
-            "--output-dir", str(out)]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(keyword_data),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--reduction-factor",
+        "2",
+        "--eval-samples",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--dtype",
+        "float32",
+        "--output-dir",
+        str(out),
+    ]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     message = err.strip().splitlines()[-1]
     assert message.startswith("ladder-kernels finetune: error: out of memory at step 3 of 6"), message
-    for setting in ("--batch-size 8", "--grad-accum 1", "--seq-len 32", "--ladder-storage int8", "--reduction-factor 2"):
+    for setting in (
+        "--batch-size 8",
+        "--grad-accum 1",
+        "--seq-len 32",
+        "--ladder-storage int8",
+        "--reduction-factor 2",
+    ):
         assert setting in message, (setting, message)
-    predicted = re.search(r"`ladder-kernels plan` predicts a peak of ([\d.e+-]+) GiB \(a GPU needs ([\d.e+-]+) GiB\) "
-                          r"for ladder at --seq-len 32, batch 8", message)
+    predicted = re.search(
+        r"`ladder-kernels plan` predicts a peak of ([\d.e+-]+) GiB \(a GPU needs ([\d.e+-]+) GiB\) "
+        r"for ladder at --seq-len 32, batch 8",
+        message,
+    )
     assert predicted and 0 < float(predicted.group(1)) < float(predicted.group(2)), message
     assert load_checkpoint(out / CHECKPOINT)["step"] == 2  # the last checkpoint stays; --resume continues
 
@@ -415,7 +531,9 @@ def test_out_of_memory_says_so_when_planning_fails_too(tiny_model, keyword_data,
         raise ValueError("no config here\nmore")
 
     _out_of_memory_at(monkeypatch, 1)
-    monkeypatch.setattr(importlib.import_module("ladder_kernels.planning.planner"), "plan", failing_plan)  # the module, not the package's plan()
+    monkeypatch.setattr(
+        importlib.import_module("ladder_kernels.planning.planner"), "plan", failing_plan
+    )  # the module, not the package's plan()
     with pytest.raises(TrainingError) as failed:
         TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "oom", method="xladder", ladder_storage="int8")).run()
     message = str(failed.value)
@@ -480,8 +598,13 @@ def test_a_killed_process_resumes_to_the_same_weights(moment, uninterrupted, tin
     repo = REPO
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}  # one thread, as in this process
     with open(tmp_path / "log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _PAUSED_FINETUNE, moment, str(marker), *args], cwd=repo, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PAUSED_FINETUNE, moment, str(marker), *args],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 240
             while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -6,6 +6,7 @@ Interpreter sharp edges (DESIGN.md): `tl.dot` on bf16/fp16 operands returns garb
 so kernels take a DOT_FP32 constexpr (see `dot_in_fp32`); autotuning needs a GPU driver to time configs, so
 launchers call the bare kernel with one config when interpreting (see `autotuning_enabled`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,9 +85,17 @@ def config_problems(config: triton.Config, tile_keys: tuple[str, ...], operand_b
 
 @triton.jit
 def nf4_tile(
-    packed_ptr, absmax_ptr, code_ptr,
-    rows, col0, n_rows, n_cols,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS_HOLD_WHOLE_BLOCKS: tl.constexpr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    rows,
+    col0,
+    n_rows,
+    n_cols,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    ROWS_HOLD_WHOLE_BLOCKS: tl.constexpr,
 ):
     """W[rows, col0:col0+BLOCK_COLS] of an NF4 weight W [n_rows, n_cols], as fp32 [BLOCK_ROWS, BLOCK_COLS];
     0 outside W. `rows` holds BLOCK_ROWS row indices (int32, or int64 for weights past 2**31 elements);
@@ -106,14 +115,17 @@ def nf4_tile(
         even = tl.load(code_ptr + (byte >> 4))
         odd = tl.load(code_ptr + (byte & 15))
         if BLOCK_COLS <= BLOCKSIZE:  # the tile lies inside one block of each row
-            scale = tl.load(absmax_ptr + rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE, mask=rows < n_rows, other=0.0)
+            scale = tl.load(
+                absmax_ptr + rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE, mask=rows < n_rows, other=0.0
+            )
             scale = scale[:, None]
         else:
             blocks: tl.constexpr = BLOCK_COLS // BLOCKSIZE
             block_cols = col0 // BLOCKSIZE + tl.arange(0, blocks)
             scale = tl.load(
                 absmax_ptr + rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :],
-                mask=(rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE), other=0.0,
+                mask=(rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE),
+                other=0.0,
             )
             scale = tl.reshape(
                 tl.broadcast_to(scale[:, :, None], (BLOCK_ROWS, blocks, BLOCKSIZE // 2)), (BLOCK_ROWS, BLOCK_COLS // 2)

@@ -5,6 +5,7 @@ rescaled sum of exponentials, fp32) gives logsumexp and the loss; when a gradien
 overwrites the row in place with d(loss)/d(logits) = softmax - onehot (times 1 - tanh^2 under a softcap).
 Ignored rows get loss 0 and, with grad, a zero row. The matmuls around it are cuBLAS (torch.mm).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,17 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_rows_kernel(
-    logits_ptr, labels_ptr, loss_ptr,
-    V, stride_row, ignore_index, softcap,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    V,
+    stride_row,
+    ignore_index,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     if INDEX_64:
@@ -90,9 +99,18 @@ def ce_rows_(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float, 
         return losses
     block_v = min(INTERPRET_BLOCK_V if triton_interpreting() else GPU_BLOCK_V, triton.next_power_of_2(vocab))
     _ce_rows_kernel[(n,)](
-        logits, labels.contiguous(), losses, vocab, logits.stride(0), ignore_index, float(softcap),
-        HAS_SOFTCAP=softcap > 0, COMPUTE_GRAD=compute_grad, INDEX_64=needs_int64_offsets(span(logits)),
-        BLOCK_V=block_v, num_warps=8 if block_v >= 4096 else 4,
+        logits,
+        labels.contiguous(),
+        losses,
+        vocab,
+        logits.stride(0),
+        ignore_index,
+        float(softcap),
+        HAS_SOFTCAP=softcap > 0,
+        COMPUTE_GRAD=compute_grad,
+        INDEX_64=needs_int64_offsets(span(logits)),
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 4096 else 4,
     )
     return losses
 

@@ -5,13 +5,15 @@ Forward: one GEMM program per [BLOCK_M, BLOCK_N] tile of z, in h's dtype (W's ti
 W.to(h.dtype) would be) with fp32 accumulation. The programs of the first column of tiles (pid_n == 0) also
 write the kept copy of h while they stream its rows for the matmul: a bf16 copy, or per-row int8 codes;
 for int8 they first take each row's absmax in one extra pass over their rows (a row's scale must be known
-before any of its codes). Codes: round-half-away(h * 127 / absmax), the rule of ops/downproj.py (layout: kernels/contracts.py).
+before any of its codes). Codes: round-half-away(h * 127 / absmax), the rule of ops/downproj.py (layout:
+kernels/contracts.py).
 
 Backward: one program per [BLOCK_N, BLOCK_K] tile of dW, looping over the rows of g and h. int8 tiles are
 dequantized in registers: codes are exact in bf16/fp16, so the row scale is folded into g's tile and the dot
 stays a 16-bit tensor-core dot. The programs of the first column of tiles (pid_k == 0) also sum db.
 On a GPU both kernels are autotuned; under TRITON_INTERPRET=1 they take one big-tile config, fp32 dots.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,12 +43,26 @@ def _cfg(a: int, b: int, c: int, warps: int, stages: int, keys: tuple[str, ...])
     return triton.Config(dict(zip(keys, (a, b, c))), num_warps=warps, num_stages=stages)
 
 
-FWD_CONFIGS = [_cfg(*c, FWD_TILE_KEYS) for c in [
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-]]
-BWD_CONFIGS = [_cfg(*c, BWD_TILE_KEYS) for c in [
-    (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
-]]
+FWD_CONFIGS = [
+    _cfg(*c, FWD_TILE_KEYS)
+    for c in [
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 32, 64, 4, 4),
+    ]
+]
+BWD_CONFIGS = [
+    _cfg(*c, BWD_TILE_KEYS)
+    for c in [
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+    ]
+]
 # Without autotuning on a GPU (LADDER_KERNELS_AUTOTUNE=0).
 DEFAULT_FWD_CONFIG, DEFAULT_BWD_CONFIG = FWD_CONFIGS[3], BWD_CONFIGS[3]
 # Under the interpreter: few programs, big tiles (its time grows with programs x loop trips).
@@ -61,12 +77,31 @@ def _round_half_away(x):
 
 @triton.jit
 def _downproj_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, z_ptr, saved_ptr, scale_ptr,
-    M, N, K,
-    stride_hm, stride_hk, stride_wn, stride_wk, stride_zm, stride_sm,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    z_ptr,
+    saved_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_hm,
+    stride_hk,
+    stride_wn,
+    stride_wk,
+    stride_zm,
+    stride_sm,
     m_bucket,  # autotuning key only: M rounded up to a power of two
-    ABSMAX_FLOOR: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ABSMAX_FLOOR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -83,11 +118,16 @@ def _downproj_fwd_kernel(
             absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk,
-                            mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+                h = tl.load(
+                    h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K),
+                    other=0.0,
+                ).to(tl.float32)
                 absmax = tl.maximum(absmax, tl.max(tl.abs(h), axis=1))
             nonzero = absmax >= ABSMAX_FLOOR
-            inv_scale = tl.where(nonzero, tl.div_rn(tl.full((BLOCK_M,), 127.0, tl.float32), tl.maximum(absmax, ABSMAX_FLOOR)), 0.0)
+            inv_scale = tl.where(
+                nonzero, tl.div_rn(tl.full((BLOCK_M,), 127.0, tl.float32), tl.maximum(absmax, ABSMAX_FLOOR)), 0.0
+            )
             scale = tl.where(nonzero, tl.div_rn(absmax, tl.full((BLOCK_M,), 127.0, tl.float32)), 0.0)
             tl.store(scale_ptr + offs_m, scale, mask=mask_m)
 
@@ -98,8 +138,11 @@ def _downproj_fwd_kernel(
             offs_k = offs_k.to(tl.int64)
         mask_h = mask_m[:, None] & (offs_k[None, :] < K)
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk, mask=mask_h, other=0.0)
-        w_t = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                      mask=mask_n[None, :] & (offs_k[:, None] < K), other=0.0).to(h_ptr.dtype.element_ty)
+        w_t = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+            mask=mask_n[None, :] & (offs_k[:, None] < K),
+            other=0.0,
+        ).to(h_ptr.dtype.element_ty)
         if DOT_FP32:
             acc = tl.dot(h.to(tl.float32), w_t.to(tl.float32), acc, input_precision=FP32_PRECISION)
         else:
@@ -116,18 +159,35 @@ def _downproj_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(h_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :], acc.to(z_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :],
+        acc.to(z_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 @triton.jit
 def _downproj_bwd_kernel(
-    g_ptr, saved_ptr, scale_ptr, gw_ptr, gb_ptr,
-    M, N, K,
-    stride_gm, stride_sm, stride_sk,
+    g_ptr,
+    saved_ptr,
+    scale_ptr,
+    gw_ptr,
+    gb_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_sm,
+    stride_sk,
     m_bucket,  # autotuning key only: M rounded up to a power of two
-    INT8: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -146,13 +206,17 @@ def _downproj_bwd_kernel(
         if INDEX_64:
             offs_m = offs_m.to(tl.int64)
         mask_m = offs_m < M
-        g_t = tl.load(g_ptr + offs_m[None, :] * stride_gm + offs_n[:, None],
-                      mask=mask_n[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
+        g_t = tl.load(
+            g_ptr + offs_m[None, :] * stride_gm + offs_n[:, None], mask=mask_n[:, None] & mask_m[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_M]
         if HAS_BIAS:
             if pid_k == 0:  # one program row sums db
                 db += tl.sum(g_t.to(tl.float32), axis=1)
-        h = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        h = tl.load(
+            saved_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0,
+        )
         if INT8:
             scale = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
             g_t = g_t.to(tl.float32) * scale[None, :]
@@ -164,8 +228,11 @@ def _downproj_bwd_kernel(
         else:
             acc = tl.dot(g_t, h.to(g_ptr.dtype.element_ty), acc)
 
-    tl.store(gw_ptr + offs_n[:, None] * K + offs_k[None, :], acc.to(gw_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & mask_k[None, :])
+    tl.store(
+        gw_ptr + offs_n[:, None] * K + offs_k[None, :],
+        acc.to(gw_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_k[None, :],
+    )
     if HAS_BIAS:
         tl.store(gb_ptr + offs_n, db.to(gb_ptr.dtype.element_ty), mask=mask_n & (pid_k == 0))
 
@@ -177,10 +244,14 @@ def _prune(configs, named_args, **kwargs):
 
 
 _fwd_autotuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["m_bucket", "N", "K", "SAVE", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
+    configs=FWD_CONFIGS,
+    key=["m_bucket", "N", "K", "SAVE", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_downproj_fwd_kernel)
 _bwd_autotuned = triton.autotune(
-    configs=BWD_CONFIGS, key=["m_bucket", "N", "K", "INT8", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
+    configs=BWD_CONFIGS,
+    key=["m_bucket", "N", "K", "INT8", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_downproj_bwd_kernel)
 
 
@@ -189,7 +260,9 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 65536)
 
 
-def _launch(kernel, autotuned, default_config: triton.Config, interpret_config: triton.Config, grid, args, meta) -> None:
+def _launch(
+    kernel, autotuned, default_config: triton.Config, interpret_config: triton.Config, grid, args, meta
+) -> None:
     if autotuning_enabled():
         autotuned[grid](*args, **meta)
         return
@@ -197,7 +270,9 @@ def _launch(kernel, autotuned, default_config: triton.Config, interpret_config: 
     kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def launch_forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor, saved: Optional[Tensor], scale: Optional[Tensor]) -> None:
+def launch_forward(
+    h2d: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor, saved: Optional[Tensor], scale: Optional[Tensor]
+) -> None:
     """Write z [M, d] (h2d's dtype), and the kept copy of h: `saved` int8 [M, D] with `scale` fp32 [M], or
     `saved` bf16 [M, D] with scale None, or nothing (saved None). Outputs must be contiguous."""
     m, k = h2d.shape
@@ -207,13 +282,31 @@ def launch_forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tenso
     save = SAVE_NONE if saved is None else (SAVE_INT8 if saved.dtype == torch.int8 else SAVE_BF16)
     dummy = z  # never dereferenced: the constexpr flags switch those loads/stores off
     args = (
-        h2d, weight, bias if bias is not None else dummy, z,
-        saved if saved is not None else dummy, scale if scale is not None else dummy,
-        m, n, k, h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
-        saved.stride(0) if saved is not None else 0, _m_bucket(m),
+        h2d,
+        weight,
+        bias if bias is not None else dummy,
+        z,
+        saved if saved is not None else dummy,
+        scale if scale is not None else dummy,
+        m,
+        n,
+        k,
+        h2d.stride(0),
+        h2d.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        z.stride(0),
+        saved.stride(0) if saved is not None else 0,
+        _m_bucket(m),
     )
-    meta = dict(ABSMAX_FLOOR=ROW_ABSMAX_FLOOR, HAS_BIAS=bias is not None, SAVE=save, DOT_FP32=dot_in_fp32(h2d.dtype), FP32_PRECISION=fp32_dot_precision(),
-                INDEX_64=needs_int64_offsets(span(h2d), span(weight), span(z)))
+    meta = dict(
+        ABSMAX_FLOOR=ROW_ABSMAX_FLOOR,
+        HAS_BIAS=bias is not None,
+        SAVE=save,
+        DOT_FP32=dot_in_fp32(h2d.dtype),
+        FP32_PRECISION=fp32_dot_precision(),
+        INDEX_64=needs_int64_offsets(span(h2d), span(weight), span(z)),
+    )
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
     _launch(_downproj_fwd_kernel, _fwd_autotuned, DEFAULT_FWD_CONFIG, INTERPRET_FWD_CONFIG, grid, args, meta)
 
@@ -230,11 +323,26 @@ def launch_backward(g2d: Tensor, saved: Tensor, scale: Tensor, grad_w: Tensor, g
         return
     int8 = saved.dtype == torch.int8
     args = (
-        g2d, saved, scale if int8 else g2d, grad_w, grad_b if grad_b is not None else grad_w,
-        m, n, k, g2d.stride(0), saved.stride(0), saved.stride(1), _m_bucket(m),
+        g2d,
+        saved,
+        scale if int8 else g2d,
+        grad_w,
+        grad_b if grad_b is not None else grad_w,
+        m,
+        n,
+        k,
+        g2d.stride(0),
+        saved.stride(0),
+        saved.stride(1),
+        _m_bucket(m),
     )
-    meta = dict(INT8=int8, HAS_BIAS=grad_b is not None, DOT_FP32=dot_in_fp32(g2d.dtype) or saved.dtype == torch.float32, FP32_PRECISION=fp32_dot_precision(),
-                INDEX_64=needs_int64_offsets(span(g2d), span(saved), grad_w.numel()))
+    meta = dict(
+        INT8=int8,
+        HAS_BIAS=grad_b is not None,
+        DOT_FP32=dot_in_fp32(g2d.dtype) or saved.dtype == torch.float32,
+        FP32_PRECISION=fp32_dot_precision(),
+        INDEX_64=needs_int64_offsets(span(g2d), span(saved), grad_w.numel()),
+    )
     grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))  # noqa: E731
     _launch(_downproj_bwd_kernel, _bwd_autotuned, DEFAULT_BWD_CONFIG, INTERPRET_BWD_CONFIG, grid, args, meta)
 
@@ -249,8 +357,9 @@ def forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str) -
     return z, saved, scale
 
 
-def backward(g2d: Tensor, saved: Tensor, scale: Tensor, weight_dtype: torch.dtype,
-             bias_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+def backward(
+    g2d: Tensor, saved: Tensor, scale: Tensor, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype]
+) -> tuple[Tensor, Tensor]:
     """The `ladder::downproj_backward` contract: (grad_weight [d, D] in weight_dtype, grad_bias [d] or empty)."""
     n, k = g2d.shape[1], saved.shape[1]
     grad_w = g2d.new_empty(n, k, dtype=weight_dtype)

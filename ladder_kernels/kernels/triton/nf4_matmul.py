@@ -14,6 +14,7 @@ each element is addressed on its own, which needs smaller tiles (see `_fits_shar
 On a GPU both paths are autotuned per (M bucket, P, R, dtypes); under TRITON_INTERPRET=1 each takes one
 fixed config with fp32 dot operands.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -78,13 +79,35 @@ INTERPRET_SMALL_M_CONFIG = _cfg(16, 64, 64, 4, 1, split=2, group_m=1)
 
 @triton.jit
 def _nf4_gemm_kernel(
-    a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, c_ptr,
-    M, P, R, N, K,
-    stride_am, stride_ar, stride_cm, stride_cp,
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    P,
+    R,
+    N,
+    K,
+    stride_am,
+    stride_ar,
+    stride_cm,
+    stride_cp,
     m_bucket,  # autotuning key only: M rounded up to a power of two
-    BLOCKSIZE: tl.constexpr, GRAD_INPUT: tl.constexpr, ALIGNED_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ATOMIC_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    GRAD_INPUT: tl.constexpr,
+    ALIGNED_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped order: GROUP_M row tiles walk the same column tiles together, so W's bytes are reused in L2.
     pid = tl.program_id(0)
@@ -116,14 +139,17 @@ def _nf4_gemm_kernel(
             offs_r = offs_r.to(tl.int64)
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
-            mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+            mask=mask_m[:, None] & (offs_r[None, :] < R),
+            other=0.0,
         )
         if GRAD_INPUT:  # B = W[r0:r0+BLOCK_R, p0:p0+BLOCK_P]
-            b = nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_r, pid_p * BLOCK_P, N, K,
-                         BLOCK_R, BLOCK_P, BLOCKSIZE, ALIGNED_K)
+            b = nf4_tile(
+                packed_ptr, absmax_ptr, code_ptr, offs_r, pid_p * BLOCK_P, N, K, BLOCK_R, BLOCK_P, BLOCKSIZE, ALIGNED_K
+            )
         else:  # B = W[p0:p0+BLOCK_P, r0:r0+BLOCK_R]^T
-            b = tl.trans(nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, r0, N, K,
-                                  BLOCK_P, BLOCK_R, BLOCKSIZE, ALIGNED_K))
+            b = tl.trans(
+                nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, r0, N, K, BLOCK_P, BLOCK_R, BLOCKSIZE, ALIGNED_K)
+            )
         b = b.to(a_ptr.dtype.element_ty)  # the rounding a 16-bit weight would have
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
@@ -165,10 +191,14 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _AUTOTUNE_KEY = ["m_bucket", "P", "R", "GRAD_INPUT", "BLOCKSIZE", "HAS_BIAS"]
 _large_m_autotuned = triton.autotune(
-    configs=LARGE_M_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+    configs=LARGE_M_CONFIGS,
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_nf4_gemm_kernel)
 _small_m_autotuned = triton.autotune(
-    configs=SMALL_M_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+    configs=SMALL_M_CONFIGS,
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs},
     reset_to_zero=["c_ptr"],  # the atomic buffer must start at zero for every timed run
 )(_nf4_gemm_kernel)
 
@@ -189,8 +219,20 @@ def default_config(m: int, p: int, r: int, dtype: torch.dtype, device: torch.dev
     return _cfg(bm, 128, br, 8 if bm == 128 else 4, 3)
 
 
-def _check_operands(name: str, a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int,
-                    blocksize: int, reduce_dim: int, bias: Optional[Tensor], out: Optional[Tensor], out_cols: int) -> None:
+def _check_operands(
+    name: str,
+    a: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    reduce_dim: int,
+    bias: Optional[Tensor],
+    out: Optional[Tensor],
+    out_cols: int,
+) -> None:
     """ValueError/TypeError naming the argument, before anything reaches a kernel (which would read out of
     bounds rather than fail)."""
     if not isinstance(a, Tensor) or a.dim() != 2:
@@ -204,26 +246,47 @@ def _check_operands(name: str, a: Tensor, packed: Tensor, absmax: Tensor, code: 
     if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
     if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
-        raise ValueError(f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
-                         f"got {packed.dtype} with {packed.numel()}")
+        raise ValueError(
+            f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
     if absmax.dtype != torch.float32 or absmax.numel() != triton.cdiv(n * k, blocksize):
-        raise ValueError(f"absmax must be float32 with {triton.cdiv(n * k, blocksize)} entries (one per block of "
-                         f"{blocksize}), got {absmax.dtype} with {absmax.numel()}; pass q.block_absmax()")
+        raise ValueError(
+            f"absmax must be float32 with {triton.cdiv(n * k, blocksize)} entries (one per block of "
+            f"{blocksize}), got {absmax.dtype} with {absmax.numel()}; pass q.block_absmax()"
+        )
     if code.dtype != torch.float32 or code.numel() != 16:
         raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
         raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
     if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
-        raise ValueError(f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}"
+        )
     devices = {t.device for t in (a, packed, absmax, code, bias, out) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"{name}, packed, absmax, code, bias and out must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"{name}, packed, absmax, code, bias and out must be on one device, got {sorted(map(str, devices))}"
+        )
     if a.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}")
+        raise ValueError(
+            f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}"
+        )
 
 
-def _nf4_gemm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
-              bias: Optional[Tensor], grad_input: bool, out: Optional[Tensor], config: Optional[triton.Config]) -> Tensor:
+def _nf4_gemm(
+    a: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    bias: Optional[Tensor],
+    grad_input: bool,
+    out: Optional[Tensor],
+    config: Optional[triton.Config],
+) -> Tensor:
     m = a.shape[0]
     p, r = (k, n) if grad_input else (n, k)
     if m == 0:
@@ -240,14 +303,31 @@ def _nf4_gemm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k
         c = out if out is not None else torch.empty(m, p, dtype=a.dtype, device=a.device)
 
     args = (
-        a, packed, absmax, code, bias if bias is not None else absmax, c,
-        m, p, r, n, k,
-        a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        a,
+        packed,
+        absmax,
+        code,
+        bias if bias is not None else absmax,
+        c,
+        m,
+        p,
+        r,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        c.stride(0),
+        c.stride(1),
         min(triton.next_power_of_2(m), 8192),
     )
     meta = dict(
-        BLOCKSIZE=blocksize, GRAD_INPUT=grad_input, ALIGNED_K=k % blocksize == 0, HAS_BIAS=bias is not None,
-        DOT_FP32=dot_in_fp32(a.dtype), FP32_PRECISION=fp32_dot_precision(), INDEX_64=needs_int64_offsets(n * k, span(a), span(c)),
+        BLOCKSIZE=blocksize,
+        GRAD_INPUT=grad_input,
+        ALIGNED_K=k % blocksize == 0,
+        HAS_BIAS=bias is not None,
+        DOT_FP32=dot_in_fp32(a.dtype),
+        FP32_PRECISION=fp32_dot_precision(),
+        INDEX_64=needs_int64_offsets(n * k, span(a), span(c)),
         ATOMIC_OUT=atomic_out,
     )
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT"])  # noqa: E731
@@ -266,8 +346,15 @@ def _nf4_gemm(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def compile_for_gpu(config: triton.Config, dtype: torch.dtype = torch.bfloat16, grad_input: bool = False,
-                    aligned_k: bool = True, has_bias: bool = False, blocksize: int = 64, capability: int = 90):
+def compile_for_gpu(
+    config: triton.Config,
+    dtype: torch.dtype = torch.bfloat16,
+    grad_input: bool = False,
+    aligned_k: bool = True,
+    has_bias: bool = False,
+    blocksize: int = 64,
+    capability: int = 90,
+):
     """Compile the kernel ahead of time for a CUDA compute capability (default 90: H100/H200) with no GPU
     present (Triton ships ptxas). The result's .metadata.shared and .asm["ptx"] / ["cubin"] show what a GPU
     would run: shared memory, wgmma use, spills. Needs a process without TRITON_INTERPRET=1."""
@@ -283,27 +370,63 @@ def compile_for_gpu(config: triton.Config, dtype: torch.dtype = torch.bfloat16, 
     elem = _TRITON_DTYPES[dtype]
     # Contiguous operands (unit inner strides, 16-aligned pointers and sizes), as the specializer sees them.
     signature = dict(
-        a_ptr=f"*{elem}", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr=f"*{elem}",
-        c_ptr="*fp32" if atomic else f"*{elem}", M="i32", P="i32", R="i32", N="i32", K="i32",
-        stride_am="i32", stride_ar="constexpr", stride_cm="i32", stride_cp="constexpr", m_bucket="i32",
+        a_ptr=f"*{elem}",
+        packed_ptr="*u8",
+        absmax_ptr="*fp32",
+        code_ptr="*fp32",
+        bias_ptr=f"*{elem}",
+        c_ptr="*fp32" if atomic else f"*{elem}",
+        M="i32",
+        P="i32",
+        R="i32",
+        N="i32",
+        K="i32",
+        stride_am="i32",
+        stride_ar="constexpr",
+        stride_cm="i32",
+        stride_cp="constexpr",
+        m_bucket="i32",
     )
     constexprs = dict(
-        stride_ar=1, stride_cp=1, BLOCKSIZE=blocksize, GRAD_INPUT=grad_input, ALIGNED_K=aligned_k,
-        HAS_BIAS=has_bias, DOT_FP32=dtype == torch.float32, FP32_PRECISION="tf32x3", INDEX_64=False,
-        ATOMIC_OUT=atomic, **config.kwargs,
+        stride_ar=1,
+        stride_cp=1,
+        BLOCKSIZE=blocksize,
+        GRAD_INPUT=grad_input,
+        ALIGNED_K=aligned_k,
+        HAS_BIAS=has_bias,
+        DOT_FP32=dtype == torch.float32,
+        FP32_PRECISION="tf32x3",
+        INDEX_64=False,
+        ATOMIC_OUT=atomic,
+        **config.kwargs,
     )
     signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     aligned = [[["tt.divisibility", 16]]]
-    attrs = {(i,): aligned[0] for i, name in enumerate(fn.arg_names)
-             if name.endswith("_ptr") or name in ("P", "R", "N", "K", "stride_am", "stride_cm")}
+    attrs = {
+        (i,): aligned[0]
+        for i, name in enumerate(fn.arg_names)
+        if name.endswith("_ptr") or name in ("P", "R", "N", "K", "stride_am", "stride_cm")
+    }
     return triton.compile(
-        ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", capability, 32),
         options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
     )
 
 
-def forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
-            bias: Optional[Tensor], *, out: Optional[Tensor] = None, config: Optional[triton.Config] = None) -> Tensor:
+def forward(
+    x2d: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    bias: Optional[Tensor],
+    *,
+    out: Optional[Tensor] = None,
+    config: Optional[triton.Config] = None,
+) -> Tensor:
     """x2d [M, K] @ W^T (+ bias) -> [M, n] in x2d's dtype. W [n, k] is NF4 in bitsandbytes' flat-block order:
     packed uint8 (n*k+1)//2 bytes, absmax fp32 per block of `blocksize` (already un-nested), code fp32 [16].
 
@@ -314,11 +437,30 @@ def forward(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k
     return _nf4_gemm(x2d, packed, absmax, code, n, k, blocksize, bias, False, out, config)
 
 
-def grad_input(g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int,
-               *, out: Optional[Tensor] = None, config: Optional[triton.Config] = None) -> Tensor:
+def grad_input(
+    g2d: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    *,
+    out: Optional[Tensor] = None,
+    config: Optional[triton.Config] = None,
+) -> Tensor:
     """g2d [M, n] @ W -> [M, k] in g2d's dtype, W [n, k] as in `forward` (read in transposed order)."""
     _check_operands("g2d", g2d, packed, absmax, code, n, k, blocksize, n, None, out, k)
     return _nf4_gemm(g2d, packed, absmax, code, n, k, blocksize, None, True, out, config)
 
 
-__all__ = ["forward", "grad_input", "default_config", "compile_for_gpu", "LARGE_M_CONFIGS", "SMALL_M_CONFIGS", "SMALL_M", "TILE_KEYS"]
+__all__ = [
+    "forward",
+    "grad_input",
+    "default_config",
+    "compile_for_gpu",
+    "LARGE_M_CONFIGS",
+    "SMALL_M_CONFIGS",
+    "SMALL_M",
+    "TILE_KEYS",
+]
