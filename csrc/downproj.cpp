@@ -138,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor> downproj_backward(const at::Tensor& grad_z, c
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladder_cpu, m) {
-  m.def("downproj(Tensor h, Tensor weight, Tensor? bias, str storage) -> (Tensor, Tensor, Tensor)");
-  m.def("downproj_backward(Tensor grad_z, Tensor h_saved, Tensor h_scale, ScalarType weight_dtype, ScalarType? bias_dtype) -> (Tensor, Tensor)");
+  m.def("downproj(Tensor h2d, Tensor weight, Tensor? bias, str storage) -> (Tensor, Tensor, Tensor)");
+  m.def("downproj_backward(Tensor g2d, Tensor h_saved, Tensor h_scale, ScalarType weight_dtype, ScalarType? bias_dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ladder_cpu, CPU, m) {

@@ -377,8 +377,8 @@ at::Tensor nf4_matmul_grad_input_cpu(const at::Tensor& g, const at::Tensor& pack
 }
 
 TORCH_LIBRARY_FRAGMENT(ladder_cpu, m) {
-  m.def("nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize, Tensor? bias) -> Tensor");
-  m.def("nf4_matmul_grad_input(Tensor g, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize) -> Tensor");
+  m.def("nf4_matmul(Tensor x2d, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_grad_input(Tensor g2d, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ladder_cpu, CPU, m) {

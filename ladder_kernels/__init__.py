@@ -1,5 +1,6 @@
 """ladder-kernels: Ladder Side Tuning and xLadder on a frozen 4-bit (NF4) backbone."""
 
+from ladder_kernels._version import __version__
 from ladder_kernels.backends import backend_info
 from ladder_kernels.nn import LadderConfig, LadderModel, NF4Linear, get_ladder_model, patch_bnb_, quantize_model_
 from ladder_kernels.ops import nf4_matmul
@@ -7,8 +8,6 @@ from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
 from ladder_kernels.ops.downproj import downproj
 from ladder_kernels.planning.planner import MemoryPlan, plan
 from ladder_kernels.quant import NF4Weight, dequantize_nf4, quantize_nf4
-
-from ._version import __version__
 
 __all__ = [
     "backend_info",

@@ -90,6 +90,9 @@ def backend_info() -> dict:
     return info
 
 
+# torch.compile: a pure function of constants (what is installed and loaded is fixed for the process); dynamo
+# runs it while tracing and keeps the result, rather than tracing the cached file-system checks it makes
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device, backend: str | None, op: str, kernel_name: str) -> str:
     """The backend an op call on `device` takes: `backend` if given (checked), else the fastest usable one for
     kernel `kernel_name`."""

@@ -24,8 +24,9 @@ def package_imports(path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            raise AssertionError(f"{path}:{node.lineno}: relative import (the package imports absolutely)")
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ladder_kernels"):
-            assert node.level == 0, f"{path}: relative import (the package imports absolutely)"
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
         elif isinstance(node, ast.Import):

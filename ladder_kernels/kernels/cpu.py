@@ -11,6 +11,8 @@ import functools
 import glob
 import os
 import platform
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,6 +39,16 @@ def _jit_build() -> None:
     csrc = next((d for d in CSRC_DIRS if d.is_dir()), None)
     if csrc is None:
         raise RuntimeError("the C++ sources (csrc/) are not shipped with this install")
+    if (
+        shutil.which("ninja") is None
+    ):  # the `ninja` dependency installs into the env's bin/, on PATH only when activated
+        try:
+            import ninja
+
+            ninja_dir = ninja.BIN_DIR
+        except (ImportError, AttributeError):
+            ninja_dir = os.path.dirname(sys.executable)
+        os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ladder_kernels" / "torch_ext"
     cache.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(

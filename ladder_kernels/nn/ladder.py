@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
-from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ladder_kernels.defaults import DTYPES
@@ -25,13 +24,7 @@ from ladder_kernels.nn.backbone import BackboneSpec
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
 from ladder_kernels.nn.pruned_init import prune_into_side_
-from ladder_kernels.nn.side import (
-    BRANCH,
-    SideKVCache,
-    SideNetwork,
-    SideShape,
-    attention_mask_for,
-)
+from ladder_kernels.nn.side import BRANCH, SideKVCache, SideNetwork, attention_mask_for, side_shape, side_wiring
 from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
 
 CONFIG_NAME = "ladder_config.json"
@@ -40,50 +33,6 @@ TRAINER_WEIGHTS_NAME = "model.safetensors"  # what HF Trainer writes for a non-P
 
 
 # --- backbone introspection --------------------------------------------------------------------------------
-def side_shape(spec: BackboneSpec, config: LadderConfig) -> SideShape:
-    D, r = spec.hidden_size, config.reduction_factor
-    width = D // r
-    if width < 1:
-        raise ValueError(f"LadderConfig.reduction_factor {r} is larger than the backbone's hidden_size {D}")
-    side_heads = config.side_num_heads or spec.num_heads
-    side_kv = config.side_num_kv_heads or (spec.num_kv_heads if config.side_num_heads is None else side_heads)
-    if side_heads % side_kv:
-        raise ValueError(
-            f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)"
-        )
-    if spec.activation not in ACT2FN:
-        raise ValueError(
-            f"side network: the backbone's activation {spec.activation!r} is not a transformers activation name"
-        )
-    return SideShape(
-        hidden_size=D,
-        width=width,
-        num_heads=side_heads,
-        num_kv_heads=side_kv,
-        head_dim=config.side_head_dim or max(2, (spec.head_dim // r) // 2 * 2),
-        intermediate_size=config.side_intermediate_size or max(1, spec.intermediate_size // r),
-        rms_norm_eps=spec.rms_norm_eps,
-        rope_theta=spec.rope_theta,
-        qkv_bias=spec.qkv_bias,
-        activation=spec.activation,
-    )
-
-
-def side_wiring(num_layers: int, config: LadderConfig) -> tuple[int, list[int], int]:
-    """(branch_source, ladder_sources, num_free_blocks); see SideNetwork."""
-    delta = config.xladder_depth
-    if delta:
-        if delta > num_layers:
-            raise ValueError(f"LadderConfig.xladder_depth {delta} exceeds the backbone's {num_layers} layers")
-        return num_layers - delta - 1, list(range(num_layers - delta, num_layers)), delta
-    layers = config.ladder_layers if config.ladder_layers is not None else list(range(num_layers))
-    if layers[-1] >= num_layers:
-        raise ValueError(
-            f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)"
-        )
-    return -1, list(layers), 0
-
-
 def _contains(model: nn.Module, cls) -> bool:
     return cls is not None and any(isinstance(m, cls) for m in model.modules())
 
@@ -311,8 +260,10 @@ class LadderModel(nn.Module):
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
         scored = shifted != -100
         # e.g. loss on answers only: the output mix and lm_head see only scored rows. Fake tensors (the memory
-        # planner) have no values to select by: they keep every row, an upper bound.
-        if not isinstance(labels, FakeTensor) and not bool(scored.all()):
+        # planner) have no values to select by: they keep every row, an upper bound. Under torch.compile every row
+        # is kept too (a data-dependent branch and shape would break the graph); the loss is the same, as the
+        # cross-entropy skips -100 rows.
+        if not isinstance(labels, FakeTensor) and not torch.compiler.is_compiling() and not bool(scored.all()):
             s, h_final, shifted = s[scored], h_final[scored], shifted[scored]
         hidden = self.side.mix(s, h_final)
         reduction = "mean" if num_items_in_batch is None else "sum"

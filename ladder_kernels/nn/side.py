@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
+from ladder_kernels.nn.backbone import BackboneSpec
+from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.ops.downproj import downproj
 
 BRANCH = "branch"  # SideNetwork.project's source for the branch point (the others are ladder numbers)
@@ -343,3 +345,48 @@ def attention_mask_for(
             )
         mask = mask & key_padding.bool()[:, None, None, :]
     return mask | (k_pos == q_pos)[None, None]
+
+
+# --- shape and wiring from the backbone and the LadderConfig -----------------------------------------------
+def side_shape(spec: BackboneSpec, config: LadderConfig) -> SideShape:
+    D, r = spec.hidden_size, config.reduction_factor
+    width = D // r
+    if width < 1:
+        raise ValueError(f"LadderConfig.reduction_factor {r} is larger than the backbone's hidden_size {D}")
+    side_heads = config.side_num_heads or spec.num_heads
+    side_kv = config.side_num_kv_heads or (spec.num_kv_heads if config.side_num_heads is None else side_heads)
+    if side_heads % side_kv:
+        raise ValueError(
+            f"side attention: num_kv_heads {side_kv} must divide num_heads {side_heads} (set side_num_kv_heads)"
+        )
+    if spec.activation not in ACT2FN:
+        raise ValueError(
+            f"side network: the backbone's activation {spec.activation!r} is not a transformers activation name"
+        )
+    return SideShape(
+        hidden_size=D,
+        width=width,
+        num_heads=side_heads,
+        num_kv_heads=side_kv,
+        head_dim=config.side_head_dim or max(2, (spec.head_dim // r) // 2 * 2),
+        intermediate_size=config.side_intermediate_size or max(1, spec.intermediate_size // r),
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        qkv_bias=spec.qkv_bias,
+        activation=spec.activation,
+    )
+
+
+def side_wiring(num_layers: int, config: LadderConfig) -> tuple[int, list[int], int]:
+    """(branch_source, ladder_sources, num_free_blocks); see SideNetwork."""
+    delta = config.xladder_depth
+    if delta:
+        if delta > num_layers:
+            raise ValueError(f"LadderConfig.xladder_depth {delta} exceeds the backbone's {num_layers} layers")
+        return num_layers - delta - 1, list(range(num_layers - delta, num_layers)), delta
+    layers = config.ladder_layers if config.ladder_layers is not None else list(range(num_layers))
+    if layers[-1] >= num_layers:
+        raise ValueError(
+            f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)"
+        )
+    return -1, list(layers), 0

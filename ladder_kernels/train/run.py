@@ -373,7 +373,7 @@ class TrainingRun:
                 ", use --ladder-storage int8" if cfg.ladder_storage != "int8" else ""
             ) + f", or raise --reduction-factor {cfg.reduction_factor}"
         try:
-            from .plan import plan
+            from ladder_kernels.planning.planner import plan
 
             options = {}
             if cfg.method != "qlora":

@@ -232,10 +232,10 @@ def _flat_adapter(out: Path) -> dict[str, torch.Tensor]:
 def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
     """--batch-size is the global micro-batch: 2 processes take 4 examples each of every 8 and end where one
     process does with the same command. On the CPU with gloo everywhere (a GPU machine may have one GPU only)."""
-    import ladder_kernels.train.run
+    import ladder_kernels.train.distributed
     from ladder_kernels.cli import main
 
-    monkeypatch.setattr(ladder_kernels.train.run, "device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ladder_kernels.train.distributed, "device", lambda: torch.device("cpu"))
     from tests.helpers import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
