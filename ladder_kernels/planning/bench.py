@@ -1,7 +1,7 @@
 """End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs
 and machine (`ladder-kernels bench`, bench/bench_e2e.py).
 
-Per cell (model × method × batch × seq_len) a fresh model is built (`baselines.MethodTrainer`), trained for
+Per cell (model × method × batch × seq_len) a fresh model is built (`planning.methods.MethodTrainer`), trained for
 `warmup` + `steps` steps on the same tokens, and measured:
   tokens_per_s        batch × seq_len / median step time of the timed steps (no tracker attached)
   step_s              that median step time
@@ -9,7 +9,7 @@ Per cell (model × method × batch × seq_len) a fresh model is built (`baseline
   cuda_peak_bytes     CUDA: torch.cuda.max_memory_allocated over the steps (weights included)
   tracked_peak_bytes  CPU: PeakMemoryTracker over one more step, weights and optimizer state counted
   rss_peak_bytes      CPU: the process's resident set size, sampled every 5 ms during the steps
-  planned_peak_bytes  optional (--plan): ladder_kernels.plan's prediction for the cell (fake tensors)
+  planned_peak_bytes  optional (--plan): ladder_kernels.planning.planner's prediction for the cell (fake tensors)
   load_avg            the 1-minute load average per CPU core after the cell (>1: timings are contended)
 A CUDA out-of-memory is recorded as `oom` = 1 for the cell and the sweep goes on.
 

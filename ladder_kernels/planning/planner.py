@@ -1,6 +1,6 @@
 """Memory planner: does fine-tuning this model with this method fit my GPU? Answered without weights or a GPU.
 
-`plan()` builds the method's real model (`baselines.MethodTrainer`: LadderModel, or the peft QLoRA model with
+`plan()` builds the method's real model (`planning.methods.MethodTrainer`: LadderModel, or the peft QLoRA model with
 bitsandbytes 4-bit layers) under `FakeTensorMode` on CPU-device fakes and runs two real training steps
 (forward, backward, AdamW step) with `PeakMemoryTracker`. Fakes carry shapes and dtypes only, so a 7B model
 plans in seconds. The peak is taken over the training steps (the second one holds the optimizer state from
