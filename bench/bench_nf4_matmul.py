@@ -13,7 +13,7 @@ Timing: every method runs `--warmup` times, then `--repeats` interleaved rounds 
 round, so a noisy neighbour slows all methods alike); the median is reported. CUDA calls are timed with
 CUDA events. Extra memory of one call (what it allocates beyond its inputs and its output):
   cpu   extra_mib_tensors: peak of live tensor storages allocated through the dispatcher
-        (ladder_kernels.memory.PeakMemoryTracker; a C++ op's internal buffers are invisible to it);
+        (ladder_kernels.planning.memory.PeakMemoryTracker; a C++ op's internal buffers are invisible to it);
         extra_mib_process: peak resident memory of the process during the call (its high-water mark is
         reset first, and glibc is told to return freed blocks to the OS), which does see them
   cuda  extra_mib_process: torch.cuda.max_memory_allocated during the call

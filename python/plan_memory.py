@@ -1,4 +1,4 @@
-"""Does fine-tuning model X fit my GPU? `ladder_kernels.plan` (ladder_kernels/planning/planner.py) answers without weights or a GPU: it runs each
+"""Does fine-tuning model X fit my GPU? `ladder_kernels.plan` answers without weights or a GPU: it runs each
 method's real training step on fake tensors and reports the peak memory, its breakdown, and the longest
 context that fits.
 

@@ -1,4 +1,4 @@
-"""The Triton nf4_matmul launchers (ladder_kernels.triton.nf4_matmul) against the float64 reference:
+"""The Triton nf4_matmul launchers (ladder_kernels.kernels.triton.nf4_matmul) against the float64 reference:
 both launch paths (tiled and split-reduction), forced configs, int64 offsets, config validity, bad input.
 Runs under TRITON_INTERPRET=1 without a GPU (tiny shapes, big tiles), plus one ahead-of-time sm_90 build;
 on a GPU (bench/gpu_check) every autotune config and the autotuned launch are checked too."""
@@ -259,7 +259,7 @@ def test_autotuned_path_on_gpu(m, monkeypatch):
 
 _COMPILE_FOR_HOPPER = """
 import json, torch
-from ladder_kernels.triton import nf4_matmul as tk
+from ladder_kernels.kernels.triton import nf4_matmul as tk
 large = tk.compile_for_gpu(tk.default_config(2048, 4096, 4096, torch.bfloat16, torch.device("cpu")), has_bias=True)
 small = tk.compile_for_gpu(tk.SMALL_M_CONFIGS[3], grad_input=True, aligned_k=False)
 print(json.dumps({name: {"shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"],

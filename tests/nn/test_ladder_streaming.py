@@ -1,7 +1,7 @@
 """Streaming proof: what one training step keeps per backbone layer is one ladder input (bf16, or int8 + one
 fp32 scale per row) plus the side block's own activations at width D/r, never the backbone layer's internals.
 
-Measured with the dispatch-mode tracker of live tensor storages (ladder_kernels.memory) over L = 2, 4, 8.
+Measured with the dispatch-mode tracker of live tensor storages (ladder_kernels.planning.memory) over L = 2, 4, 8.
 """
 
 import pytest
