@@ -69,6 +69,15 @@ Task = Literal["sentiment", "arith"]
 TASKS: tuple[str, ...] = get_args(Task)
 DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
 
+# --- chat-format data (`messages` rows) -------------------------------------------------------------------
+ChatRole = Literal["system", "user", "assistant"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
+# Chat rows are scored as classification (restricted argmax over the replies' first tokens) when their last
+# assistant turns take at most MAX_CLASSES distinct values and each value occurs CHAT_ROWS_PER_CLASS times on
+# average; otherwise by exact match of the greedy reply.
+MAX_CLASSES = 50
+CHAT_ROWS_PER_CLASS = 4
+
 
 def choices_of(hint) -> tuple | None:
     """The values a Literal type (or Optional[Literal]) admits; None for other types."""

@@ -26,7 +26,7 @@ def mean_tail(history: list[float], n: int = 20) -> float | None:
 def summary_table(s: dict) -> str:
     """The final summary as a markdown table."""
     gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
-    metric = "accuracy" if s["task"] == "sentiment" else "exact match"
+    metric = s.get("metric") or ("accuracy" if s["task"] == "sentiment" else "exact match")
     processes = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
     rows = [
         (

@@ -31,6 +31,7 @@ from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
 from ladder_kernels.train import distributed
 from ladder_kernels.train.backbones import check_causal_lm, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.chat import check_chat_template
 from ladder_kernels.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ladder_kernels.train.config import FinetuneConfig, ladder_config
 from ladder_kernels.train.data import BatchStream, collate, encode_example, label_first_tokens, load_dataset
@@ -125,8 +126,11 @@ class TrainingRun:
             barrier(self.world_size)
         check_causal_lm(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        if self.dataset.chat:
+            check_chat_template(self.tokenizer, cfg.model)
+            self._encoded = self._encode_all()  # every row's length checked before anything is written
         if self.dataset.is_classification:
-            label_first_tokens(self.tokenizer, self.dataset.labels)
+            label_first_tokens(self.tokenizer, self.dataset.labels, chat=self.dataset.chat)
         self.checkpoint = load_checkpoint(self.out / CHECKPOINT) if resume else None
         if self.checkpoint is not None and self.checkpoint["step"] >= cfg.steps:
             raise RunDirError(f"--resume: the run in {self.out} already finished its {cfg.steps} steps")
@@ -144,7 +148,7 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
-        self._encoded: dict[int, tuple[list[int], list[int]]] = {}
+        self._encoded: dict[int, tuple[list[int], list[int]]] = getattr(self, "_encoded", {})
         self._states: tuple[Optional[int], list[dict]] = (
             None,
             [],
@@ -284,6 +288,15 @@ class TrainingRun:
                 self._encoded[i] = (ids, labels)
         return [self._encoded[i] for i in indices]
 
+    def _encode_all(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Every training row encoded up front (chat rows: a conversation too long for --seq-len is an error naming
+        its line, found before training starts)."""
+        from tqdm.auto import tqdm
+
+        self._encoded = {}
+        self._rows(tqdm(range(len(self.dataset.train)), desc="encoding", unit="row", leave=False))
+        return self._encoded
+
     # --- one step ------------------------------------------------------------------------------------------
     def _guarded_step(self, state: dict) -> None:
         """_train_step, with out-of-memory turned into a TrainingError saying what to lower."""
@@ -373,7 +386,7 @@ class TrainingRun:
                 ", use --ladder-storage int8" if cfg.ladder_storage != "int8" else ""
             ) + f", or raise --reduction-factor {cfg.reduction_factor}"
         try:
-            from .plan import plan
+            from ladder_kernels.planning.planner import plan
 
             options = {}
             if cfg.method != "qlora":
@@ -403,6 +416,8 @@ class TrainingRun:
             "model_dir": str(self.model_dir),
             "task": cfg.task,
             "data": self.dataset.source,
+            "data_format": "chat" if self.dataset.chat else "prompt/completion",
+            "metric": "accuracy" if self.dataset.is_classification else "exact match",
             "train_examples": len(self.dataset.train),
             "eval_examples": after["n"],
             "accuracy_before": before["accuracy"],
