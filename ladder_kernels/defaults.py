@@ -59,6 +59,17 @@ BackboneQuant = Literal["nf4", "none"]
 DEFAULT_LADDER_EVERY = 3
 
 
+# --- fitting a memory budget (`ladder-kernels finetune --gpu-memory`) -----------------------------------------
+# The settings `--gpu-memory` may change, cheapest first (what each costs): the micro-batch, with gradient
+# accumulation keeping the examples per optimizer step (speed only); int8 ladder storage (a small rounding of the
+# kept ladder inputs); side checkpointing (about a third more side compute); a side block on fewer layers
+# (ladder: every BUDGET_LADDER_EVERY-th layer in turn; xladder: half the depth δ in turn; accuracy). Each is tried
+# only after the ones before it are at their leanest; a setting given explicitly is never changed.
+BudgetSetting = Literal["micro_batch", "ladder_storage", "side_checkpointing", "ladder_layers"]
+BUDGET_FIT_ORDER: tuple[str, ...] = get_args(BudgetSetting)
+BUDGET_LADDER_EVERY = (4, 6, 8, 12, 16)
+
+
 def default_xladder_depth(num_layers: int) -> int:
     """δ for xLadder when none is given: a quarter of the backbone's layers, at least 1."""
     return max(1, num_layers // 4)

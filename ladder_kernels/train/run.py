@@ -29,8 +29,10 @@ import torch
 from ladder_kernels.errors import ConfigError, ModelError, RunDirError, TrainingError
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
+from ladder_kernels.planning.planner import load_config
 from ladder_kernels.train import distributed
 from ladder_kernels.train.backbones import check_causal_lm, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.budget import fit_to_budget
 from ladder_kernels.train.chat import check_chat_template
 from ladder_kernels.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ladder_kernels.train.config import FinetuneConfig, ladder_config
@@ -93,7 +95,9 @@ class TrainingRun:
 
     In a process group (torchrun, see distributed_from_env) every rank builds the same run; rank 0 alone writes."""
 
-    def __init__(self, cfg: FinetuneConfig, resume: bool = False):
+    def __init__(self, cfg: FinetuneConfig, resume: bool = False, explicit=None):
+        """`explicit`: the option names the user gave, which --gpu-memory never changes (default: those that differ
+        from FinetuneConfig's defaults)."""
         cfg = dataclasses.replace(cfg)
         if cfg.output_dir is None:
             if resume:
@@ -125,6 +129,12 @@ class TrainingRun:
         if self.rank == 0:
             barrier(self.world_size)
         check_causal_lm(self.model_dir)
+        self.budget = None  # --gpu-memory: the settings chosen by the planner (a resumed run keeps its saved ones)
+        if cfg.gpu_memory is not None and not resume:
+            self.budget = fit_to_budget(cfg, explicit, load_config(self.model_dir), self.world_size)
+            if self.rank == 0:
+                print("\n".join(self.budget.lines()), file=sys.stderr)
+            self.cfg = cfg = self.budget.cfg
         self.tokenizer = load_tokenizer(self.model_dir)
         if self.dataset.chat:
             check_chat_template(self.tokenizer, cfg.model)
@@ -440,6 +450,7 @@ class TrainingRun:
             "tokens_per_second": state["tokens"] / seconds if seconds else 0.0,
             "tokens": state["tokens"],
             "peak_memory_bytes": peak,
+            "memory_budget": self.budget.to_dict() if self.budget is not None else None,
             "peak_memory_kind": "cuda max_memory_allocated"
             if torch.cuda.is_available()
             else "process peak RSS during training",
