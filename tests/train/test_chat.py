@@ -137,7 +137,7 @@ def test_classification_or_exact_match_follows_the_replies(tmp_path):
     assert ds.train[0].messages is not None and ds.label_of(ds.train[0]) in ds.labels
 
 
-def test_chat_finetune_end_to_end_reports_exact_match(tiny_model, tmp_path):
+def test_chat_finetune_end_to_end_reports_exact_match(tiny_model, tmp_path, monkeypatch, capsys):
     data = _jsonl(tmp_path / "chat.jsonl", _arith_chat_rows(80))
     cfg = FinetuneConfig(
         model=str(tiny_model),
@@ -161,6 +161,18 @@ def test_chat_finetune_end_to_end_reports_exact_match(tiny_model, tmp_path):
     assert "held-out exact match after" in (tmp_path / "run" / "summary.md").read_text()
     info = json.loads((tmp_path / "run" / "adapter" / "finetune.json").read_text())
     assert info["chat"] is True
+
+    # generate --chat: the prompt goes through the same template, as a user turn
+    from ladder_kernels.cli import generate as generate_cli
+    from ladder_kernels.cli import main
+
+    seen = []
+    real = generate_cli.greedy_complete
+    monkeypatch.setattr(generate_cli, "greedy_complete", lambda m, t, ids, n: seen.append(ids) or real(m, t, ids, n))
+    assert main(["generate", "--adapter", str(tmp_path / "run"), "--chat", "--prompt", "what is 1 + 2?"]) == 0
+    tokenizer = load_tokenizer(tiny_model)
+    assert seen == [tokenizer("<s>user\nwhat is 1 + 2?</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]]
+    assert capsys.readouterr().out.endswith("\n")  # the reply alone, on its line
 
 
 def test_a_model_without_a_chat_template_is_named(tmp_path):
