@@ -59,6 +59,17 @@ BackboneQuant = Literal["nf4", "none"]
 DEFAULT_LADDER_EVERY = 3
 
 
+# --- fitting a memory budget (`ladder-kernels finetune --gpu-memory`) -----------------------------------------
+# The settings `--gpu-memory` may change, cheapest first (what each costs): the micro-batch, with gradient
+# accumulation keeping the examples per optimizer step (speed only); int8 ladder storage (a small rounding of the
+# kept ladder inputs); side checkpointing (about a third more side compute); a side block on fewer layers
+# (ladder: every BUDGET_LADDER_EVERY-th layer in turn; xladder: half the depth δ in turn; accuracy). Each is tried
+# only after the ones before it are at their leanest; a setting given explicitly is never changed.
+BudgetSetting = Literal["micro_batch", "ladder_storage", "side_checkpointing", "ladder_layers"]
+BUDGET_FIT_ORDER: tuple[str, ...] = get_args(BudgetSetting)
+BUDGET_LADDER_EVERY = (4, 6, 8, 12, 16)
+
+
 def default_xladder_depth(num_layers: int) -> int:
     """δ for xLadder when none is given: a quarter of the backbone's layers, at least 1."""
     return max(1, num_layers // 4)
@@ -68,6 +79,15 @@ def default_xladder_depth(num_layers: int) -> int:
 Task = Literal["sentiment", "arith"]
 TASKS: tuple[str, ...] = get_args(Task)
 DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
+
+# --- chat-format data (`messages` rows) -------------------------------------------------------------------
+ChatRole = Literal["system", "user", "assistant"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
+# Chat rows are scored as classification (restricted argmax over the replies' first tokens) when their last
+# assistant turns take at most MAX_CLASSES distinct values and each value occurs CHAT_ROWS_PER_CLASS times on
+# average; otherwise by exact match of the greedy reply.
+MAX_CLASSES = 50
+CHAT_ROWS_PER_CLASS = 4
 
 
 def choices_of(hint) -> tuple | None:

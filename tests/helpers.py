@@ -5,7 +5,8 @@
 - tiny random-weight decoder-only backbones of several families, built from configs (no downloads):
   Qwen2's q/k/v biases, Mistral's sliding window, Gemma's embedding scaling and (1 + w) norms, Gemma3's sandwich
   norms, q/k norms, mixed sliding/full layers and logit softcap;
-- tiny checkpoints on disk (config, safetensors, a word-level tokenizer trained on the tasks' own text) and a
+- tiny checkpoints on disk (config, safetensors, a BPE tokenizer trained on the tasks' own text, with a chat
+  template) and a
   tiny GGUF file, for end-to-end tests of finetune, generate and the python/ examples.
 """
 
@@ -136,6 +137,11 @@ def tiny_backbone(
 
 # --- tiny checkpoints -----------------------------------------------------------------------------------
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the tiny configs' pad / bos / eos ids
+# ChatML-like, with the tiny tokenizer's own specials: each turn "<s>role\ncontent</s>\n"; the reply ends with EOS
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def _training_text() -> list[str]:
@@ -165,15 +171,23 @@ def tiny_tokenizer(vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(_training_text(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
-def write_tiny_checkpoint(folder: Path, num_layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny Llama + tokenizer to `folder` (a transformers checkpoint folder) and return it."""
+def write_tiny_checkpoint(folder: Path, num_layers: int = 2, seed: int = 0, chat_template: bool = True) -> Path:
+    """Save a tiny Llama + tokenizer (with TINY_CHAT_TEMPLATE unless chat_template=False) to `folder` (a
+    transformers checkpoint folder) and return it."""
+    import copy
+
     tokenizer = tiny_tokenizer()
     model = tiny_backbone("llama", num_layers=num_layers, seed=seed, vocab_size=len(tokenizer))
     folder = Path(folder)
     model.save_pretrained(folder)
+    if not chat_template:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -7,6 +7,8 @@ import dataclasses
 import typing
 
 from ladder_kernels.defaults import choices_of
+from ladder_kernels.errors import ConfigError
+from ladder_kernels.train.budget import fit_to_budget
 from ladder_kernels.train.config import FinetuneConfig, field_choices, flag
 from ladder_kernels.train.distributed import distributed_from_env
 from ladder_kernels.train.run import TrainingRun
@@ -49,6 +51,12 @@ def register(subparsers) -> None:
             help=text,
         )
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the settings --gpu-memory chooses (or, without it, the planned peak of the settings given) and "
+        "exit without loading weights; --model may then name a shipped config (llama-2-7b, llama-2-13b, ...)",
+    )
     p.set_defaults(func=run_finetune_command)
 
 
@@ -61,7 +69,13 @@ def given_options(args: argparse.Namespace) -> dict:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     explicit = given_options(args)
+    if args.plan_only:
+        if args.resume:
+            raise ConfigError("--plan-only plans a new run; it does not combine with --resume")
+        fit = fit_to_budget(FinetuneConfig(**explicit), set(explicit), plan_only=True)
+        print("\n".join(fit.lines()))
+        return 0
     cfg = resume_config(explicit.get("output_dir"), explicit) if args.resume else FinetuneConfig(**explicit)
     with distributed_from_env():  # data-parallel under torchrun / accelerate launch
-        summary = TrainingRun(cfg, resume=args.resume).run()
+        summary = TrainingRun(cfg, resume=args.resume, explicit=set(explicit)).run()
     return 0 if summary["steps"] > 0 else 1

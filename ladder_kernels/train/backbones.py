@@ -49,6 +49,13 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
         return convert_gguf(embedded_gguf_path(), name=EMBEDDED_NAME)
     path = Path(spec)
     if not path.exists():
+        from ladder_kernels.planning.planner import shipped_models
+
+        if str(spec) in shipped_models():
+            raise ModelError(
+                f"--model {spec} is a shipped config without weights (for `ladder-kernels plan` and `finetune "
+                "--plan-only`); to train, give a transformers checkpoint folder, a .gguf file or 'embedded'"
+            )
         raise ModelError(f"--model: no such file or folder: {path}")
     if path.is_dir():
         if not (path / "config.json").is_file():

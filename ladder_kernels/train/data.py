@@ -7,7 +7,9 @@ Tasks:
   arith      generated short arithmetic word problems with step-by-step answers; evaluated by exact match
              of the final answer under greedy generation.
 User files (JSONL or CSV) hold `prompt`/`completion` fields, or `text`/`label` fields that the task's
-template turns into a prompt.
+template turns into a prompt; JSONL files may instead hold chat rows (`messages`, see train/chat.py), rendered with
+the tokenizer's chat template and scored on their last assistant turn (classification when those take few distinct
+values, else exact match), whatever --task is.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ import io
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ladder_kernels.defaults import TASKS
+from ladder_kernels.defaults import CHAT_ROWS_PER_CLASS, MAX_CLASSES, TASKS
 from ladder_kernels.errors import DataError
+from ladder_kernels.train.chat import Messages, chat_label_first_tokens, chat_prompt_ids, encode_chat, parse_messages
 
 EMBEDDED_DATA = "embedded"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
-MAX_CLASSES = 50
 # Fixed, independent of --seed, so that every run of a task is evaluated on the same held-out examples.
 SPLIT_SEED = 20240613
 EMBEDDED_HELDOUT = 2000
@@ -41,6 +43,9 @@ USER_HELDOUT_FRACTION = 0.1
 class Example:
     prompt: str
     completion: str  # begins with the separator (a space) that follows the prompt
+    # chat rows: the whole conversation (prompt: the turns before the last, as JSON; completion: " " + its reply)
+    messages: Messages | None = None
+    where: str = field(default="", compare=False)  # 'file:line' of a user row, for errors found when encoding
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Dataset:
     heldout: tuple[Example, ...]
     labels: tuple[str, ...] | None  # classification label words; None for generative tasks
     source: str
+    chat: bool = False  # rows in chat format (train/chat.py)
 
     @property
     def is_classification(self) -> bool:
@@ -175,6 +181,10 @@ def _row_to_example(row: dict, where: str, task: str) -> Example:
             raise DataError(f"{where}: field '{name}' must be a non-empty string, got {value!r}")
         return value
 
+    if "messages" in row:
+        messages = parse_messages(row["messages"], where)
+        context = json.dumps([list(turn) for turn in messages[:-1]], ensure_ascii=False)
+        return Example(context, " " + messages[-1][1].strip(), messages, where)
     if "prompt" in row or "completion" in row:
         prompt, completion = text_field("prompt"), text_field("completion")
         return Example(prompt.rstrip(), " " + completion.strip())
@@ -182,7 +192,9 @@ def _row_to_example(row: dict, where: str, task: str) -> Example:
         text, label = text_field("text"), text_field("label").strip()
         prompt = sentiment_prompt(text) if task == "sentiment" else arith_prompt(" ".join(text.split()))
         return Example(prompt, " " + label)
-    raise DataError(f"{where}: expected fields 'prompt' and 'completion', or 'text' and 'label'; got {sorted(row)}")
+    raise DataError(
+        f"{where}: expected fields 'prompt' and 'completion', 'text' and 'label', or 'messages'; got {sorted(row)}"
+    )
 
 
 def read_user_file(path: str | Path, task: str) -> list[Example]:
@@ -204,6 +216,11 @@ def read_user_file(path: str | Path, task: str) -> list[Example]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
             examples.append(_row_to_example(row, f"{path}:{line_no}", task))
+            if (examples[-1].messages is None) != (examples[0].messages is None):
+                raise DataError(
+                    f"{path}:{line_no}: mixes chat rows ('messages') with prompt/completion or text/label rows "
+                    f"(line {examples[0].where.rsplit(':', 1)[-1]} is {'chat' if examples[0].messages else 'not'})"
+                )
     elif suffix == ".csv":
         reader = csv.reader(io.StringIO(text, newline=""))
         try:
@@ -211,6 +228,8 @@ def read_user_file(path: str | Path, task: str) -> list[Example]:
             if header is None:
                 raise DataError(f"{path}: empty dataset (no header row)")
             header = [h.strip() for h in header]
+            if "messages" in header:
+                raise DataError(f"{path}: chat rows ('messages') must be in a .jsonl file, not a .csv")
             for row in reader:
                 if not any(cell.strip() for cell in row):
                     continue
@@ -272,8 +291,14 @@ def load_dataset(task: str, data: str | None = None) -> Dataset:
         )
     n_heldout = min(EMBEDDED_HELDOUT, max(1, round(USER_HELDOUT_FRACTION * len(examples))))
     train, heldout = _split(examples, n_heldout)
-    labels = _class_labels(examples, str(data)) if task == "sentiment" else None
-    return Dataset(task, tuple(train), tuple(heldout), labels, str(data))
+    chat = examples[0].messages is not None
+    if chat:
+        replies = {ex.completion.strip() for ex in examples}
+        few = len(replies) <= MAX_CLASSES and len(examples) >= CHAT_ROWS_PER_CLASS * len(replies) and len(replies) > 1
+        labels = tuple(sorted(replies)) if few else None
+    else:
+        labels = _class_labels(examples, str(data)) if task == "sentiment" else None
+    return Dataset(task, tuple(train), tuple(heldout), labels, str(data), chat)
 
 
 # --- batches ---------------------------------------------------------------------------------------------
@@ -359,7 +384,10 @@ def encode_example(tokenizer, example: Example, seq_len: int, add_eos: bool) -> 
     """(input_ids, labels with -100 on the prompt, truncated?). Over-long prompts keep their end (the question).
 
     `add_eos` teaches generative tasks to stop; classification leaves it out so the loss is on the label alone.
+    A chat row is rendered with the tokenizer's chat template, its assistant turns labelled (train/chat.py).
     """
+    if example.messages is not None:
+        return encode_chat(tokenizer, example.messages, seq_len, example.where or "row")
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
@@ -392,9 +420,20 @@ def encode_prompts(tokenizer, prompts: Sequence[str], seq_len: int) -> list[list
     return out
 
 
-def label_first_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
-    """The first token of ' label' for each label; these must differ for restricted-argmax evaluation."""
-    firsts = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
+def prompt_ids(tokenizer, examples: Sequence[Example], seq_len: int) -> list[list[int]]:
+    """Evaluation prompts of examples, plain or chat (the conversation before the last assistant turn)."""
+    if examples and examples[0].messages is not None:
+        return [chat_prompt_ids(tokenizer, ex.messages, seq_len) for ex in examples]
+    return encode_prompts(tokenizer, [ex.prompt for ex in examples], seq_len)
+
+
+def label_first_tokens(tokenizer, labels: Sequence[str], chat: bool = False) -> list[int]:
+    """The first token of ' label' (chat: of the reply 'label') for each label; these must differ for
+    restricted-argmax evaluation."""
+    if chat:
+        firsts = chat_label_first_tokens(tokenizer, labels)
+    else:
+        firsts = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
     seen: dict[int, str] = {}
     for lab, tok in zip(labels, firsts):
         if tok in seen:

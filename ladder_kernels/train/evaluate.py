@@ -1,4 +1,5 @@
-"""Held-out evaluation: classification by the label words' first-token scores, generation by exact match."""
+"""Held-out evaluation: classification by the label words' first-token scores, generation by exact match (of the
+final answer; for chat rows, of the whole last assistant turn, whitespace-normalized)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ladder_kernels.train import distributed
-from ladder_kernels.train.data import Dataset, Example, collate, encode_prompts, final_answer, label_first_tokens
+from ladder_kernels.train.data import Dataset, Example, collate, final_answer, label_first_tokens, prompt_ids
 
 
 def _model_input(batch: dict, dev: torch.device) -> dict:
@@ -25,7 +26,7 @@ def evaluate(
     try:
         if dataset.is_classification:
             return _evaluate_classification(model, tokenizer, dataset, examples, seq_len, batch_size, desc)
-        return _evaluate_generation(model, tokenizer, examples, seq_len, desc)
+        return _evaluate_generation(model, tokenizer, examples, seq_len, desc, dataset.chat)
     finally:
         model.train(was_training)
 
@@ -33,8 +34,8 @@ def evaluate(
 def _evaluate_classification(model, tokenizer, dataset, examples, seq_len, batch_size, desc) -> dict:
     from tqdm.auto import tqdm
 
-    label_ids = torch.tensor(label_first_tokens(tokenizer, dataset.labels))
-    prompts = encode_prompts(tokenizer, [ex.prompt for ex in examples], seq_len)
+    label_ids = torch.tensor(label_first_tokens(tokenizer, dataset.labels, chat=dataset.chat))
+    prompts = prompt_ids(tokenizer, examples, seq_len)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     predicted: list[Optional[str]] = [None] * len(prompts)
     dev = distributed.device()
@@ -68,19 +69,25 @@ def greedy_complete(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
     return tokenizer.decode(out[0, len(prompt_ids) :].tolist(), skip_special_tokens=True)
 
 
-def _evaluate_generation(model, tokenizer, examples, seq_len, desc) -> dict:
+def exact_reply(text: str) -> str:
+    """A chat reply as exact match compares it: whitespace runs as one space, stripped."""
+    return " ".join(text.split())
+
+
+def _evaluate_generation(model, tokenizer, examples, seq_len, desc, chat: bool = False) -> dict:
     from tqdm.auto import tqdm
 
+    score = exact_reply if chat else final_answer
     correct, samples = 0, []
-    for ex, prompt_ids in tqdm(
-        list(zip(examples, encode_prompts(tokenizer, [ex.prompt for ex in examples], seq_len))),
+    for ex, ids in tqdm(
+        list(zip(examples, prompt_ids(tokenizer, examples, seq_len))),
         desc=desc,
         unit="example",
         leave=False,
     ):
         reference = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
-        text = greedy_complete(model, tokenizer, prompt_ids, max_new_tokens=min(seq_len, 2 * len(reference) + 8))
-        correct += final_answer(text) == final_answer(ex.completion)
+        text = greedy_complete(model, tokenizer, ids, max_new_tokens=min(seq_len, 2 * len(reference) + 8))
+        correct += score(text) == score(ex.completion)
         if len(samples) < 3:
             samples.append({"prompt": ex.prompt, "output": text.strip(), "reference": ex.completion.strip()})
     return {"accuracy": correct / len(examples), "n": len(examples), "samples": samples}

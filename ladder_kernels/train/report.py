@@ -26,7 +26,7 @@ def mean_tail(history: list[float], n: int = 20) -> float | None:
 def summary_table(s: dict) -> str:
     """The final summary as a markdown table."""
     gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
-    metric = "accuracy" if s["task"] == "sentiment" else "exact match"
+    metric = s.get("metric") or ("accuracy" if s["task"] == "sentiment" else "exact match")
     processes = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
     rows = [
         (
@@ -56,6 +56,17 @@ def summary_table(s: dict) -> str:
         ("train wall time", f"{s['train_seconds']:.0f} s ({s['seconds_per_step']:.2f} s/step)"),
         ("tokens/s", f"{s['tokens_per_second']:.0f}"),
         ("peak memory", f"{format_gib(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+    ]
+    if s.get("memory_budget"):
+        b = s["memory_budget"]
+        rows.append(
+            (
+                "memory budget (--gpu-memory)",
+                f"{format_gib(b['budget_bytes'])}: planned peak {format_gib(b['planned_peak_bytes'])}, needs "
+                f"{format_gib(b['planned_required_bytes'])}; {b['settings']}",
+            )
+        )
+    rows += [
         ("trainable parameters", f"{s['trainable_parameters'] / 1e6:.2f} M"),
         ("adapter size", f"{s['adapter_bytes'] / 1e6:.1f} MB"),
     ]

@@ -29,8 +29,11 @@ import torch
 from ladder_kernels.errors import ConfigError, ModelError, RunDirError, TrainingError
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
+from ladder_kernels.planning.planner import load_config
 from ladder_kernels.train import distributed
 from ladder_kernels.train.backbones import check_causal_lm, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.budget import fit_to_budget
+from ladder_kernels.train.chat import check_chat_template
 from ladder_kernels.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ladder_kernels.train.config import FinetuneConfig, ladder_config
 from ladder_kernels.train.data import BatchStream, collate, encode_example, label_first_tokens, load_dataset
@@ -92,7 +95,9 @@ class TrainingRun:
 
     In a process group (torchrun, see distributed_from_env) every rank builds the same run; rank 0 alone writes."""
 
-    def __init__(self, cfg: FinetuneConfig, resume: bool = False):
+    def __init__(self, cfg: FinetuneConfig, resume: bool = False, explicit=None):
+        """`explicit`: the option names the user gave, which --gpu-memory never changes (default: those that differ
+        from FinetuneConfig's defaults)."""
         cfg = dataclasses.replace(cfg)
         if cfg.output_dir is None:
             if resume:
@@ -124,9 +129,18 @@ class TrainingRun:
         if self.rank == 0:
             barrier(self.world_size)
         check_causal_lm(self.model_dir)
+        self.budget = None  # --gpu-memory: the settings chosen by the planner (a resumed run keeps its saved ones)
+        if cfg.gpu_memory is not None and not resume:
+            self.budget = fit_to_budget(cfg, explicit, load_config(self.model_dir), self.world_size)
+            if self.rank == 0:
+                print("\n".join(self.budget.lines()), file=sys.stderr)
+            self.cfg = cfg = self.budget.cfg
         self.tokenizer = load_tokenizer(self.model_dir)
+        if self.dataset.chat:
+            check_chat_template(self.tokenizer, cfg.model)
+            self._encoded = self._encode_all()  # every row's length checked before anything is written
         if self.dataset.is_classification:
-            label_first_tokens(self.tokenizer, self.dataset.labels)
+            label_first_tokens(self.tokenizer, self.dataset.labels, chat=self.dataset.chat)
         self.checkpoint = load_checkpoint(self.out / CHECKPOINT) if resume else None
         if self.checkpoint is not None and self.checkpoint["step"] >= cfg.steps:
             raise RunDirError(f"--resume: the run in {self.out} already finished its {cfg.steps} steps")
@@ -144,7 +158,7 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
-        self._encoded: dict[int, tuple[list[int], list[int]]] = {}
+        self._encoded: dict[int, tuple[list[int], list[int]]] = getattr(self, "_encoded", {})
         self._states: tuple[Optional[int], list[dict]] = (
             None,
             [],
@@ -284,6 +298,15 @@ class TrainingRun:
                 self._encoded[i] = (ids, labels)
         return [self._encoded[i] for i in indices]
 
+    def _encode_all(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Every training row encoded up front (chat rows: a conversation too long for --seq-len is an error naming
+        its line, found before training starts)."""
+        from tqdm.auto import tqdm
+
+        self._encoded = {}
+        self._rows(tqdm(range(len(self.dataset.train)), desc="encoding", unit="row", leave=False))
+        return self._encoded
+
     # --- one step ------------------------------------------------------------------------------------------
     def _guarded_step(self, state: dict) -> None:
         """_train_step, with out-of-memory turned into a TrainingError saying what to lower."""
@@ -403,6 +426,8 @@ class TrainingRun:
             "model_dir": str(self.model_dir),
             "task": cfg.task,
             "data": self.dataset.source,
+            "data_format": "chat" if self.dataset.chat else "prompt/completion",
+            "metric": "accuracy" if self.dataset.is_classification else "exact match",
             "train_examples": len(self.dataset.train),
             "eval_examples": after["n"],
             "accuracy_before": before["accuracy"],
@@ -425,6 +450,7 @@ class TrainingRun:
             "tokens_per_second": state["tokens"] / seconds if seconds else 0.0,
             "tokens": state["tokens"],
             "peak_memory_bytes": peak,
+            "memory_budget": self.budget.to_dict() if self.budget is not None else None,
             "peak_memory_kind": "cuda max_memory_allocated"
             if torch.cuda.is_available()
             else "process peak RSS during training",

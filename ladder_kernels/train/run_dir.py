@@ -92,6 +92,7 @@ def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> 
             "dtype": cfg.dtype,
             "task": cfg.task,
             "labels": dataset.labels,
+            "chat": dataset.chat,
         }
         write_text_atomic(tmp / ADAPTER_INFO, json.dumps(info, indent=2) + "\n")
     return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
