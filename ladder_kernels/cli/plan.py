@@ -14,8 +14,8 @@ from ladder_kernels.planning.planner import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
     MAX_CONTEXT_SEARCHED,
-    _model_name,
     load_config,
+    model_name,
     plan,
     plan_with_max_seq_len,
     shipped_models,
@@ -104,7 +104,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
             rows.append(
                 plan_with_max_seq_len(config, gpu_bytes, method, args.seq_len, args.batch_size, args.dtype, **options)
             )
-    name = args.model if args.model in shipped_models() else _model_name(config, args.model)
+    name = args.model if args.model in shipped_models() else model_name(config, args.model)
     if args.json:
         print(
             json.dumps(

@@ -232,11 +232,11 @@ class MemoryPlan:
     @property
     def required_bytes(self) -> int:
         """What a CUDA card needs: the peak + allocator slack + the CUDA context."""
-        return _required_bytes(self.peak_bytes)
+        return required_bytes(self.peak_bytes)
 
     def fits(self, gpu_bytes) -> bool:
         """Whether the step fits a GPU with `gpu_bytes` of memory ('12GB' or an int), margins included."""
-        return _required_bytes(self.peak_bytes) <= parse_bytes(gpu_bytes)
+        return required_bytes(self.peak_bytes) <= parse_bytes(gpu_bytes)
 
     def max_seq_len(self, gpu_bytes, granularity: int = 256, limit: int = MAX_CONTEXT_SEARCHED) -> int:
         """The longest sequence length (a multiple of `granularity`, at most `limit`) at this batch size whose
@@ -266,7 +266,7 @@ class MemoryPlan:
         }
 
 
-def _model_name(config, given) -> str:
+def model_name(config, given) -> str:
     if isinstance(given, (str, Path)):
         return Path(str(given)).stem if str(given) not in shipped_models() else str(given)
     return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
@@ -277,7 +277,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"plan: method must be one of {METHODS}, got {method!r}")
 
 
-def _required_bytes(peak: int) -> int:
+def required_bytes(peak: int) -> int:
     return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
 
 
@@ -303,12 +303,12 @@ def _plan_from_run(
     breakdown = {key: by_category.get(key, 0) for key in BREAKDOWN_KEYS}
     breakdown["weights"] += by_category.get("other", 0)
     return MemoryPlan(
-        method, _model_name(cfg, config), seq_len, batch_size, dtype, peak, breakdown, dict(ladder_options), cfg
+        method, model_name(cfg, config), seq_len, batch_size, dtype, peak, breakdown, dict(ladder_options), cfg
     )
 
 
 def _longest_fitting(peak_at, gpu_bytes: int, limit_units: int, known: dict[int, int]) -> int:
-    """The largest k in [0, limit_units] with _required_bytes(peak_at(k)) <= gpu_bytes, the peak growing with k.
+    """The largest k in [0, limit_units] with required_bytes(peak_at(k)) <= gpu_bytes, the peak growing with k.
 
     Peaks grow about linearly with the sequence length, so each guess is the secant through the last two
     measured points; a guess that does not halve the interval is followed by a bisection step.
@@ -316,7 +316,7 @@ def _longest_fitting(peak_at, gpu_bytes: int, limit_units: int, known: dict[int,
     measured = dict(known)
     lo, hi = 0, limit_units + 1  # k = lo fits (0 tokens trivially), k = hi does not (past the limit)
     for k, peak in measured.items():
-        if _required_bytes(peak) <= gpu_bytes:
+        if required_bytes(peak) <= gpu_bytes:
             lo = max(lo, k)
         else:
             hi = min(hi, k)
@@ -335,7 +335,7 @@ def _longest_fitting(peak_at, gpu_bytes: int, limit_units: int, known: dict[int,
         k = min(max(k, lo + 1), hi - 1)
         width = hi - lo
         measured[k] = peak_at(k)
-        if _required_bytes(measured[k]) <= gpu_bytes:
+        if required_bytes(measured[k]) <= gpu_bytes:
             lo = k
         else:
             hi = k
@@ -380,7 +380,7 @@ def max_seq_len(
     cfg = load_config(config)
     _check_plan_args(method, batch_size, granularity=granularity, limit=limit)
     gpu_bytes, dtype = parse_bytes(gpu_bytes), _dtype(dtype)
-    if _required_bytes(0) >= gpu_bytes:
+    if required_bytes(0) >= gpu_bytes:
         return 0  # not even the CUDA context fits
     with TrackedTraining(cfg, method, dtype, fake=True, **ladder_options) as run:
         run.peak_of_steps(granularity, batch_size, 1)  # warm-up: AdamW state

@@ -26,9 +26,9 @@ from ladder_kernels.planning.planner import (
     CUDA_CONTEXT_BYTES,
     MemoryPlan,
     TrackedTraining,
-    _required_bytes,
     load_config,
     plan,
+    required_bytes,
     shipped_models,
 )
 from ladder_kernels.train.config import FinetuneConfig, flag, ladder_config
@@ -204,7 +204,7 @@ def fit_to_budget(
         with TrackedTraining(config, cfg.method, dtype, fake=True, **_planner_options(trial, layers)) as run:
             run.peak_of_steps(cfg.seq_len, share(batches[0]), 1)  # warm-up: the optimizer state exists
             peaks = {batches[0]: run.peak_of_steps(cfg.seq_len, share(batches[0]), 1)[0]}
-            required = _required_bytes(peaks[batches[0]])
+            required = required_bytes(peaks[batches[0]])
             smallest = required if smallest is None else min(smallest, required)
             if required > budget:
                 continue
@@ -249,7 +249,7 @@ def _largest_fitting(peak_at, batches: list[int], peaks: dict, budget: int) -> i
     for b in reversed([b for b in batches if b <= guess[-1]]):
         if b not in peaks:
             peaks[b] = peak_at(b)
-        if _required_bytes(peaks[b]) <= budget:
+        if required_bytes(peaks[b]) <= budget:
             return b
     return batches[0]
 

@@ -11,10 +11,10 @@ from ladder_kernels.planning.planner import (
     MemoryPlan,
     TrackedTraining,
     _longest_fitting,
-    _required_bytes,
     load_config,
     max_seq_len,
     plan,
+    required_bytes,
     shipped_models,
 )
 from ladder_kernels.units import parse_bytes
@@ -105,7 +105,7 @@ def test_longest_fitting_equals_exhaustive_search(peaks):
     gpu = 12 * 2**30
     calls = []
     found = _longest_fitting(lambda k: calls.append(k) or peaks(k), gpu, 256, {8: peaks(8)})
-    exhaustive = max([k for k in range(257) if _required_bytes(peaks(k)) <= gpu], default=0)
+    exhaustive = max([k for k in range(257) if required_bytes(peaks(k)) <= gpu], default=0)
     assert found == exhaustive
     assert len(calls) <= 12  # far fewer steps than a scan
 
