@@ -26,8 +26,10 @@ from torch import Tensor
 from ladder_kernels.backends import triton_interpreting
 from ladder_kernels.kernels.contracts import ROW_ABSMAX_FLOOR, empty_downproj_saved
 from ladder_kernels.kernels.triton._common import (
+    DeviceFacts,
     autotuning_enabled,
     config_problems,
+    device_facts,
     dot_in_fp32,
     fp32_dot_precision,
     needs_int64_offsets,
@@ -237,21 +239,33 @@ def _downproj_bwd_kernel(
         tl.store(gb_ptr + offs_n, db.to(gb_ptr.dtype.element_ty), mask=mask_n & (pid_k == 0))
 
 
-def _prune(configs, named_args, **kwargs):
-    operand_bytes = 4 if kwargs["DOT_FP32"] else 2
+def prune_configs(configs: list[triton.Config], facts: DeviceFacts, dot_fp32: bool) -> list[triton.Config]:
+    """The configs a card with these facts autotunes over: those whose pipelined operand tiles fit its shared
+    memory (`config_problems`); never empty (the smallest when none fits)."""
+    operand_bytes = 4 if dot_fp32 else 2
     keys = tuple(configs[0].kwargs)
-    return [c for c in configs if not config_problems(c, keys, operand_bytes)] or configs[:1]
+    limit = facts.shared_memory_per_block
+    fitting = [c for c in configs if not config_problems(c, keys, operand_bytes, limit)]
+    return fitting or [min(configs, key=lambda c: c.num_stages * sum(c.kwargs[k] for k in keys))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuners' early_config_prune: `prune_configs` for the device of the operand."""
+    operand = named_args["h_ptr"] if "h_ptr" in named_args else named_args["g_ptr"]
+    return prune_configs(configs, device_facts(operand.device), kwargs["DOT_FP32"])
 
 
 _fwd_autotuned = triton.autotune(
     configs=FWD_CONFIGS,
     key=["m_bucket", "N", "K", "SAVE", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_downproj_fwd_kernel)
 _bwd_autotuned = triton.autotune(
     configs=BWD_CONFIGS,
     key=["m_bucket", "N", "K", "INT8", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_downproj_bwd_kernel)
 
 
