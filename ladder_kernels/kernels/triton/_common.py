@@ -9,8 +9,11 @@ launchers call the bare kernel with one config when interpreting (see `autotunin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton
@@ -20,8 +23,78 @@ from ladder_kernels.backends import triton_interpreting
 
 # Offsets are int32 unless a tensor spans this many elements; then kernels take their INDEX_64 path.
 INT32_SPAN_LIMIT = 2**31 - 1
-# H100/H200 shared memory per block; configs above it can never launch there.
-MAX_SHARED_MEMORY_BYTES = 227 * 1024
+# Opt-in shared memory per block by compute capability (CUDA C programming guide, "Technical Specifications"):
+# the fallback when torch does not report shared_memory_per_block_optin. A config above it can never launch.
+SHARED_MEMORY_PER_BLOCK = {
+    70: 98304,
+    75: 65536,
+    80: 166912,
+    86: 101376,
+    87: 166912,
+    89: 101376,
+    90: 232448,
+    100: 232448,
+    120: 101376,
+}
+# What a CUDA device of unknown capability (or no device: the interpreter, the AOT check's meta tensors) is
+# assumed to be: an H100/H200.
+DEFAULT_CAPABILITY = 90
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the launchers' pruning and defaults need to know about a GPU: compute capability as an int (86 for
+    sm_86), opt-in shared memory per block in bytes, streaming multiprocessors."""
+
+    capability: int
+    shared_memory_per_block: int
+    sm_count: int
+
+
+# Typical SM counts (A100, RTX 3090, RTX 4090, H100 SXM), used only where no device is there to ask.
+_TYPICAL_SM_COUNT = {80: 108, 86: 82, 89: 128, 90: 132}
+
+
+def facts_for(capability: int, shared_memory_per_block: int | None = None, sm_count: int | None = None) -> DeviceFacts:
+    """DeviceFacts of a card of `capability` (limits from the table unless given): for tests and the AOT check."""
+    limit = shared_memory_per_block
+    if limit is None:
+        known = [c for c in SHARED_MEMORY_PER_BLOCK if c <= capability]
+        limit = SHARED_MEMORY_PER_BLOCK[max(known)] if known else min(SHARED_MEMORY_PER_BLOCK.values())
+    return DeviceFacts(capability, limit, sm_count or _TYPICAL_SM_COUNT.get(capability, 4))
+
+
+_assumed: list[DeviceFacts] = []
+
+
+@contextlib.contextmanager
+def assume_device(facts: DeviceFacts) -> Iterator[DeviceFacts]:
+    """Within the block, `device_facts` answers `facts` for every device: the launchers prune and choose
+    defaults as they would on that card (the AOT check, CPU tests of the pruning)."""
+    _assumed.append(facts)
+    try:
+        yield facts
+    finally:
+        _assumed.pop()
+
+
+@functools.cache
+def _cuda_facts(device_index: int) -> DeviceFacts:
+    props = torch.cuda.get_device_properties(device_index)
+    capability = props.major * 10 + props.minor
+    table = facts_for(capability)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or table.shared_memory_per_block
+    return DeviceFacts(capability, limit, props.multi_processor_count)
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """The facts of `device` (a CUDA device: asked of the driver once); inside `assume_device`, the assumed ones;
+    any other device (interpreter, meta): an sm_90 card with 4 SMs (keeps the interpreter's programs few)."""
+    if _assumed:
+        return _assumed[-1]
+    if device.type == "cuda":
+        return _cuda_facts(device.index if device.index is not None else torch.cuda.current_device())
+    return facts_for(DEFAULT_CAPABILITY, sm_count=4)
 
 
 def autotuning_enabled() -> bool:
@@ -40,16 +113,9 @@ def fp32_dot_precision() -> str:
     return "ieee" if triton_interpreting() else "tf32x3"
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (a fixed 4 when interpreting: keeps the programs few)."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return device_facts(device).sm_count
 
 
 def needs_int64_offsets(*spans: int) -> bool:
@@ -62,9 +128,14 @@ def span(t: torch.Tensor) -> int:
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
 
 
-def config_problems(config: triton.Config, tile_keys: tuple[str, ...], operand_bytes: int = 2) -> list[str]:
+def config_problems(
+    config: triton.Config,
+    tile_keys: tuple[str, ...],
+    operand_bytes: int = 2,
+    shared_memory_limit: int = SHARED_MEMORY_PER_BLOCK[DEFAULT_CAPABILITY],
+) -> list[str]:
     """Why `config` is not valid on a GPU (empty list when it is): dot tiles power-of-two and >= 16, sane
-    warps and stages, and the pipelined operand tiles fitting in shared memory."""
+    warps and stages, and the pipelined operand tiles fitting in `shared_memory_limit` bytes."""
     problems = []
     kw = config.kwargs
     for key in tile_keys:
@@ -78,8 +149,8 @@ def config_problems(config: triton.Config, tile_keys: tuple[str, ...], operand_b
     if not problems and len(tile_keys) == 3:
         m, p, r = (kw[key] for key in tile_keys)
         smem = (m * r + r * p) * operand_bytes * config.num_stages  # rough: every stage holds both operand tiles
-        if smem > MAX_SHARED_MEMORY_BYTES:
-            problems.append(f"operand tiles need {smem} B of shared memory, more than {MAX_SHARED_MEMORY_BYTES}")
+        if smem > shared_memory_limit:
+            problems.append(f"operand tiles need {smem} B of shared memory, more than {shared_memory_limit}")
     return problems
 
 

@@ -72,8 +72,11 @@ def _ce_rows_kernel(
             running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(x - block_max), axis=0)
             running_max = block_max
         lse = running_max + tl.log(running_sum)
-        x_label = _softcapped(tl.load(row_ptr + label).to(tl.float32), softcap, HAS_SOFTCAP)
-        tl.store(loss_ptr + row, lse - x_label)
+        # A label outside [0, V) (unchecked on a GPU: ops/cross_entropy.py) is never read: its loss is NaN.
+        in_range = (label >= 0) & (label < V)
+        x_label = tl.load(row_ptr + label, mask=in_range, other=0.0).to(tl.float32)
+        x_label = _softcapped(x_label, softcap, HAS_SOFTCAP)
+        tl.store(loss_ptr + row, tl.where(in_range, lse - x_label, float("nan")))
 
         # pass 2: d loss / d logits, written over the logits (x_label was read above)
         if COMPUTE_GRAD:

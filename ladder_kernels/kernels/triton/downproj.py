@@ -26,8 +26,10 @@ from torch import Tensor
 from ladder_kernels.backends import triton_interpreting
 from ladder_kernels.kernels.contracts import ROW_ABSMAX_FLOOR, empty_downproj_saved
 from ladder_kernels.kernels.triton._common import (
+    DeviceFacts,
     autotuning_enabled,
     config_problems,
+    device_facts,
     dot_in_fp32,
     fp32_dot_precision,
     needs_int64_offsets,
@@ -51,6 +53,7 @@ FWD_CONFIGS = [
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (128, 32, 64, 4, 4),
+        (64, 64, 32, 4, 3),  # small fallback: fp32 operands on 99 KiB cards (sm_86 / sm_89)
     ]
 ]
 BWD_CONFIGS = [
@@ -61,10 +64,11 @@ BWD_CONFIGS = [
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (64, 64, 128, 4, 3),
+        (64, 64, 32, 4, 3),  # small fallback: fp32 operands on 99 KiB cards (sm_86 / sm_89)
     ]
 ]
-# Without autotuning on a GPU (LADDER_KERNELS_AUTOTUNE=0).
-DEFAULT_FWD_CONFIG, DEFAULT_BWD_CONFIG = FWD_CONFIGS[3], BWD_CONFIGS[3]
+# Without autotuning on a GPU (LADDER_KERNELS_AUTOTUNE=0): the first of these that fits the card (`default_config`).
+DEFAULT_FWD_CONFIGS, DEFAULT_BWD_CONFIGS = (FWD_CONFIGS[3], FWD_CONFIGS[5]), (BWD_CONFIGS[3], BWD_CONFIGS[5])
 # Under the interpreter: few programs, big tiles (its time grows with programs x loop trips).
 INTERPRET_FWD_CONFIG = _cfg(64, 64, 128, 4, 1, FWD_TILE_KEYS)
 INTERPRET_BWD_CONFIG = _cfg(64, 128, 64, 4, 1, BWD_TILE_KEYS)
@@ -237,21 +241,39 @@ def _downproj_bwd_kernel(
         tl.store(gb_ptr + offs_n, db.to(gb_ptr.dtype.element_ty), mask=mask_n & (pid_k == 0))
 
 
-def _prune(configs, named_args, **kwargs):
-    operand_bytes = 4 if kwargs["DOT_FP32"] else 2
+# Not below sm_90: 128x32x64 w4 s4 spills (8 B, forward without a kept copy) on sm_80-89 (bench/results/gpu_aot.md).
+PRE_HOPPER_EXCLUDED = (FWD_CONFIGS[4],)
+
+
+def prune_configs(configs: list[triton.Config], facts: DeviceFacts, dot_fp32: bool) -> list[triton.Config]:
+    """The configs a card with these facts autotunes over: its capability's (`PRE_HOPPER_EXCLUDED`) whose
+    pipelined operand tiles fit its shared memory (`config_problems`); never empty (the smallest when none fits)."""
+    operand_bytes = 4 if dot_fp32 else 2
     keys = tuple(configs[0].kwargs)
-    return [c for c in configs if not config_problems(c, keys, operand_bytes)] or configs[:1]
+    limit = facts.shared_memory_per_block
+    if facts.capability < 90:
+        configs = [c for c in configs if all(c is not x for x in PRE_HOPPER_EXCLUDED)] or configs
+    fitting = [c for c in configs if not config_problems(c, keys, operand_bytes, limit)]
+    return fitting or [min(configs, key=lambda c: c.num_stages * sum(c.kwargs[k] for k in keys))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuners' early_config_prune: `prune_configs` for the device of the operand."""
+    operand = named_args["h_ptr"] if "h_ptr" in named_args else named_args["g_ptr"]
+    return prune_configs(configs, device_facts(operand.device), kwargs["DOT_FP32"])
 
 
 _fwd_autotuned = triton.autotune(
     configs=FWD_CONFIGS,
     key=["m_bucket", "N", "K", "SAVE", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_downproj_fwd_kernel)
 _bwd_autotuned = triton.autotune(
     configs=BWD_CONFIGS,
     key=["m_bucket", "N", "K", "INT8", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_downproj_bwd_kernel)
 
 
@@ -260,13 +282,22 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 65536)
 
 
-def _launch(
-    kernel, autotuned, default_config: triton.Config, interpret_config: triton.Config, grid, args, meta
-) -> None:
+def default_config(preferred: tuple[triton.Config, ...], facts: DeviceFacts, dot_fp32: bool) -> triton.Config:
+    """The first of `preferred` whose operand tiles fit the card's shared memory (else the last)."""
+    keys = tuple(preferred[0].kwargs)
+    limit = facts.shared_memory_per_block
+    operand_bytes = 4 if dot_fp32 else 2
+    return next((c for c in preferred if not config_problems(c, keys, operand_bytes, limit)), preferred[-1])
+
+
+def _launch(kernel, autotuned, defaults: tuple[triton.Config, ...], interpret_config, grid, args, meta) -> None:
     if autotuning_enabled():
         autotuned[grid](*args, **meta)
         return
-    cfg = interpret_config if triton_interpreting() else default_config
+    if triton_interpreting():
+        cfg = interpret_config
+    else:
+        cfg = default_config(defaults, device_facts(args[0].device), meta["DOT_FP32"])
     kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -308,7 +339,7 @@ def launch_forward(
         INDEX_64=needs_int64_offsets(span(h2d), span(weight), span(z)),
     )
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
-    _launch(_downproj_fwd_kernel, _fwd_autotuned, DEFAULT_FWD_CONFIG, INTERPRET_FWD_CONFIG, grid, args, meta)
+    _launch(_downproj_fwd_kernel, _fwd_autotuned, DEFAULT_FWD_CONFIGS, INTERPRET_FWD_CONFIG, grid, args, meta)
 
 
 def launch_backward(g2d: Tensor, saved: Tensor, scale: Tensor, grad_w: Tensor, grad_b: Optional[Tensor]) -> None:
@@ -344,7 +375,7 @@ def launch_backward(g2d: Tensor, saved: Tensor, scale: Tensor, grad_w: Tensor, g
         INDEX_64=needs_int64_offsets(span(g2d), span(saved), grad_w.numel()),
     )
     grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))  # noqa: E731
-    _launch(_downproj_bwd_kernel, _bwd_autotuned, DEFAULT_BWD_CONFIG, INTERPRET_BWD_CONFIG, grid, args, meta)
+    _launch(_downproj_bwd_kernel, _bwd_autotuned, DEFAULT_BWD_CONFIGS, INTERPRET_BWD_CONFIG, grid, args, meta)
 
 
 def forward(h2d: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,7 +7,7 @@ One GEMM kernel serves both directions, C[M, P] = A[M, R] @ B with B[R, P] read 
 Each loop step loads A's tile, dequantizes B's tile (`_common.nf4_tile`), rounds it to A's dtype (what a
 16-bit weight would hold) and accumulates a tl.dot in fp32. When K % blocksize == 0 (every real model)
 a byte is two neighbours of one row and absmax is read once per block; otherwise (blocks straddle rows)
-each element is addressed on its own, which needs smaller tiles (see `_fits_shared_memory`). Two launch paths:
+each element is addressed on its own, which needs smaller tiles (see `fits_shared_memory`). Two launch paths:
   M > 16   tiles up to 256 wide, grouped program order so neighbouring programs share W's bytes in L2;
   M <= 16  (decode) BLOCK_M = 16 and the reduction split over SPLIT programs, which fp32-atomically add
            into a zeroed buffer (summation order, hence the last bits, then vary from run to run).
@@ -26,14 +26,14 @@ from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
 from ladder_kernels.kernels.triton._common import (
-    MAX_SHARED_MEMORY_BYTES,
+    DeviceFacts,
     autotuning_enabled,
     config_problems,
+    device_facts,
     dot_in_fp32,
     fp32_dot_precision,
     needs_int64_offsets,
     nf4_tile,
-    sm_count,
     span,
 )
 
@@ -47,8 +47,9 @@ def _cfg(bm, bp, br, warps, stages, split=1, group_m=8):
     )
 
 
-# Prefill / training: the tutorial matmul's tiles plus wider reduction steps (dequantization is amortized
-# over BLOCK_M rows, so taller tiles pay more here than in a plain GEMM).
+# Prefill / training on sm_90+ (wgmma, 227 KiB of shared memory, no spills at 255 registers): the tutorial
+# matmul's tiles plus wider reduction steps (dequantization is amortized over BLOCK_M rows, so taller tiles pay
+# more here than in a plain GEMM).
 LARGE_M_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(256, 128, 64, 8, 3),
@@ -61,6 +62,15 @@ LARGE_M_CONFIGS = [
     _cfg(32, 64, 128, 4, 4),
     _cfg(32, 128, 64, 4, 3),
 ]
+# Below sm_90 (mma.sync; sm_86/89 have 99 KiB per block): no 128x256 / 256x128 tiles (they spill 200-400 B and
+# exceed 99 KiB for grad_input), 8 warps for every 128-wide tile (4 warps spill there: bench/results/gpu_aot.md).
+LARGE_M_CONFIGS_PRE_HOPPER = [
+    LARGE_M_CONFIGS[2],  # 128x128x64 w8 s3
+    _cfg(128, 64, 64, 8, 3),
+    _cfg(64, 128, 64, 8, 3),
+    LARGE_M_CONFIGS[7],  # 64x64x64 w4 s4
+    LARGE_M_CONFIGS[8],  # 32x64x128 w4 s4
+]
 # Decode: memory-bound, so the split count is what fills the GPU; W is read exactly once either way.
 SMALL_M_CONFIGS = [
     _cfg(16, 32, 128, 4, 4, split=1, group_m=1),
@@ -72,6 +82,27 @@ SMALL_M_CONFIGS = [
     _cfg(16, 128, 128, 8, 3, split=4, group_m=1),
     _cfg(16, 32, 256, 4, 3, split=16, group_m=1),
 ]
+# Small tiles for every card: when blocks straddle rows (K % blocksize != 0) each element is staged on its own,
+# and on 99 KiB cards only these fit.
+LARGE_M_FALLBACK_CONFIGS = [_cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 2)]
+SMALL_M_FALLBACK_CONFIGS = [_cfg(16, 64, 64, 4, 2, split=4, group_m=1), _cfg(16, 32, 64, 4, 2, split=4, group_m=1)]
+
+
+def configs_for(capability: int, small_m: bool) -> list[triton.Config]:
+    """The autotuning candidates of a card of this compute capability, before the shared-memory pruning."""
+    if small_m:
+        return SMALL_M_CONFIGS + SMALL_M_FALLBACK_CONFIGS
+    return (LARGE_M_CONFIGS if capability >= 90 else LARGE_M_CONFIGS_PRE_HOPPER) + LARGE_M_FALLBACK_CONFIGS
+
+
+def _union(*lists: list[triton.Config]) -> list[triton.Config]:
+    out = []
+    for config in (c for lst in lists for c in lst):
+        if all(config is not c for c in out):
+            out.append(config)
+    return out
+
+
 # Under the interpreter: few programs, big tiles (its time grows with programs x loop trips), still GPU-valid.
 INTERPRET_LARGE_M_CONFIG = _cfg(64, 64, 64, 4, 1)
 INTERPRET_SMALL_M_CONFIG = _cfg(16, 64, 64, 4, 1, split=2, group_m=1)
@@ -167,56 +198,89 @@ def _nf4_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
-def _fits_shared_memory(config: triton.Config, operand_bytes: int, aligned_k: bool) -> bool:
-    """Shared-memory model fitted to sm_90 builds (compile_for_gpu; e.g. 128x256x64 bf16, 3 stages: 140 KB
-    predicted 139 KB): per stage the A tile and W's bytes, plus, when blocks straddle rows, the per-element
-    bytes and absmax; and two buffers of the dequantized B tile. Errs high for fp32 and tall tiles."""
-    if config_problems(config, TILE_KEYS, operand_bytes):
+def fits_shared_memory(config: triton.Config, operand_bytes: int, aligned_k: bool, limit: int) -> bool:
+    """Shared-memory model fitted to sm_90 builds (e.g. 128x256x64 bf16, 3 stages: 140 KB predicted 139 KB;
+    sm_80-89 builds need less: bench/results/gpu_aot.md): per stage the A tile and W's bytes, plus, when blocks
+    straddle rows, the per-element bytes and absmax; and two buffers of the dequantized B tile. Errs high for
+    fp32 and tall tiles."""
+    if config_problems(config, TILE_KEYS, operand_bytes, limit):
         return False
     bm, bp, br = (config.kwargs[key] for key in TILE_KEYS)
     per_stage = bm * br * operand_bytes + bp * br // 2 + (0 if aligned_k else bp * br * 5)
-    return per_stage * config.num_stages + 2 * bp * br * operand_bytes <= MAX_SHARED_MEMORY_BYTES
+    return per_stage * config.num_stages + 2 * bp * br * operand_bytes <= limit
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs that cannot fit in shared memory, tiles far taller than M, and splits with nothing to
-    reduce; keep at least one."""
-    operand_bytes = 4 if kwargs["DOT_FP32"] else 2
-    fitting = [c for c in configs if _fits_shared_memory(c, operand_bytes, kwargs["ALIGNED_K"])] or configs[:1]
-    tallest_useful = max(32, triton.next_power_of_2(named_args["M"]))
-    r_steps = lambda c: triton.cdiv(named_args["R"], c.kwargs["BLOCK_R"])  # noqa: E731
+def prune_configs(
+    configs: list[triton.Config], facts: DeviceFacts, m: int, r: int, dot_fp32: bool, aligned_k: bool
+) -> list[triton.Config]:
+    """The configs of `configs` a card with these facts autotunes over for an [M, R] operand: its capability's
+    candidates (`configs_for`) that fit its shared memory, no taller than M needs, no more splits than reduction
+    steps; never empty (the smallest-footprint candidate when nothing fits)."""
+    allowed = configs_for(facts.capability, small_m=False) + configs_for(facts.capability, small_m=True)
+    candidates = [c for c in configs if any(c is a for a in allowed)] or configs
+    operand_bytes = 4 if dot_fp32 else 2
+    limit = facts.shared_memory_per_block
+    fitting = [c for c in candidates if fits_shared_memory(c, operand_bytes, aligned_k, limit)]
+    if not fitting:  # nothing fits the model: the config it thinks smallest (still valid on a GPU)
+        footprint = lambda c: c.num_stages * c.kwargs["BLOCK_P"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_R"])  # noqa: E731
+        fitting = [min(candidates, key=footprint)]
+    tallest_useful = max(32, triton.next_power_of_2(m))
+    r_steps = lambda c: triton.cdiv(r, c.kwargs["BLOCK_R"])  # noqa: E731
     kept = [c for c in fitting if c.kwargs["BLOCK_M"] <= tallest_useful and c.kwargs["SPLIT"] <= r_steps(c)]
     return kept or fitting[:1]
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """The autotuners' early_config_prune: `prune_configs` for the device of the operand."""
+    facts = device_facts(named_args["a_ptr"].device)
+    return prune_configs(configs, facts, named_args["M"], named_args["R"], kwargs["DOT_FP32"], kwargs["ALIGNED_K"])
+
+
 _AUTOTUNE_KEY = ["m_bucket", "P", "R", "GRAD_INPUT", "BLOCKSIZE", "HAS_BIAS"]
 _large_m_autotuned = triton.autotune(
-    configs=LARGE_M_CONFIGS,
+    configs=_union(configs_for(90, small_m=False), configs_for(80, small_m=False)),
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )(_nf4_gemm_kernel)
 _small_m_autotuned = triton.autotune(
-    configs=SMALL_M_CONFIGS,
+    configs=_union(configs_for(90, small_m=True), configs_for(80, small_m=True)),
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune_configs},
     reset_to_zero=["c_ptr"],  # the atomic buffer must start at zero for every timed run
+    cache_results=True,
 )(_nf4_gemm_kernel)
 
 
-def default_config(m: int, p: int, r: int, dtype: torch.dtype, device: torch.device) -> triton.Config:
-    """The config used without autotuning (interpreter, or LADDER_KERNELS_AUTOTUNE=0)."""
+def default_config(
+    m: int, p: int, r: int, dtype: torch.dtype, device: torch.device, aligned_k: bool = True
+) -> triton.Config:
+    """The config used without autotuning (interpreter, or LADDER_KERNELS_AUTOTUNE=0): for the facts of
+    `device` (`device_facts`), the preferred tile when it fits the card's shared memory, else the first
+    fallback that does."""
     if triton_interpreting():
         return INTERPRET_SMALL_M_CONFIG if m <= SMALL_M else INTERPRET_LARGE_M_CONFIG
+    facts = device_facts(device)
+    operand_bytes = 4 if dtype == torch.float32 else 2
     if m <= SMALL_M:
-        # Enough splits for about two programs per SM, as a power of two (each value compiles once).
-        p_tiles, r_steps = triton.cdiv(p, 64), triton.cdiv(r, 128)
-        split = 1
-        while split < 16 and p_tiles * split * 2 <= 2 * sm_count(device) and split * 2 <= r_steps:
-            split *= 2
-        return _cfg(16, 64, 128, 4, 3, split=split, group_m=1)
-    bm = 128 if m >= 128 else 64
-    br = 32 if dtype == torch.float32 else 64  # fp32 operand tiles are twice the bytes
-    return _cfg(bm, 128, br, 8 if bm == 128 else 4, 3)
+
+        def split(bp: int, br: int) -> int:  # about two programs per SM, a power of two (each compiles once)
+            p_tiles, r_steps, n = triton.cdiv(p, bp), triton.cdiv(r, br), 1
+            while n < 16 and p_tiles * n * 2 <= 2 * facts.sm_count and n * 2 <= r_steps:
+                n *= 2
+            return n
+
+        tiles = [(16, 64, 128, 4, 3)] + [
+            tuple(c.kwargs[k] for k in TILE_KEYS) + (4, 2) for c in SMALL_M_FALLBACK_CONFIGS
+        ]
+        preferred = [_cfg(bm, bp, br, w, st, split=split(bp, br), group_m=1) for bm, bp, br, w, st in tiles]
+    else:
+        bm = 128 if m >= 128 else 64
+        br = 32 if dtype == torch.float32 else 64  # fp32 operand tiles are twice the bytes
+        warps = 8 if bm == 128 or facts.capability < 90 else 4  # 4 warps spill below sm_90
+        preferred = [_cfg(bm, 128, br, warps, 3)] + LARGE_M_FALLBACK_CONFIGS
+    limit = facts.shared_memory_per_block
+    return next((c for c in preferred if fits_shared_memory(c, operand_bytes, aligned_k, limit)), preferred[-1])
 
 
 def _check_operands(
@@ -295,7 +359,7 @@ def _nf4_gemm(
 
     small = m <= SMALL_M
     if config is None and not autotuning_enabled():
-        config = default_config(m, p, r, a.dtype, a.device)
+        config = default_config(m, p, r, a.dtype, a.device, aligned_k=k % blocksize == 0)
     atomic_out = config.kwargs["SPLIT"] > 1 if config is not None else small
     if atomic_out:
         c = torch.zeros(m, p, dtype=torch.float32, device=a.device)
@@ -343,77 +407,6 @@ def _nf4_gemm(
     return out.copy_(c)
 
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def compile_for_gpu(
-    config: triton.Config,
-    dtype: torch.dtype = torch.bfloat16,
-    grad_input: bool = False,
-    aligned_k: bool = True,
-    has_bias: bool = False,
-    blocksize: int = 64,
-    capability: int = 90,
-):
-    """Compile the kernel ahead of time for a CUDA compute capability (default 90: H100/H200) with no GPU
-    present (Triton ships ptxas). The result's .metadata.shared and .asm["ptx"] / ["cubin"] show what a GPU
-    would run: shared memory, wgmma use, spills. Needs a process without TRITON_INTERPRET=1."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if triton_interpreting():
-        raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET unset (the kernel is interpreted otherwise)")
-    if dtype not in _TRITON_DTYPES:
-        raise TypeError(f"dtype must be one of {list(_TRITON_DTYPES)}, got {dtype}")
-    fn = _nf4_gemm_kernel
-    atomic = config.kwargs["SPLIT"] > 1
-    elem = _TRITON_DTYPES[dtype]
-    # Contiguous operands (unit inner strides, 16-aligned pointers and sizes), as the specializer sees them.
-    signature = dict(
-        a_ptr=f"*{elem}",
-        packed_ptr="*u8",
-        absmax_ptr="*fp32",
-        code_ptr="*fp32",
-        bias_ptr=f"*{elem}",
-        c_ptr="*fp32" if atomic else f"*{elem}",
-        M="i32",
-        P="i32",
-        R="i32",
-        N="i32",
-        K="i32",
-        stride_am="i32",
-        stride_ar="constexpr",
-        stride_cm="i32",
-        stride_cp="constexpr",
-        m_bucket="i32",
-    )
-    constexprs = dict(
-        stride_ar=1,
-        stride_cp=1,
-        BLOCKSIZE=blocksize,
-        GRAD_INPUT=grad_input,
-        ALIGNED_K=aligned_k,
-        HAS_BIAS=has_bias,
-        DOT_FP32=dtype == torch.float32,
-        FP32_PRECISION="tf32x3",
-        INDEX_64=False,
-        ATOMIC_OUT=atomic,
-        **config.kwargs,
-    )
-    signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
-    aligned = [[["tt.divisibility", 16]]]
-    attrs = {
-        (i,): aligned[0]
-        for i, name in enumerate(fn.arg_names)
-        if name.endswith("_ptr") or name in ("P", "R", "N", "K", "stride_am", "stride_cm")
-    }
-    return triton.compile(
-        ASTSource(fn, signature, constexprs, attrs),
-        target=GPUTarget("cuda", capability, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
-    )
-
-
 def forward(
     x2d: Tensor,
     packed: Tensor,
@@ -458,8 +451,11 @@ __all__ = [
     "forward",
     "grad_input",
     "default_config",
-    "compile_for_gpu",
+    "prune_configs",
+    "configs_for",
+    "fits_shared_memory",
     "LARGE_M_CONFIGS",
+    "LARGE_M_CONFIGS_PRE_HOPPER",
     "SMALL_M_CONFIGS",
     "SMALL_M",
     "TILE_KEYS",
