@@ -3,6 +3,9 @@ command-line choices and validation read the same types (`choices_of`), so a val
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from typing import Literal, get_args
 
 import torch
@@ -98,3 +101,10 @@ def choices_of(hint) -> tuple | None:
     if len(args) == 1 and getattr(args[0], "__origin__", None) is Literal:
         return tuple(get_args(args[0]))
     return None
+
+
+@functools.cache
+def literal_fields(cls) -> dict[str, tuple]:
+    """Field name -> the values its Literal type admits, for the fields of dataclass `cls` that have one."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: c for f in dataclasses.fields(cls) if (c := choices_of(hints[f.name])) is not None}

@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import typing
 
-from ladder_kernels.defaults import choices_of
+from ladder_kernels.defaults import choices_of, literal_fields
 from ladder_kernels.errors import ConfigError
 from ladder_kernels.train.budget import fit_to_budget
-from ladder_kernels.train.config import FinetuneConfig, field_choices, flag
+from ladder_kernels.train.config import FinetuneConfig, flag
 from ladder_kernels.train.distributed import distributed_from_env
 from ladder_kernels.train.run import TrainingRun
 from ladder_kernels.train.run_dir import resume_config
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     )
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
-        choices = field_choices(f.name)
+        choices = literal_fields(FinetuneConfig).get(f.name)
         text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
         if _arg_type(hints[f.name]) is bool:  # --x / --no-x
             p.add_argument(flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)

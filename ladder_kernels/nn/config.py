@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,7 +16,7 @@ from ladder_kernels.defaults import (
     LadderStorage,
     OutputMix,
     SideInit,
-    choices_of,
+    literal_fields,
 )
 from ladder_kernels.io import write_text_atomic
 
@@ -203,11 +202,10 @@ class LadderConfig:
                     "LadderConfig.ladder_layers must be None when xladder_depth > 0 (xLadder uses the top δ layers)"
                 )
             self.ladder_layers = layers
-        hints = typing.get_type_hints(LadderConfig)
-        for f in dataclasses.fields(self):
-            choices = choices_of(hints[f.name])
-            if choices is not None and not (getattr(self, f.name) is None and f.default is None):
-                _check_choice(f.name, getattr(self, f.name), choices)
+        for name, choices in literal_fields(LadderConfig).items():
+            value = getattr(self, name)
+            if not (value is None and getattr(LadderConfig, name) is None):  # an Optional field left unset
+                _check_choice(name, value, choices)
         if not isinstance(self.side_checkpointing, bool):
             raise TypeError(
                 f"LadderConfig.side_checkpointing must be a bool, got {type(self.side_checkpointing).__name__}"

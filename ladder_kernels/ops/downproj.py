@@ -30,7 +30,12 @@ from torch import Tensor
 
 from ladder_kernels.backends import kernel, register_reference, resolve_backend
 from ladder_kernels.defaults import LADDER_STORAGES
-from ladder_kernels.kernels.contracts import ROW_ABSMAX_FLOOR, empty_downproj_saved, saves_input_itself
+from ladder_kernels.kernels.contracts import (
+    ROW_ABSMAX_FLOOR,
+    downproj_saved_layout,
+    empty_downproj_saved,
+    saves_input_itself,
+)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,8 +66,9 @@ def reference_forward(
     if storage == "int8":
         q, scale = quantize_rows_int8(h2d)
         return z, q, scale
-    saved, empty_scale = empty_downproj_saved(h2d, storage, *h2d.shape)
-    return z, (h2d.to(torch.bfloat16) if saved.numel() else saved), empty_scale
+    shape, dtype, _ = downproj_saved_layout(h2d.dtype, storage, *h2d.shape)
+    saved = h2d.to(dtype) if shape != (0,) else h2d.new_empty(shape)  # a bf16 copy, or nothing kept
+    return z, saved, h2d.new_empty(0, dtype=torch.float32)
 
 
 @register_reference("downproj_backward")

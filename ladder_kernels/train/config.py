@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
-import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,8 +20,8 @@ from ladder_kernels.defaults import (
     FinetuneMethod,
     LadderStorage,
     Task,
-    choices_of,
     default_xladder_depth,
+    literal_fields,
 )
 from ladder_kernels.errors import ConfigError
 from ladder_kernels.nn.config import LadderConfig, every_nth_layer
@@ -158,7 +157,7 @@ class FinetuneConfig:
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}")
         for f in dataclasses.fields(self):
-            choices = field_choices(f.name)
+            choices = literal_fields(FinetuneConfig).get(f.name)
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.xladder_depth is not None and self.method != "xladder":
@@ -206,11 +205,6 @@ class FinetuneConfig:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def field_choices(name: str) -> tuple | None:
-    """The values FinetuneConfig.<name> admits (from its Literal type), or None for a free value."""
-    return choices_of(typing.get_type_hints(FinetuneConfig)[name])
 
 
 def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:

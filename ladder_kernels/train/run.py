@@ -222,7 +222,7 @@ class TrainingRun:
                 sum(p.numel() for p in self.params.values()),
                 stop_reason,
             )
-            self._write_reports(summary, state["history"])
+            write_reports(self.out, summary, state["history"])
         return from_rank0(summary, self.world_size)
 
     @property
@@ -461,6 +461,3 @@ class TrainingRun:
             "torch_threads": torch.get_num_threads(),
             "config": dataclasses.asdict(cfg),
         }
-
-    def _write_reports(self, summary: dict, history: list[float]) -> None:
-        write_reports(self.out, summary, history)
