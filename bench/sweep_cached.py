@@ -12,8 +12,8 @@ noise that a single real run hides.
     .venv/bin/python bench/sweep_cached.py [--variants default,head_dim16] [--orders 4] [--steps 100]
         [--eval-samples 1000] [--out bench/results/ladder_sweep_sentiment]
 
-Memory: (1 + layers + 1) x tokens x hidden_size bf16 values (about 7 GB for SmolLM2-135M at 100 steps of
-32 tweets plus 1000 held-out ones).
+Memory: (the layers the variants read + 1) x tokens x hidden_size values in --dtype (about 5 GB for SmolLM2-135M in
+float32, side blocks on every 3rd layer, 100 steps of 32 tweets plus 1000 held-out ones).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.defaults import DEFAULT_LR, DTYPES
+from ladder_kernels.defaults import DEFAULT_LR
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
-from ladder_kernels.nn.side import BRANCH
+from ladder_kernels.nn.side import BRANCH, side_wiring
+from ladder_kernels.nn.step_sizes import tensor_lrs
 from ladder_kernels.planning.bench import command_line
 from ladder_kernels.train import warmup_cosine
 from ladder_kernels.train.backbones import load_backbone, load_tokenizer, resolve_model
@@ -58,6 +59,8 @@ class Variant:
     lr_scale: dict = dataclasses.field(default_factory=dict)
     passes: int = 1
     repeat: int = 1
+    batches: Optional[int] = None  # train on the first N of the --steps batches only (then x passes x repeat)
+    lr_rule: str = "uniform"  # nn/step_sizes.py: "relative" makes lr each tensor's relative step
 
 
 VARIANTS = {
@@ -75,29 +78,39 @@ VARIANTS = {
     "up_proj_lr0.3": Variant(lr_scale={"up_proj": 0.3}),
     "mix_weight_lr0.1": Variant(lr_scale={"mix_weight": 0.1}),
     "3_passes": Variant(passes=3),
+    "50_batches_4_passes": Variant(batches=50, passes=4),
+    "100_batches_2_passes": Variant(passes=2),
     "3_steps_per_batch": Variant(repeat=3),
+    "lr1e-3": Variant(lr=1e-3),
+    "relative0.01": Variant(lr_rule="relative", lr=0.01),
+    "relative0.02": Variant(lr_rule="relative", lr=0.02),
+    "relative0.04": Variant(lr_rule="relative", lr=0.04),
+    "relative0.02_rms": Variant(lr_rule="relative", lr=0.02, config={"ladder_norm": "rms"}),
 }
 
 
 # --- features --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def backbone_features(
-    model: LadderModel, rows: Sequence[list[int]], pad_id: int, batch_size: int = 32, desc: str = "features"
+    model: LadderModel,
+    rows: Sequence[list[int]],
+    pad_id: int,
+    layers: Sequence[int],
+    batch_size: int = 32,
+    desc: str = "features",
 ) -> list[torch.Tensor]:
-    """Per row, [L + 2, T, D]: the input of layer 0, each layer's output, the final normed hidden state (the
-    tensors LadderModel's hooks see), in the backbone's dtype."""
-    inner, layers = model.backbone.model, model.backbone.model.layers
+    """Per row, [len(layers) + 1, T, D] in the backbone's dtype: for each entry of `layers` the output of that
+    backbone layer (-1: the input of layer 0), then the final normed hidden state (what LadderModel's hooks see)."""
+    inner, blocks = model.backbone.model, model.backbone.model.layers
     out = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
         chunk = rows[start : start + batch_size]
         ids, mask = _pad(chunk, pad_id)
         seen: dict[int, torch.Tensor] = {}
-        hooks = [
-            layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-            for i, layer in enumerate(layers)
-        ]
+        keep = lambda m, a, o, i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o)  # noqa: E731
+        hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: keep(m, a, o, i)) for i in layers if i >= 0]
         hooks.append(
-            layers[0].register_forward_pre_hook(
+            blocks[0].register_forward_pre_hook(
                 lambda m, a, kw: seen.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True
             )
         )
@@ -108,7 +121,7 @@ def backbone_features(
         finally:
             for hook in hooks:
                 hook.remove()
-        stack = torch.stack([seen[i] for i in range(-1, len(layers))] + [final])
+        stack = torch.stack([seen[i] for i in layers] + [final])
         out += [stack[:, j, : len(r)].clone() for j, r in enumerate(chunk)]
     return out
 
@@ -132,33 +145,37 @@ def stack_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return H, mask
 
 
-def replay_states(model: LadderModel, H: torch.Tensor) -> dict:
-    """The cached features as LadderModel.forward's backbone_states: what it replays instead of the backbone."""
-    side = model.side  # H[0] is the input of layer 0 (branch_source -1), H[1 + l] the output of layer l
+def replay_states(model: LadderModel, H: torch.Tensor, slots: dict[int, int]) -> dict:
+    """The cached features as LadderModel.forward's backbone_states: what it replays instead of the backbone.
+    slots: backbone layer (-1: the embeddings) -> its index in H; H[-1] is the final normed hidden state."""
+    side = model.side
     return {
-        BRANCH: H[1 + side.branch_source],
-        **{k: H[1 + src] for k, src in enumerate(side.ladder_sources)},
+        BRANCH: H[slots[side.branch_source]],
+        **{k: H[slots[src]] for k, src in enumerate(side.ladder_sources)},
         "final": H[-1],
     }
 
 
-def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def side_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor, slots: dict[int, int]):
     """LadderModel's (side stream s, final normed hidden state) from cached features."""
     ids = torch.zeros_like(mask)  # only its shape matters: the replay skips the backbone
-    return model.stream(ids, mask, positions_from_mask(mask, ids), backbone_states=replay_states(model, H))
+    return model.stream(ids, mask, positions_from_mask(mask, ids), backbone_states=replay_states(model, H, slots))
 
 
-def loss_from_features(model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_from_features(
+    model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, slots: dict[int, int]
+) -> torch.Tensor:
     """LadderModel.forward's loss from cached features."""
     ids = torch.zeros_like(mask)  # only its shape matters: the replay skips the backbone
-    return model(input_ids=ids, attention_mask=mask, labels=labels, backbone_states=replay_states(model, H)).loss
+    states = replay_states(model, H, slots)
+    return model(input_ids=ids, attention_mask=mask, labels=labels, backbone_states=states).loss
 
 
 # --- one variant -----------------------------------------------------------------------------------------
 class Sweep:
     """Cached features of a finetune configuration's training batches and held-out prompts."""
 
-    def __init__(self, cfg: FinetuneConfig, eval_samples: int):
+    def __init__(self, cfg: FinetuneConfig, eval_samples: int, variants: Sequence[str] = ("default",)):
         self.cfg = cfg
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -173,8 +190,12 @@ class Sweep:
             i: encode_example(self.tokenizer, self.dataset.train[i], cfg.seq_len, add_eos=False)[:2] for i in used
         }
         model = self.build(Variant())
+        # only the layers some variant's side network reads are kept
+        wiring = [self.wiring(VARIANTS[v], model.config.num_hidden_layers) for v in variants]
+        layers = sorted({layer for branch, sources in wiring for layer in (branch, *sources)})
+        self.slots = {layer: k for k, layer in enumerate(layers)}
         pad = self.tokenizer.pad_token_id
-        feats = backbone_features(model, [encoded[i][0] for i in used], pad, desc="training features")
+        feats = backbone_features(model, [encoded[i][0] for i in used], pad, layers, desc="training features")
         self.train = {i: (torch.tensor(encoded[i][1]), f) for i, f in zip(used, feats)}
         held = self.dataset.heldout[:eval_samples]
         self.heldout_labels = [self.dataset.labels.index(self.dataset.label_of(ex)) for ex in held]
@@ -182,16 +203,25 @@ class Sweep:
             model,
             encode_prompts(self.tokenizer, [ex.prompt for ex in held], cfg.seq_len),
             pad,
+            layers,
             desc="held-out features",
         )
 
+    def ladder_config(self, variant: Variant, num_layers: int):
+        cfg = dataclasses.replace(self.cfg, ladder_every=variant.ladder_every or self.cfg.ladder_every)
+        return dataclasses.replace(ladder_config(cfg, num_layers), **variant.config)
+
+    def wiring(self, variant: Variant, num_layers: int) -> tuple[int, list[int]]:
+        branch, sources, _ = side_wiring(num_layers, self.ladder_config(variant, num_layers))
+        return branch, sources
+
     def build(self, variant: Variant) -> LadderModel:
         torch.manual_seed(self.cfg.seed)
-        backbone = load_backbone(self.model_dir, DTYPES[self.cfg.dtype])
-        cfg = dataclasses.replace(self.cfg, ladder_every=variant.ladder_every or self.cfg.ladder_every)
-        return LadderModel(
-            backbone, dataclasses.replace(ladder_config(cfg, backbone.config.num_hidden_layers), **variant.config)
-        )
+        backbone = load_backbone(self.model_dir, self.cfg.torch_dtype)
+        return LadderModel(backbone, self.ladder_config(variant, backbone.config.num_hidden_layers))
+
+    def loss(self, model: LadderModel, H: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_from_features(model, H, mask, labels, self.slots)
 
     def data_order(self, order: int) -> list[list[int]]:
         """Order 0: finetune's batches; order k: the same examples permuted within each class (same class mix)."""
@@ -208,30 +238,40 @@ class Sweep:
         size = self.cfg.batch_size
         return [flat[k : k + size] for k in range(0, len(flat), size)]
 
+    def epochs(self, order: int, variant: Variant) -> list[list[int]]:
+        """The first `variant.batches` batches of data order `order`, then each later pass over the same examples
+        shuffled into new batches (as `finetune --epochs` replays its cache)."""
+        first = self.data_order(order)[: variant.batches]
+        out = list(first)
+        flat = [i for batch in first for i in batch]
+        size = self.cfg.batch_size
+        for p in range(1, variant.passes):
+            shuffled = random.Random(f"pass{p}:{order}").sample(flat, len(flat))
+            out += [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
+        return out
+
     def run(self, variant: Variant, order: int) -> dict:
         start = time.perf_counter()
         model = self.build(variant)
         lr = variant.lr or DEFAULT_LR["ladder"]
-        groups: dict[float, list] = {}
-        for name, p in model.side.named_parameters():
-            groups.setdefault(next((v for k, v in variant.lr_scale.items() if k in name), 1.0), []).append(p)
-        params = [p for ps in groups.values() for p in ps]
+        rates = tensor_lrs(model, lr, variant.lr_rule)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in rates]
+        scale = lambda n: next((v for k, v in variant.lr_scale.items() if k in n), 1.0)  # noqa: E731
         optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr, weight_decay=0.0
+            [{"params": [named[n]], "lr": rate * scale(n)} for n, rate in rates.items()], lr=lr, weight_decay=0.0
         )
+        batches = [b for b in self.epochs(order, variant) for _ in range(variant.repeat)]
         warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup, self.cfg.steps * variant.passes * variant.repeat)
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, len(batches)))
         model.train()
         history = []
-        batches = [batch for batch in self.data_order(order) * variant.passes for _ in range(variant.repeat)]
         for batch in batches:
             H, mask = stack_features([self.train[i][1] for i in batch])
             labels = torch.full(mask.shape, -100, dtype=torch.long)
             for j, i in enumerate(batch):
                 labels[j, : len(self.train[i][0])] = self.train[i][0]
-            loss = loss_from_features(model, H, mask, labels)
+            loss = self.loss(model, H, mask, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -251,7 +291,7 @@ class Sweep:
         correct = 0
         for start in range(0, len(self.heldout), batch_size):
             H, mask = stack_features(self.heldout[start : start + batch_size])
-            s, h_final = side_from_features(model, H, mask)
+            s, h_final = side_from_features(model, H, mask, self.slots)
             rows, last = torch.arange(mask.shape[0]), mask.sum(1) - 1
             predicted = (model.side.mix(s[rows, last], h_final[rows, last]).float() @ label_rows.T).argmax(-1)
             correct += sum(int(p) == y for p, y in zip(predicted, self.heldout_labels[start : start + batch_size]))
@@ -291,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--orders", type=int, default=4, help="data orders per variant (>= 1)")
     parser.add_argument("--eval-samples", type=int, default=1000, help="held-out examples (>= 1)")
     parser.add_argument("--out", default="bench/results/ladder_sweep_sentiment", help="writes OUT.md and OUT.json")
-    for name in ("model", "data", "steps", "batch_size", "seq_len", "seed"):
+    for name in ("model", "data", "steps", "batch_size", "seq_len", "seed", "dtype"):
         f = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == name)
         parser.add_argument(
             "--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"]
@@ -310,10 +350,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         seed=args.seed,
+        dtype=args.dtype,
     )
     cfg.validate()
     start = time.perf_counter()
-    sweep = Sweep(cfg, args.eval_samples)
+    sweep = Sweep(cfg, args.eval_samples, names)
     results: dict[str, list[dict]] = {}
     with tqdm(total=len(names) * args.orders, desc="variants x orders", unit="run") as bar:
         for name in names:

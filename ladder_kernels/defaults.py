@@ -27,7 +27,10 @@ LORA_R = 16
 
 # --- dtypes -----------------------------------------------------------------------------------------------
 DTypeName = Literal["float32", "bfloat16", "float16"]
-FinetuneDType = Literal["float32", "bfloat16"]
+# "auto": bfloat16 on a CUDA device, float32 on CPU: a CPU without native bf16 (no AVX-512-BF16/AMX, most desktop
+# and many server CPUs) runs bf16 matmuls tens of times slower than fp32 (measured: 80x on an AMD EPYC here), and
+# one choice for every CPU keeps `make demo`'s result the same on any machine.
+FinetuneDType = Literal["auto", "float32", "bfloat16"]
 ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -56,10 +59,20 @@ NF4_BLOCKSIZE = 64
 Gate = Literal["scalar", "vector", "none"]
 SideInit = Literal["pruned", "random"]
 OutputMix = Literal["vector", "scalar", "side_only"]
+LadderNorm = Literal["none", "rms"]  # what a ladder does to its input before the down-projection (nn/side.py)
 BackboneQuant = Literal["nf4", "none"]
 # `ladder-kernels finetune` and `plan` put a side block on every 3rd layer: measured on SmolLM2 sentiment, faster
 # steps, less memory and better accuracy than every layer; on Llama-2-7B it triples the context that fits 12 GB.
 DEFAULT_LADDER_EVERY = 3
+# How the side network's learning rate is spread over its tensors (nn/step_sizes.py): "relative" scales it by each
+# tensor's own initial rms, so a step changes every tensor by about the same fraction on any backbone.
+LrRule = Literal["relative", "uniform"]
+LR_RULES: tuple[str, ...] = get_args(LrRule)
+# `finetune` warns (once) when a step's loss exceeds this many times the mean of the steps before it (the last
+# LOSS_SPIKE_WINDOW of them, once LOSS_SPIKE_MIN_STEPS exist): a sign the learning rate is too high.
+LOSS_SPIKE_FACTOR = 3.0
+LOSS_SPIKE_WINDOW = 20
+LOSS_SPIKE_MIN_STEPS = 5
 
 
 # --- fitting a memory budget (`ladder-kernels finetune --gpu-memory`) -----------------------------------------

@@ -13,6 +13,7 @@ from ladder_kernels.defaults import (
     Backend,
     ComputeDType,
     Gate,
+    LadderNorm,
     LadderStorage,
     OutputMix,
     SideInit,
@@ -86,6 +87,16 @@ class LadderConfig:
             "help": (
                 "How each ladder input h_l kept for the down-projection's weight gradient is stored: 'bf16' or 'int8' "
                 "(per-row absmax, half the memory)."
+            )
+        },
+    )
+    ladder_norm: LadderNorm = field(
+        default="none",
+        metadata={
+            "help": (
+                "'rms': each ladder reads its input h divided by h's root mean square over the hidden size (no "
+                "parameters), so what the side network reads has the same scale on every backbone and layer; 'none': "
+                "h as it is."
             )
         },
     )

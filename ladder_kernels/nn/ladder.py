@@ -87,6 +87,7 @@ class LadderModel(nn.Module):
             dropout=config.dropout,
             init_std=config.init_std,
             ladder_storage=config.ladder_storage,
+            ladder_norm=config.ladder_norm,
             backend=config.backend,
             checkpointing=config.side_checkpointing,
         ).to(device)

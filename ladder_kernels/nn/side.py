@@ -219,6 +219,7 @@ class SideNetwork(nn.Module):
         ladder_storage: str,
         backend: Optional[str],
         checkpointing: bool = False,
+        ladder_norm: str = "none",
     ):
         super().__init__()
         self.shape, self.checkpointing = shape, checkpointing
@@ -228,6 +229,7 @@ class SideNetwork(nn.Module):
             num_free_blocks,
         )
         self.ladder_storage, self.backend, self.output_mix = ladder_storage, backend, output_mix
+        self.ladder_norm = ladder_norm
         d, D = shape.width, shape.hidden_size
         # branch_proj starts the side stream from the branch point; ladders[k] feeds block k.
         self.branch_proj = nn.Parameter(torch.empty(d, D))
@@ -272,10 +274,16 @@ class SideNetwork(nn.Module):
         return [self.branch_proj, *self.ladders]
 
     def project(self, source, h: Tensor) -> Tensor:
-        """z = W h for source BRANCH (branch_proj) or ladder k (ladders[k]): h [..., D] (from the no-grad
-        backbone) -> [..., d]; keeps h for dW in the configured storage."""
+        """z = W h (ladder_norm 'rms': W h / rms(h)) for source BRANCH (branch_proj) or ladder k (ladders[k]): h
+        [..., D] (from the no-grad backbone) -> [..., d]; keeps h for dW in the configured storage."""
         weight = self.branch_proj if source == BRANCH else self.ladders[source]
-        return downproj(h, weight, storage=self.ladder_storage, backend=self.backend)
+        z = downproj(h, weight, storage=self.ladder_storage, backend=self.backend)
+        if self.ladder_norm == "rms":
+            # W (h / r) = (W h) / r: scaling z keeps h itself as the saved input (no normalised copy, the int8
+            # path unchanged), and autograd scales dW's rows the same way. h is a constant here (no grad).
+            inv_rms = torch.rsqrt(h.detach().float().pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
+            z = z * inv_rms.to(z.dtype)
+        return z
 
     def _gated_block(
         self,

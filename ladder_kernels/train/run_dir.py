@@ -18,7 +18,7 @@ from pathlib import Path
 from ladder_kernels.defaults import DTYPES
 from ladder_kernels.errors import ModelError, RunDirError
 from ladder_kernels.io import atomic_folder, write_text_atomic
-from ladder_kernels.train.backbones import EMBEDDED_MODEL, load_backbone, load_tokenizer, resolve_model
+from ladder_kernels.train.backbones import NAMED_MODELS, load_backbone, load_tokenizer, resolve_model
 from ladder_kernels.train.config import RESUMABLE_CHANGES, FinetuneConfig, flag
 from ladder_kernels.train.data import Dataset
 
@@ -87,9 +87,9 @@ def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> 
     with atomic_folder(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         info = {
-            "model": cfg.model if cfg.model == EMBEDDED_MODEL else str(Path(cfg.model).resolve()),
+            "model": cfg.model if cfg.model in NAMED_MODELS else str(Path(cfg.model).resolve()),
             "method": cfg.method,
-            "dtype": cfg.dtype,
+            "dtype": cfg.dtype_name,
             "task": cfg.task,
             "labels": dataset.labels,
             "chat": dataset.chat,

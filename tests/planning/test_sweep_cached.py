@@ -78,7 +78,7 @@ def test_loss_and_gradients_match_the_models_own_forward(sweep):
 
     H, mask = sweep_cached.stack_features([sweep.train[i][1] for i in batch_ids])
     assert torch.equal(mask, batch["attention_mask"])
-    loss = sweep_cached.loss_from_features(model, H, mask, batch["labels"])
+    loss = sweep.loss(model, H, mask, batch["labels"])
     loss.backward()
     assert abs(loss.item() - reference.item()) <= 1e-5 * abs(reference.item())
     for name, p in model.side.named_parameters():
