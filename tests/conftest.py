@@ -12,6 +12,24 @@ import torch  # noqa: E402
 
 from tests.helpers import write_tiny_checkpoint  # noqa: E402
 
+# What bench/gpu_check runs on a CUDA machine (`pytest -m gpu`): the Triton kernels' own tests, every op test
+# parametrized with backend="triton" (compiled there, interpreted here), and tests marked @pytest.mark.gpu.
+GPU_PATH_MODULES = ("tests/kernels/test_triton_",)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: on the GPU path (Triton kernels, ops and LadderModel on CUDA): what bench/gpu_check runs"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        path = item.path.relative_to(config.rootpath).as_posix()
+        if params.get("backend") == "triton" or path.startswith(GPU_PATH_MODULES):
+            item.add_marker(pytest.mark.gpu)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_device(request):
