@@ -155,8 +155,13 @@ def kernel_table(rows: list[dict]) -> list[str]:
     return out
 
 
+E2E_CSVS = ("e2e_cuda.csv", "e2e_cuda_qlora.csv", "e2e_cpu.csv", "e2e_cpu_qlora.csv")
+
+
 def e2e_rows(work: Path) -> list[dict]:
-    return read_csv(work / "e2e_cuda.csv") or read_csv(work / "e2e_cpu.csv")
+    """Ladder / xLadder and QLoRA rows (gpu_check runs them separately), the GPU's if there are any."""
+    cuda = read_csv(work / E2E_CSVS[0]) + read_csv(work / E2E_CSVS[1])
+    return cuda or read_csv(work / E2E_CSVS[2]) + read_csv(work / E2E_CSVS[3])
 
 
 def e2e_section(rows: list[dict], dry: bool) -> list[str]:
