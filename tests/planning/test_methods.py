@@ -1,8 +1,7 @@
-import bitsandbytes as bnb
 import pytest
 import torch
 
-from ladder_kernels.defaults import METHODS
+from ladder_kernels.defaults import METHODS, QLORA_METHODS
 from ladder_kernels.planning.methods import (
     MethodTrainer,
     bnb_nf4_config,
@@ -11,7 +10,11 @@ from ladder_kernels.planning.methods import (
     make_qlora_model,
     quantize_to_bnb_4bit_,
 )
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import has_package, needs, rel_err, tiny_config
+
+if has_package("bitsandbytes"):  # the QLoRA tests need it; the Ladder ones run without (a bare GPU image)
+    import bitsandbytes as bnb
+needs_bnb = needs("bitsandbytes")
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -30,6 +33,7 @@ def _linear4bit_names(model):
     }
 
 
+@needs_bnb
 def test_qlora_from_config_is_nf4_double_quant_with_lora_on_every_linear():
     model = make_qlora_model(_cfg())
     base = model.get_base_model()
@@ -49,6 +53,7 @@ def test_qlora_from_config_is_nf4_double_quant_with_lora_on_every_linear():
     assert make_qlora_model(_cfg(), fp32_embeddings=True).get_base_model().lm_head.weight.dtype == torch.float32
 
 
+@needs_bnb
 def test_in_memory_quantization_gives_from_pretrained_bytes(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -70,6 +75,7 @@ def test_in_memory_quantization_gives_from_pretrained_bytes(tmp_path):
     assert in_memory.is_loaded_in_4bit
 
 
+@needs_bnb
 def test_qlora_from_folder_and_checkpointing_train_the_same(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +95,7 @@ def test_qlora_from_folder_and_checkpointing_train_the_same(tmp_path):
     torch.testing.assert_close(losses[False][1], losses[True][1], rtol=2e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_bnb) if m in QLORA_METHODS else m for m in METHODS])
 def test_every_method_learns_a_fixed_batch(method):
     torch.manual_seed(0)
     # fp32: CPU bf16 matmuls are slow without AVX512-BF16; the bf16 path is covered above
@@ -101,6 +107,7 @@ def test_every_method_learns_a_fixed_batch(method):
     assert last < first - 0.05, (method, first, last)
 
 
+@needs_bnb
 @pytest.mark.parametrize(
     "dtype,logits_tol,grad_tol",
     [
@@ -168,6 +175,7 @@ def test_bad_arguments_are_named():
         build_method_model("qlora", _cfg(), reduction_factor=4)
 
 
+@needs_bnb
 def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
     from ladder_kernels.planning.bench import BenchSettings, read_results, run_bench, write_results
 
@@ -202,6 +210,7 @@ def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
         BenchSettings(seq_lens=(0,))
 
 
+@needs_bnb
 def test_qlora_trains_the_same_after_an_inference_forward():
     """bitsandbytes repacks 4-bit weights for a gradient-less CPU kernel at an eval-mode no-grad forward;
     make_qlora_model must undo it, or training after a zero-shot evaluation stops gradients at frozen layers."""
