@@ -176,7 +176,7 @@ class StateCache:
         self._checked: set[int] = set()
 
     def close(self) -> None:
-        if self.fd is not None:
+        if getattr(self, "fd", None) is not None:  # (__init__ may have failed before opening it)
             os.close(self.fd)
             self.fd = None
 
@@ -313,7 +313,8 @@ def build_cache(
             f"--cache-dir {folder}: the backbone-state cache needs {need / 2**30:.2f} GiB, the disk has "
             f"{free / 2**30:.2f} GiB free; free space, pass another --cache-dir, or use --ladder-storage int8"
         )
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=path.name)
+    _remove_orphans(folder, path.name)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=path.name)
     entries, offset, start = [], _aligned(len(MAGIC)), time.perf_counter()
     try:
         try:
@@ -362,6 +363,19 @@ def build_cache(
         _unlink(tmp)
         raise
     return seconds
+
+
+def _remove_orphans(folder: Path, name: str) -> None:
+    """Temporary files of this cache left by a killed process (its pid, in the name, no longer runs): never read,
+    removed here. Another live process's temporary file (a concurrent run building the same cache) is kept."""
+    for leftover in folder.glob(f".tmp-*-*{name}"):
+        pid = leftover.name.split("-")[1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _unlink(str(leftover))
+        except (ValueError, PermissionError):
+            pass  # not ours to judge
 
 
 def _unlink(path: str) -> None:
