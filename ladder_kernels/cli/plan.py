@@ -194,7 +194,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
             f"examples of at most {args.seq_len} tokens, on disk): "
             + "; ".join(
                 f"{r.method} {r.cache_bytes_per_example / 2**20:.3g} MiB per example, "
-                f"{format_gib(r.cache_bytes_per_example * examples)} in all"
+                f"{_size(r.cache_bytes_per_example * examples)} in all"
                 for r in cached
             )
         )
@@ -208,6 +208,10 @@ def _context_cell(longest: Optional[int], config) -> str:
         return "none"
     beyond = longest > (getattr(config, "max_position_embeddings", None) or longest)
     return f"{longest}{'*' if beyond else ''}" + (" (≥, search limit)" if longest >= MAX_CONTEXT_SEARCHED else "")
+
+
+def _size(n: int) -> str:
+    return format_gib(n) if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 def _gib_cell(n: int) -> str:

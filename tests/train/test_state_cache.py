@@ -234,3 +234,24 @@ def test_planner_reports_the_cache_bytes():
         assert p.cache_bytes_per_example == (2 + 2) * per_row * 16  # branch, 2 ladders, final
         assert p.to_dict()["cache_bytes_per_example"] == p.cache_bytes_per_example
     assert plan(cfg, "qlora", seq_len=16, batch_size=2, dtype="float32").cache_bytes_per_example == 0
+
+
+def test_plan_command_prints_the_cache_of_steps_x_batch_examples(tmp_path, capsys):
+    import json
+
+    from ladder_kernels.cli import main
+    from tests.helpers import tiny_config
+
+    path = tmp_path / "config.json"
+    tiny_config(num_layers=6).to_json_file(path)
+    args = ["plan", "--model", str(path), "--seq-len", "16", "--batch-size", "2", "--steps", "10", "--no-max-context"]
+    assert main(args + ["--methods", "ladder,qlora", "--ladder-every", "2", "--json"]) == 0
+    plans = {p["method"]: p for p in json.loads(capsys.readouterr().out)}
+    per_example = (2 + 3) * 2 * 64 * 16  # branch, ladders on layers 1, 3, 5, final; bf16; 16 tokens
+    assert plans["ladder"]["cache_bytes_per_example"] == per_example
+    assert plans["ladder"]["cache_bytes"] == per_example * 10 * 2 and plans["qlora"]["cache_bytes"] == 0
+    assert main(args + ["--methods", "ladder", "--ladder-every", "2", "--ladder-storage", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "(10 steps x batch 2 = 20 examples of at most 16 tokens" in out
+    assert f"ladder {5 * 68 * 16 / 2**20:.3g} MiB per example, {5 * 68 * 16 * 20 / 2**20:.3g} MiB in all" in out
+    assert main(args[:-1] + ["--steps", "0"]) == 2 and "--steps must be an integer >= 1" in capsys.readouterr().err
