@@ -307,11 +307,12 @@ def build_cache(
     unique = list(dict.fromkeys(i for share in shares for i in share))
     lengths = {i: len(ids) for i, (ids, _) in zip(unique, rows(unique))}
     need = sum(_aligned(_block_bytes(n, len(keys), hidden, storage)) for n in lengths.values())
-    free = shutil.disk_usage(folder).free
+    free, advice = shutil.disk_usage(folder).free, "free space or pass another --cache-dir"
+    advice += ", or use --ladder-storage int8 (about half the bytes)" if storage != "int8" else ""
     if free < need + 2**20:
         raise TrainingError(
             f"--cache-dir {folder}: the backbone-state cache needs {need / 2**30:.2f} GiB, the disk has "
-            f"{free / 2**30:.2f} GiB free; free space, pass another --cache-dir, or use --ladder-storage int8"
+            f"{free / 2**30:.2f} GiB free; {advice}"
         )
     _remove_orphans(folder, path.name)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=path.name)
@@ -355,8 +356,7 @@ def build_cache(
         if _disk_full(exc):
             raise TrainingError(
                 f"--cache-dir {folder}: the disk filled up while writing the backbone-state cache ({offset / 2**30:.2f}"
-                f" of {need / 2**30:.2f} GiB); the partial file was removed. Free space, pass another --cache-dir, or "
-                "use --ladder-storage int8"
+                f" of {need / 2**30:.2f} GiB); the partial file was removed. {advice[0].upper() + advice[1:]}"
             ) from None
         raise TrainingError(f"--cache-dir {folder}: cannot write the backbone-state cache: {exc}") from None
     except BaseException:
