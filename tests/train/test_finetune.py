@@ -279,6 +279,15 @@ def test_the_first_epoch_from_the_cache_trains_bitwise_as_the_backbone_in_bf16(
     assert not _same(cached[5], plain[5])
 
 
+def test_epochs_with_steps_per_batch_cache_the_batches_of_one_epoch(tiny_model, keyword_data, tmp_path, monkeypatch):
+    """--steps 4 --steps-per-batch 2 --epochs 2: epoch 1 reads 2 batches (the caching pass runs 2 micro-batches),
+    each epoch trains 2 steps on each of its 2 batches, 8 steps in all."""
+    cfg = _cfg(tiny_model, keyword_data, tmp_path / "r", steps=4, steps_per_batch=2, epochs=2, cache_dir=str(tmp_path))
+    summary, after, in_build, weights = _counted_run(cfg, monkeypatch)
+    assert in_build == [2] and len(set(after)) == 1 and summary["steps"] == 8
+    assert summary["state_cache"]["examples"] == 2 * 8 and summary["state_cache"]["replayed_batches"] == 4
+
+
 def _adapter(out):
     return load_file(out / ADAPTER / "ladder_model.safetensors")
 
