@@ -160,7 +160,7 @@ def _disk_full(exc: OSError) -> bool:
 
 # --- the cache -----------------------------------------------------------------------------------------------
 class StateCache:
-    """An open, validated cache file: `states(indices, width, dtype, device)` gives a batch's backbone_states."""
+    """An open, validated cache file: `states(indices, width, device)` gives a batch's backbone_states."""
 
     def __init__(self, path: Path, expected: dict, memory_budget: int = 0):
         self.path, self.memory_budget = Path(path), memory_budget
@@ -173,7 +173,8 @@ class StateCache:
         self.fd = os.open(self.path, os.O_RDONLY)
         self._held: dict[int, torch.Tensor] = {}
         self.held_bytes = 0
-        self._checked: set[int] = set()
+        self._checked: set[int] = set()  # examples whose checksum was verified (at their first read)
+        self.reused = False  # set by open_or_build: found complete in --cache-dir
 
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:  # (__init__ may have failed before opening it)
