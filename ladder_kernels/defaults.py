@@ -91,6 +91,15 @@ def default_xladder_depth(num_layers: int) -> int:
     return max(1, num_layers // 4)
 
 
+# --- the backbone-state cache (`ladder-kernels finetune --epochs E`) -----------------------------------------
+# Its files live in <cache root>/STATE_CACHE_FOLDER (the cache root: $LADDER_KERNELS_CACHE, else
+# $XDG_CACHE_HOME/ladder_kernels). By default none of it is held in process memory: reads go through the OS page
+# cache, as fast from the second epoch on and not counted in the process's RSS (Ladder's memory target).
+STATE_CACHE_FOLDER = "states"
+DEFAULT_CACHE_MEMORY = "0"
+DEFAULT_STEPS = 100  # finetune --steps (optimizer steps of one epoch); plan --steps sizes the cache with it
+
+
 # --- tasks ------------------------------------------------------------------------------------------------
 Task = Literal["sentiment", "arith"]
 TASKS: tuple[str, ...] = get_args(Task)

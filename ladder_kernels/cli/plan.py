@@ -7,7 +7,15 @@ import argparse
 import json
 from typing import Optional
 
-from ladder_kernels.defaults import DEFAULT_LADDER_EVERY, DTYPE_ALIASES, DTYPES, LADDER_STORAGES, METHODS, PLAN_METHODS
+from ladder_kernels.defaults import (
+    DEFAULT_LADDER_EVERY,
+    DEFAULT_STEPS,
+    DTYPE_ALIASES,
+    DTYPES,
+    LADDER_STORAGES,
+    METHODS,
+    PLAN_METHODS,
+)
 from ladder_kernels.errors import ConfigError
 from ladder_kernels.nn.config import every_nth_layer
 from ladder_kernels.planning.planner import (
@@ -57,6 +65,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--side-checkpointing", action="store_true", help="ladder / xladder: recompute side blocks in backward"
     )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="finetune --steps: the backbone-state cache of `finetune --epochs` holds steps x batch-size examples "
+        f"(default {DEFAULT_STEPS})",
+    )
     p.add_argument("--no-max-context", action="store_true", help="skip the longest-context search (faster)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")
     p.set_defaults(func=run_plan_command)
@@ -88,6 +103,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"--methods: expected a comma-separated list from {', '.join(METHODS)}, got {args.methods!r}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be an integer >= 1, got {args.steps}")
     if args.ladder_every < 1:
         raise ConfigError(f"--ladder-every must be an integer >= 1, got {args.ladder_every}")
     try:
@@ -108,7 +125,16 @@ def run_plan_command(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                [dict(r.to_dict(), fits=r.fits(gpu_bytes), max_seq_len=longest) for r, longest in rows], indent=2
+                [
+                    dict(
+                        r.to_dict(),
+                        fits=r.fits(gpu_bytes),
+                        max_seq_len=longest,
+                        cache_bytes=r.cache_bytes_per_example * args.steps * args.batch_size,
+                    )
+                    for r, longest in rows
+                ],
+                indent=2,
             )
         )
         return 0
@@ -160,6 +186,18 @@ def run_plan_command(args: argparse.Namespace) -> int:
             f"* beyond the model's max_position_embeddings ({config.max_position_embeddings}): fits in memory, "
             f"may not train well without RoPE scaling"
         )
+    cached = [r for r, _ in rows if r.cache_bytes_per_example]
+    if cached:
+        examples = args.steps * args.batch_size
+        print(
+            f"backbone-state cache of `finetune --epochs` ({args.steps} steps x batch {args.batch_size} = {examples} "
+            f"examples of at most {args.seq_len} tokens, on disk): "
+            + "; ".join(
+                f"{r.method} {r.cache_bytes_per_example / 2**20:.3g} MiB per example, "
+                f"{_size(r.cache_bytes_per_example * examples)} in all"
+                for r in cached
+            )
+        )
     return 0
 
 
@@ -170,6 +208,10 @@ def _context_cell(longest: Optional[int], config) -> str:
         return "none"
     beyond = longest > (getattr(config, "max_position_embeddings", None) or longest)
     return f"{longest}{'*' if beyond else ''}" + (" (≥, search limit)" if longest >= MAX_CONTEXT_SEARCHED else "")
+
+
+def _size(n: int) -> str:
+    return format_gib(n) if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 def _gib_cell(n: int) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "TrackedTraining",
     "CUDA_CONTEXT_BYTES",
     "ALLOCATOR_SLACK",
+    "state_cache_bytes_per_token",
 ]
 
 # CUDA context + cuBLAS workspace as PyTorch sees them on a recent GPU (lazy module loading): ~0.4-0.5 GiB
@@ -50,6 +51,12 @@ ALLOCATOR_SLACK = 0.05
 MAX_CONTEXT_SEARCHED = 65536
 BREAKDOWN_KEYS = ("weights", "optimizer_state", "saved_activations", "logits_loss", "transient")
 _PHASE_CATEGORY = {"forward": "saved_activations", "backward": "transient", "optimizer": "optimizer_state"}
+
+
+def state_cache_bytes_per_token(hidden_size: int, tensors: int, storage: str) -> int:
+    """Bytes the backbone-state cache (finetune --epochs > 1) keeps per real token: `tensors` rows of hidden_size
+    (the branch point, each ladder layer and the final hidden state), bf16, or int8 plus one fp32 scale per row."""
+    return tensors * (hidden_size + 4 if storage == "int8" else 2 * hidden_size)
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
@@ -224,6 +231,12 @@ class MemoryPlan:
     breakdown: dict
     ladder_options: dict = field(default_factory=dict)
     config: Any = field(default=None, repr=False, compare=False)
+    cache_bytes_per_token: int = 0  # ladder / xladder: the backbone-state cache's bytes per token (0: no cache)
+
+    @property
+    def cache_bytes_per_example(self) -> int:
+        """The backbone-state cache's bytes for one example of seq_len tokens (an upper bound: real tokens only)."""
+        return self.cache_bytes_per_token * self.seq_len
 
     @property
     def peak_gib(self) -> float:
@@ -263,6 +276,7 @@ class MemoryPlan:
             "required_bytes": self.required_bytes,
             "breakdown": dict(self.breakdown),
             "ladder_options": dict(self.ladder_options),
+            "cache_bytes_per_example": self.cache_bytes_per_example,
         }
 
 
@@ -302,8 +316,22 @@ def _plan_from_run(
     peak, by_category = run.peak_of_steps(seq_len, batch_size, steps)
     breakdown = {key: by_category.get(key, 0) for key in BREAKDOWN_KEYS}
     breakdown["weights"] += by_category.get("other", 0)
+    model = run.trainer.model
+    per_token = 0
+    if hasattr(model, "side"):  # ladder / xladder
+        tensors = 2 + len(model.side.ladder_sources)
+        per_token = state_cache_bytes_per_token(cfg.hidden_size, tensors, model.ladder_config.ladder_storage)
     return MemoryPlan(
-        method, model_name(cfg, config), seq_len, batch_size, dtype, peak, breakdown, dict(ladder_options), cfg
+        method,
+        model_name(cfg, config),
+        seq_len,
+        batch_size,
+        dtype,
+        peak,
+        breakdown,
+        dict(ladder_options),
+        cfg,
+        per_token,
     )
 
 

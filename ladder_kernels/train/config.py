@@ -11,11 +11,14 @@ from typing import Optional
 import torch
 
 from ladder_kernels.defaults import (
+    DEFAULT_CACHE_MEMORY,
     DEFAULT_EVAL_SAMPLES,
     DEFAULT_LADDER_EVERY,
     DEFAULT_LR,
+    DEFAULT_STEPS,
     DTYPES,
     FINETUNE_METHODS,
+    STATE_CACHE_FOLDER,
     FinetuneDType,
     FinetuneMethod,
     LadderStorage,
@@ -30,7 +33,7 @@ from ladder_kernels.units import parse_bytes
 
 # Changing these between an interrupted run and its --resume does not change the trained weights.
 # (skip_nonfinite only acts on a step that would otherwise stop the run.)
-RESUMABLE_CHANGES = ("max_minutes", "checkpoint_every", "output_dir", "skip_nonfinite")
+RESUMABLE_CHANGES = ("max_minutes", "checkpoint_every", "output_dir", "skip_nonfinite", "cache_dir", "cache_memory")
 
 
 def _opt(default, help: str, **kw):
@@ -71,7 +74,10 @@ class FinetuneConfig:
         "example), so a run gives one process's results with any N",
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    steps: int = _opt(100, "optimizer steps (the learning-rate schedule spans them)")
+    steps: int = _opt(
+        DEFAULT_STEPS,
+        "optimizer steps of one epoch (the run takes --steps x --epochs; the learning-rate schedule spans them all)",
+    )
     steps_per_batch: int = _opt(
         1,
         "ladder, xladder: optimizer steps on each batch in a row, the backbone running once per batch "
@@ -133,6 +139,25 @@ class FinetuneConfig:
     )
     seed: int = _opt(0, "seed of the side-network initialisation and of the training data order")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
+    epochs: int = _opt(
+        1,
+        "ladder, xladder: passes over the examples of --steps optimizer steps. With E > 1 the backbone runs once per "
+        "example before training and its outputs for the side network are cached (--ladder-storage format, in "
+        "--cache-dir, reused by later runs on the same backbone and data); every epoch trains from that cache with no "
+        "backbone forward, epochs after the first on the same examples reshuffled (each batch keeps its class mix). "
+        "The run takes --steps x --epochs optimizer steps",
+    )
+    cache_dir: Optional[str] = _opt(
+        None,
+        f"--epochs > 1: folder of the backbone-state cache files (default: $LADDER_KERNELS_CACHE, else "
+        f"$XDG_CACHE_HOME/ladder_kernels, + /{STATE_CACHE_FOLDER})",
+    )
+    cache_memory: str = _opt(
+        DEFAULT_CACHE_MEMORY,
+        "--epochs > 1: keep up to this much of the cache (e.g. 512MB) in process memory as well. 0: every batch is "
+        "read from the file through the OS page cache, as fast from the second epoch on and not counted in the "
+        "process's RSS",
+    )
 
     def validate(self) -> None:
         for name, minimum in (
@@ -145,6 +170,7 @@ class FinetuneConfig:
             ("reduction_factor", 1),
             ("checkpoint_every", 1),
             ("seed", 0),
+            ("epochs", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -180,6 +206,16 @@ class FinetuneConfig:
                 raise ConfigError(
                     f"--gpu-memory must be a size such as 12GB, 11.5GiB, 24000MiB or 'auto', got {self.gpu_memory!r}"
                 ) from None
+        if self.epochs > 1 and self.method == "qlora":
+            raise ConfigError("--epochs applies to --method ladder and xladder (QLoRA runs its backbone every step)")
+        try:
+            parse_bytes(self.cache_memory)
+        except ValueError:
+            raise ConfigError(
+                f"--cache-memory must be a size such as 512MB or 2GiB, got {self.cache_memory!r}"
+            ) from None
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ConfigError(f"--cache-dir must be a folder path, got {self.cache_dir!r}")
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
 
@@ -209,6 +245,10 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * self.epochs
 
     @property
     def n_eval(self) -> int:

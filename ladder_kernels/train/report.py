@@ -54,6 +54,7 @@ def summary_table(s: dict) -> str:
             + (f"; {len(s['skipped_steps'])} skipped for a non-finite loss/gradient" if s.get("skipped_steps") else ""),
         ),
         ("train wall time", f"{s['train_seconds']:.0f} s ({s['seconds_per_step']:.2f} s/step)"),
+        *_cache_rows(s),
         ("tokens/s", f"{s['tokens_per_second']:.0f}"),
         ("peak memory", f"{format_gib(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
     ]
@@ -74,6 +75,22 @@ def summary_table(s: dict) -> str:
     lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k:{width}} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _cache_rows(s: dict) -> list[tuple[str, str]]:
+    """The backbone-state cache of --epochs > 1: its size, whether it was reused, the backbone time it saved."""
+    c = s.get("state_cache")
+    if not c:
+        return []
+    made = "reused" if c["reused"] else f"built in {c['build_seconds']:.0f} s (counted in the train wall time)"
+    return [
+        (
+            f"backbone-state cache ({s['epochs']} epochs)",
+            f"{c['bytes'] / 2**20:.1f} MiB, {c['bytes_per_example'] / 2**10:.1f} KiB per example ({c['examples']} "
+            f"examples, {c['storage']}), {made}; {c['replayed_batches']} batches trained from it, about "
+            f"{c['backbone_seconds_saved']:.0f} s of backbone saved",
+        )
+    ]
 
 
 def smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:

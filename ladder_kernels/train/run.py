@@ -30,7 +30,7 @@ from ladder_kernels.errors import ConfigError, ModelError, RunDirError, Training
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
 from ladder_kernels.planning.planner import load_config
-from ladder_kernels.train import distributed
+from ladder_kernels.train import distributed, state_cache
 from ladder_kernels.train.backbones import check_causal_lm, load_backbone, load_tokenizer, resolve_model
 from ladder_kernels.train.budget import fit_to_budget
 from ladder_kernels.train.chat import check_chat_template
@@ -142,8 +142,8 @@ class TrainingRun:
         if self.dataset.is_classification:
             label_first_tokens(self.tokenizer, self.dataset.labels, chat=self.dataset.chat)
         self.checkpoint = load_checkpoint(self.out / CHECKPOINT) if resume else None
-        if self.checkpoint is not None and self.checkpoint["step"] >= cfg.steps:
-            raise RunDirError(f"--resume: the run in {self.out} already finished its {cfg.steps} steps")
+        if self.checkpoint is not None and self.checkpoint["step"] >= cfg.total_steps:
+            raise RunDirError(f"--resume: the run in {self.out} already finished its {cfg.total_steps} steps")
         torch.manual_seed(cfg.seed)  # the side network's (or LoRA's) initialisation
         random.seed(cfg.seed)
         self.model = build_model(cfg, self.model_dir)
@@ -156,30 +156,30 @@ class TrainingRun:
         cfg, main = self.cfg, self.rank == 0
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+        schedule = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         self._encoded: dict[int, tuple[list[int], list[int]]] = getattr(self, "_encoded", {})
-        self._states: tuple[Optional[int], list[dict]] = (
-            None,
-            [],
-        )  # --steps-per-batch: (batch number, backbone outputs)
+        self._states: tuple = (None, [])  # --steps-per-batch, --epochs: (batch key, backbone outputs per micro-batch)
         self.saved_step: Optional[int] = None  # the step of the last checkpoint written or resumed from
         state = self._start() if self.checkpoint is None else self._restore(self.checkpoint)
         self.train_model = data_parallel(self.model, self.world_size)
 
         start_step, stop_reason = state["step"], None
-        self.model.train()
         reset_peak_memory()
         session_start = time.perf_counter()
+        self.cache = state_cache.RunCache(self) if cfg.epochs > 1 else None  # the backbone's one pass, or a reuse
+        state["train_seconds"] += self.cache.built if self.cache else 0.0
+        self.model.train()
         with tqdm(
-            total=cfg.steps,
+            total=cfg.total_steps,
             initial=start_step,
             desc=f"{cfg.method} {cfg.task}",
             unit="step",
             dynamic_ncols=True,
             disable=not main,
         ) as bar:
-            while state["step"] < cfg.steps and stop_reason is None:
+            while state["step"] < cfg.total_steps and stop_reason is None:
                 self._guarded_step(state)
                 bar.update(1)
                 recent = finite_mean(state["history"][-20:])
@@ -193,18 +193,20 @@ class TrainingRun:
                 if (
                     cfg.max_minutes is not None
                     and time.perf_counter() - session_start > 60 * cfg.max_minutes
-                    and step < cfg.steps
+                    and step < cfg.total_steps
                 ):
-                    stop_reason = f"--max-minutes {cfg.max_minutes:g} reached at step {step} of {cfg.steps}"
+                    stop_reason = f"--max-minutes {cfg.max_minutes:g} reached at step {step} of {cfg.total_steps}"
                 if cfg.max_minutes is not None:
                     stop_reason = from_rank0(
                         stop_reason, self.world_size
                     )  # the ranks' clocks differ: all stop where rank 0 does
-                if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason):
+                if main and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop_reason):
                     self._checkpoint(state)
                 if on_step is not None:
                     on_step(step)
         self._states = (None, [])  # the last batch's backbone outputs are not needed for evaluation
+        if self.cache is not None:
+            self.cache.close()
         summary = None
         if main:
             peak = peak_memory_bytes()
@@ -268,7 +270,7 @@ class TrainingRun:
             # a write killed before its rename leaves a .tmp-* file (or folder): never read, removed here
             for leftover in self.out.glob(".tmp-*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            print(f"resuming {self.out} at step {state['step']} of {self.cfg.steps}", file=sys.stderr)
+            print(f"resuming {self.out} at step {state['step']} of {self.cfg.total_steps}", file=sys.stderr)
         return {
             "skipped": [],
             **{k: state[k] for k in PROGRESS_KEYS if k in state},
@@ -326,23 +328,16 @@ class TrainingRun:
         skips the optimizer step)."""
         cfg, dev = self.cfg, distributed.device()
         t0 = time.perf_counter()
-        batch_number = state["step"] // cfg.steps_per_batch
-        indices = self.stream.indices(batch_number)
-        if (
-            cfg.steps_per_batch > 1 and self._states[0] != batch_number
-        ):  # a new batch: its backbone outputs, one per micro-batch
-            self._states = (batch_number, [{} for _ in range(cfg.grad_accum)])
+        key, indices = self.cache.batch(state["step"]) if self.cache else self._batch(state["step"])
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         for m in range(cfg.grad_accum):
-            micro = indices[m * cfg.batch_size : (m + 1) * cfg.batch_size]
-            batch = collate(
-                self._rows(micro[self.rank :: self.world_size]), self.tokenizer.pad_token_id
-            )  # this rank's share
+            share = indices[m * cfg.batch_size : (m + 1) * cfg.batch_size][self.rank :: self.world_size]  # this rank's
+            batch = collate(self._rows(share), self.tokenizer.pad_token_id)
             last = m == cfg.grad_accum - 1
             # DDP all-reduces the gradients in the last micro-batch's backward only
             with contextlib.nullcontext() if self.world_size == 1 or last else self.train_model.no_sync():
-                states = {} if cfg.steps_per_batch == 1 else {"backbone_states": self._states[1][m]}
+                states = self._backbone_states(key, m, share, batch["input_ids"].shape[1])
                 loss = self.train_model(**{k: v.to(dev) for k, v in batch.items()}, **states).loss / cfg.grad_accum
                 if self.world_size > 1:
                     loss = loss * token_weight(batch["labels"], self.world_size)
@@ -366,6 +361,23 @@ class TrainingRun:
         state["tokens"] += step_tokens
         state["history"].append(step_loss)
 
+    def _batch(self, step: int) -> tuple[int, list[int]]:
+        number = step // self.cfg.steps_per_batch
+        return number, self.stream.indices(number)
+
+    def _backbone_states(self, key, m: int, share: Sequence[int], width: int) -> dict:
+        """{} (the backbone runs), or the backbone_states of micro-batch m of batch `key`: filled by its first step
+        and replayed by the others (--steps-per-batch), or read from the cache (--epochs > 1)."""
+        if self.cfg.steps_per_batch == 1 and self.cache is None:
+            return {}
+        if self._states[0] != key:  # a new batch
+            self._states = (key, [None] * self.cfg.grad_accum)
+            if self.cache is not None:
+                self.cache.replayed += 1
+        if self._states[1][m] is None:
+            self._states[1][m] = self.cache.states(share, width, distributed.device()) if self.cache else {}
+        return {"backbone_states": self._states[1][m]}
+
     def _nonfinite_message(self, step: int, loss: float, grad_norm: float) -> str:
         kept = (
             f"the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is kept as it was"
@@ -373,9 +385,9 @@ class TrainingRun:
             else "no checkpoint had been written yet"
         )
         return (
-            f"step {step} of {self.cfg.steps}: the training loss is {loss} and the gradient norm {grad_norm}; stopped "
-            f"before the optimizer step, {kept}. Lower --lr, or continue with --resume --skip-nonfinite to skip such "
-            "steps"
+            f"step {step} of {self.cfg.total_steps}: the training loss is {loss} and the gradient norm {grad_norm}; "
+            f"stopped before the optimizer step, {kept}. Lower --lr, or continue with --resume --skip-nonfinite to "
+            "skip such steps"
         )
 
     def _out_of_memory_message(self, step: int) -> str:
@@ -414,7 +426,7 @@ class TrainingRun:
         except Exception as exc:  # noqa: BLE001 - the advice above stands without the prediction
             first_line = (str(exc).splitlines() or [""])[0]
             predicted = f"`ladder-kernels plan` could not predict this run ({type(exc).__name__}: {first_line})"
-        return f"out of memory at step {step} of {cfg.steps}{where}: {lower}; {predicted}"
+        return f"out of memory at step {step} of {cfg.total_steps}{where}: {lower}; {predicted}"
 
     def _summary(self, state, step, start_step, peak, after, adapter_bytes, n_trainable, stop_reason) -> dict:
         cfg, before = self.cfg, state["before"]
@@ -435,7 +447,9 @@ class TrainingRun:
             "eval_before": before,
             "eval_after": after,
             "steps": step,
-            "steps_planned": cfg.steps,
+            "steps_planned": cfg.total_steps,
+            "epochs": cfg.epochs,
+            "state_cache": self.cache.summary() if self.cache else None,
             "resumed_from_step": start_step if self.resume else None,
             "stopped_early": stop_reason,
             "skipped_steps": state["skipped"],

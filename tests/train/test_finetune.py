@@ -196,6 +196,106 @@ def test_steps_per_batch_runs_the_backbone_once_per_batch_and_resumes_exactly(ti
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def _counted_run(cfg, monkeypatch, crash_at=None, resume=False):
+    """Run `cfg`, counting backbone forwards (calls of its first layer): (summary, the count after each step, the
+    count inside the caching pass, the trainable weights after each step)."""
+    from ladder_kernels.train import state_cache
+
+    run = TrainingRun(cfg, resume=resume)
+    calls, after, weights, in_build = [], [], [], []
+    run.model.backbone.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    build = state_cache.build_cache
+
+    def counted_build(*args, **kw):
+        before = len(calls)
+        seconds = build(*args, **kw)
+        in_build.append(len(calls) - before)
+        return seconds
+
+    monkeypatch.setattr(state_cache, "build_cache", counted_build)
+
+    def on_step(step):
+        after.append(len(calls))
+        weights.append({n: p.detach().clone() for n, p in run.params.items()})
+        if step == crash_at:
+            raise _Interrupt
+
+    if crash_at is None:
+        return run.run(on_step=on_step), after, in_build, weights
+    with pytest.raises(_Interrupt):
+        run.run(on_step=on_step)
+    return None, after, in_build, weights
+
+
+def test_epochs_train_from_one_backbone_pass_reuse_the_cache_and_resume_exactly(
+    tiny_model, keyword_data, tmp_path, monkeypatch
+):
+    """--steps 4 --epochs 3: one backbone pass over epoch 1's 4 batches before training, none in its 12 steps; a run
+    with another lr on the same data reuses the cache (no backbone pass at all); a run killed at step 7 (epoch 2, last
+    checkpoint at step 6) resumes, from the same cache, to the same weights."""
+    kw = dict(steps=4, epochs=3, cache_dir=str(tmp_path / "cache"))
+    straight, after, in_build, _ = _counted_run(
+        _cfg(tiny_model, keyword_data, tmp_path / "straight", **kw), monkeypatch
+    )
+    assert in_build == [4] and len(after) == 12 and len(set(after)) == 1  # no backbone forward in any step
+    assert straight["steps"] == 12 and straight["epochs"] == 3 and straight["steps_planned"] == 12
+    cache = straight["state_cache"]
+    assert not cache["reused"] and cache["replayed_batches"] == 12 and cache["examples"] == 4 * 8
+    assert cache["bytes"] > cache["bytes_per_example"] * cache["examples"] > 0 and cache["build_seconds"] > 0
+    assert cache["backbone_seconds_saved"] == pytest.approx(
+        cache["backbone_seconds_per_batch"] * 12 - cache["build_seconds"]
+    )
+    history = load_checkpoint(tmp_path / "straight" / CHECKPOINT)["history"]
+    assert len(history) == 12 and sum(history[-4:]) < sum(history[:4])  # later epochs still learn
+    assert "backbone-state cache (3 epochs)" in (tmp_path / "straight" / SUMMARY_MD).read_text()
+
+    sweep, after_sweep, in_build, _ = _counted_run(
+        _cfg(tiny_model, keyword_data, tmp_path / "sweep", lr=2e-2, **kw), monkeypatch
+    )
+    assert in_build == [] and sweep["state_cache"]["reused"] and sweep["state_cache"]["path"] == cache["path"]
+    assert after_sweep == [after[0] - 4] * 12  # the zero-shot evaluation's forwards only
+    assert not _same(_adapter(tmp_path / "sweep"), _adapter(tmp_path / "straight"))
+
+    _counted_run(_cfg(tiny_model, keyword_data, tmp_path / "crashed", **kw), monkeypatch, crash_at=7)
+    assert load_checkpoint(tmp_path / "crashed" / CHECKPOINT)["step"] == 6
+    resumed, *_ = _counted_run(resume_config(tmp_path / "crashed", {}), monkeypatch, resume=True)
+    assert resumed["resumed_from_step"] == 6 and resumed["state_cache"]["reused"]
+    assert _same(_adapter(tmp_path / "crashed"), _adapter(tmp_path / "straight"))
+    assert load_checkpoint(tmp_path / "crashed" / CHECKPOINT)["history"] == history
+
+
+def test_the_first_epoch_from_the_cache_trains_bitwise_as_the_backbone_in_bf16(
+    tiny_model, keyword_data, tmp_path, monkeypatch
+):
+    """bf16 backbone, bf16 storage: --steps 3 --epochs 2 and a plain --steps 6 run share the schedule and their first 3
+    batches, so after 3 steps their weights are bitwise equal; the epoch-2 reshuffle then makes them differ."""
+    kw = dict(dtype="bfloat16", ladder_storage="bf16")
+    _, _, _, cached = _counted_run(
+        _cfg(tiny_model, keyword_data, tmp_path / "cached", steps=3, epochs=2, cache_dir=str(tmp_path / "c"), **kw),
+        monkeypatch,
+    )
+    _, _, _, plain = _counted_run(_cfg(tiny_model, keyword_data, tmp_path / "plain", steps=6, **kw), monkeypatch)
+    assert _same(cached[2], plain[2]) and not _same(cached[0], plain[2])
+    assert not _same(cached[5], plain[5])
+
+
+def test_epochs_with_steps_per_batch_cache_the_batches_of_one_epoch(tiny_model, keyword_data, tmp_path, monkeypatch):
+    """--steps 4 --steps-per-batch 2 --epochs 2: epoch 1 reads 2 batches (the caching pass runs 2 micro-batches),
+    each epoch trains 2 steps on each of its 2 batches, 8 steps in all."""
+    cfg = _cfg(tiny_model, keyword_data, tmp_path / "r", steps=4, steps_per_batch=2, epochs=2, cache_dir=str(tmp_path))
+    summary, after, in_build, weights = _counted_run(cfg, monkeypatch)
+    assert in_build == [2] and len(set(after)) == 1 and summary["steps"] == 8
+    assert summary["state_cache"]["examples"] == 2 * 8 and summary["state_cache"]["replayed_batches"] == 4
+
+
+def _adapter(out):
+    return load_file(out / ADAPTER / "ladder_model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_different_seed_gives_different_weights(tiny_model, keyword_data, tmp_path):
     """The resume test's equality is not vacuous: the data order and init depend on the seed."""
     TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "s0", steps=2)).run()
@@ -245,6 +345,9 @@ def test_output_dir_holding_a_run_is_refused_untouched(trained_run, tiny_model, 
         ({"eval_samples": 0}, "--eval-samples must be an integer >= 1"),
         ({"steps_per_batch": 0}, "--steps-per-batch must be an integer >= 1"),
         ({"steps_per_batch": 2, "method": "qlora"}, "--steps-per-batch applies to --method ladder and xladder"),
+        ({"epochs": 0}, "--epochs must be an integer >= 1"),
+        ({"epochs": 2, "method": "qlora"}, "--epochs applies to --method ladder and xladder"),
+        ({"cache_memory": "lots"}, "--cache-memory must be a size such as 512MB"),
     ],
 )
 def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, needle):
