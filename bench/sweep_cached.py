@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.defaults import DEFAULT_LR
+from ladder_kernels.defaults import DEFAULT_LR_RULE, default_lr
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
 from ladder_kernels.nn.side import BRANCH, side_wiring
@@ -60,13 +60,13 @@ class Variant:
     passes: int = 1
     repeat: int = 1
     batches: Optional[int] = None  # train on the first N of the --steps batches only (then x passes x repeat)
-    lr_rule: str = "uniform"  # nn/step_sizes.py: "relative" makes lr each tensor's relative step
+    lr_rule: str = DEFAULT_LR_RULE  # nn/step_sizes.py: "relative" makes lr each tensor's relative step
 
 
 VARIANTS = {
     "default": Variant(),
-    "lr3e-3": Variant(lr=3e-3),
-    "lr1.2e-2": Variant(lr=1.2e-2),
+    "lr3e-3": Variant(lr_rule="uniform", lr=3e-3),
+    "lr1.2e-2": Variant(lr_rule="uniform", lr=1.2e-2),
     "warmup25": Variant(warmup_steps=25),
     "head_dim16": Variant(config={"side_head_dim": 16}),
     "head_dim64": Variant(config={"side_head_dim": 64}),
@@ -81,7 +81,7 @@ VARIANTS = {
     "50_batches_4_passes": Variant(batches=50, passes=4),
     "100_batches_2_passes": Variant(passes=2),
     "3_steps_per_batch": Variant(repeat=3),
-    "lr1e-3": Variant(lr=1e-3),
+    "lr1e-3": Variant(lr_rule="uniform", lr=1e-3),
     "relative0.01": Variant(lr_rule="relative", lr=0.01),
     "relative0.02": Variant(lr_rule="relative", lr=0.02),
     "relative0.04": Variant(lr_rule="relative", lr=0.04),
@@ -253,7 +253,7 @@ class Sweep:
     def run(self, variant: Variant, order: int) -> dict:
         start = time.perf_counter()
         model = self.build(variant)
-        lr = variant.lr or DEFAULT_LR["ladder"]
+        lr = variant.lr or default_lr("ladder", variant.lr_rule)
         rates = tensor_lrs(model, lr, variant.lr_rule)
         named = dict(model.named_parameters())
         params = [named[n] for n in rates]

@@ -25,6 +25,14 @@ PLAN_METHODS = ("ladder", "xladder", "qlora", "qlora-ckpt")  # the planner table
 DEFAULT_LR = {"ladder": 6e-3, "xladder": 4e-3, "qlora": 5e-4, "qlora-ckpt": 5e-4, "qlora-lk": 5e-4}
 LORA_R = 16
 
+
+def default_lr(method: str, lr_rule: str = "uniform") -> float:
+    """The peak learning rate of `method` under `lr_rule` (QLoRA's is always an absolute rate)."""
+    if lr_rule == "relative" and method in DEFAULT_RELATIVE_LR:
+        return DEFAULT_RELATIVE_LR[method]
+    return DEFAULT_LR[method]
+
+
 # --- dtypes -----------------------------------------------------------------------------------------------
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # "auto": bfloat16 on a CUDA device, float32 on CPU: a CPU without native bf16 (no AVX-512-BF16/AMX, most desktop
@@ -68,6 +76,9 @@ DEFAULT_LADDER_EVERY = 3
 # tensor's own initial rms, so a step changes every tensor by about the same fraction on any backbone.
 LrRule = Literal["relative", "uniform"]
 LR_RULES: tuple[str, ...] = get_args(LrRule)
+DEFAULT_LR_RULE: LrRule = "uniform"
+# With lr_rule "relative" the learning rate is the fraction of each tensor's own scale an Adam step moves it by.
+DEFAULT_RELATIVE_LR = {"ladder": 0.02, "xladder": 0.02}
 # `finetune` warns (once) when a step's loss exceeds this many times the mean of the steps before it (the last
 # LOSS_SPIKE_WINDOW of them, once LOSS_SPIKE_MIN_STEPS exist): a sign the learning rate is too high.
 LOSS_SPIKE_FACTOR = 3.0

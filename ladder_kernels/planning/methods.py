@@ -36,7 +36,16 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from ladder_kernels.defaults import DEFAULT_LR, LORA_R, METHODS, QLORA_METHODS, default_xladder_depth
+from ladder_kernels.defaults import (
+    DEFAULT_LR_RULE,
+    LADDER_METHODS,
+    LORA_R,
+    METHODS,
+    QLORA_METHODS,
+    default_lr,
+    default_xladder_depth,
+)
+from ladder_kernels.nn.step_sizes import param_groups
 
 __all__ = [
     "MethodTrainer",
@@ -290,7 +299,7 @@ def build_method_model(
 
 
 class MethodTrainer:
-    """One method's model and AdamW optimizer (on the trainable parameters; lr default DEFAULT_LR[method]),
+    """One method's model and AdamW optimizer (on the trainable parameters; lr and lr rule as finetune's defaults),
     and its training step.
 
     QLoRA steps run under autocast to the compute dtype, as HF Trainer's bf16=True runs them (peft leaves
@@ -312,7 +321,9 @@ class MethodTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise RuntimeError(f"MethodTrainer: method {method!r} built a model with no trainable parameters")
-        self.optimizer = torch.optim.AdamW(trainable, lr=DEFAULT_LR[method] if lr is None else lr)
+        rule = DEFAULT_LR_RULE if method in LADDER_METHODS else "uniform"  # as finetune trains
+        lr = default_lr(method, rule) if lr is None else lr
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, lr, rule), lr=lr)
         self.autocast_dtype = dtype if method in QLORA_METHODS and dtype != torch.float32 else None
         self.device = trainable[0].device
 

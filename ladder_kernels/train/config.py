@@ -14,15 +14,18 @@ from ladder_kernels.defaults import (
     DEFAULT_CACHE_MEMORY,
     DEFAULT_EVAL_SAMPLES,
     DEFAULT_LADDER_EVERY,
-    DEFAULT_LR,
+    DEFAULT_LR_RULE,
     DEFAULT_STEPS,
     DTYPES,
     FINETUNE_METHODS,
     STATE_CACHE_FOLDER,
     FinetuneDType,
     FinetuneMethod,
+    LadderNorm,
     LadderStorage,
+    LrRule,
     Task,
+    default_lr,
     default_xladder_depth,
     literal_fields,
 )
@@ -85,7 +88,19 @@ class FinetuneConfig:
         "the run reads --steps / N batches",
     )
     lr: Optional[float] = _opt(
-        None, f"peak learning rate (default: {', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in FINETUNE_METHODS)})"
+        None,
+        "peak learning rate (default: "
+        + ", ".join(f"{k} {default_lr(k, DEFAULT_LR_RULE):g}" for k in FINETUNE_METHODS)
+        + "); ladder, xladder with --lr-rule relative: the fraction of each tensor's own scale one step moves it by",
+    )
+    lr_rule: LrRule = _opt(
+        DEFAULT_LR_RULE,
+        "ladder, xladder: relative gives every side-network tensor the rate --lr x its initial rms (the same relative "
+        "step on every backbone: a pruned side network copies backbone weights whose scale differs 5x between "
+        "families); uniform one absolute rate for all",
+    )
+    ladder_norm: LadderNorm = _opt(
+        "none", "ladder, xladder: rms divides each ladder input by its root mean square (scale-free side inputs)"
     )
     warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
     reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
@@ -244,7 +259,9 @@ class FinetuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        return default_lr(self.method, self.lr_rule if self.method != "qlora" else "uniform")
 
     @property
     def total_steps(self) -> int:
@@ -272,5 +289,6 @@ def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
         ladder_layers=layers,
         xladder_depth=depth,
         ladder_storage=cfg.ladder_storage,
+        ladder_norm=cfg.ladder_norm,
         side_checkpointing=cfg.side_checkpointing,
     )

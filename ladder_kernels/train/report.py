@@ -54,6 +54,7 @@ def summary_table(s: dict) -> str:
             + (f"; {len(s['skipped_steps'])} skipped for a non-finite loss/gradient" if s.get("skipped_steps") else ""),
         ),
         ("train wall time", f"{s['train_seconds']:.0f} s ({s['seconds_per_step']:.2f} s/step)"),
+        ("largest loss spike", _spike_cell(s.get("largest_loss_spike"))),
         *_cache_rows(s),
         ("tokens/s", f"{s['tokens_per_second']:.0f}"),
         ("peak memory", f"{format_gib(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
@@ -91,6 +92,15 @@ def _cache_rows(s: dict) -> list[tuple[str, str]]:
             f"{c['backbone_seconds_saved']:.0f} s of backbone saved",
         )
     ]
+
+
+def _spike_cell(spike: dict | None) -> str:
+    if spike is None:
+        return "-"
+    return (
+        f"{spike['ratio']:.2f}x the mean of the steps before it, at step {spike['step']} "
+        f"(loss {spike['loss']:.3g} vs {spike['running_mean']:.3g})"
+    )
 
 
 def smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:

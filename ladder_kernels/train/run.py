@@ -28,6 +28,7 @@ import torch
 
 from ladder_kernels.errors import ConfigError, ModelError, RunDirError, TrainingError
 from ladder_kernels.io import write_text_atomic
+from ladder_kernels.nn.step_sizes import param_groups
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
 from ladder_kernels.planning.planner import load_config
 from ladder_kernels.train import distributed, state_cache
@@ -39,6 +40,7 @@ from ladder_kernels.train.config import FinetuneConfig, ladder_config
 from ladder_kernels.train.data import BatchStream, collate, encode_example, label_first_tokens, load_dataset
 from ladder_kernels.train.distributed import all_sum, barrier, data_parallel, from_rank0, rank_and_world, token_weight
 from ladder_kernels.train.evaluate import evaluate
+from ladder_kernels.train.loss_watch import LossWatch
 from ladder_kernels.train.report import finite_mean, mean_tail, write_reports
 from ladder_kernels.train.run_dir import (
     ADAPTER,
@@ -155,7 +157,8 @@ class TrainingRun:
 
         cfg, main = self.cfg, self.rank == 0
         self.params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
+        rule = cfg.lr_rule if cfg.method != "qlora" else "uniform"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate, rule), weight_decay=0.0)
         schedule = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
@@ -171,6 +174,7 @@ class TrainingRun:
         self.cache = state_cache.RunCache(self) if cfg.epochs > 1 else None  # the backbone's one pass, or a reuse
         state["train_seconds"] += self.cache.built if self.cache else 0.0
         self.model.train()
+        self.loss_watch = LossWatch(state["history"])
         with tqdm(
             total=cfg.total_steps,
             initial=start_step,
@@ -183,8 +187,10 @@ class TrainingRun:
                 self._guarded_step(state)
                 bar.update(1)
                 recent = finite_mean(state["history"][-20:])
+                self.loss_watch.observe(state["history"])
                 bar.set_postfix(
                     loss="nan" if recent is None else f"{recent:.3f}",
+                    spike=self.loss_watch.postfix(),
                     tok_s=f"{state['tokens'] / state['train_seconds']:.0f}",
                     peak=format_gib(peak_memory_bytes()),
                     refresh=False,
@@ -471,6 +477,8 @@ class TrainingRun:
             "trainable_parameters": n_trainable,
             "adapter_bytes": adapter_bytes,
             "final_loss": mean_tail(state["history"]),
+            "loss_history": state["history"],
+            "largest_loss_spike": None if self.loss_watch.largest is None else self.loss_watch.largest.to_dict(),
             "device": str(distributed.device()),
             "torch_threads": torch.get_num_threads(),
             "config": dataclasses.asdict(cfg),

@@ -82,6 +82,11 @@ def test_training_learns_and_writes_every_report(trained_run):
     out, summary = trained_run
     history = load_checkpoint(out / CHECKPOINT)["history"]
     assert len(history) == 40 and summary["steps"] == 40
+    assert summary["loss_history"] == history  # the divergence guard's record
+    spike = summary["largest_loss_spike"]
+    assert spike["step"] > 5 and spike["ratio"] == max(
+        history[i] / (sum(history[max(0, i - 20) : i]) / len(history[max(0, i - 20) : i])) for i in range(5, 40)
+    )
     assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5, history
     assert summary["accuracy_after"] >= 0.6 and summary["accuracy_after"] > summary["accuracy_before"] + 0.2, summary
     assert summary["eval_examples"] == 24 and sum(summary["eval_after"]["predicted"].values()) == 24
@@ -91,6 +96,7 @@ def test_training_learns_and_writes_every_report(trained_run):
     assert json.loads((out / SUMMARY_JSON).read_text())["accuracy_after"] == summary["accuracy_after"]
     md = (out / SUMMARY_MD).read_text()
     assert "held-out accuracy after" in md and f"{summary['accuracy_after']:.1%}" in md
+    assert "largest loss spike" in md and f"{spike['ratio']:.2f}x the mean of the steps before it" in md
     assert (out / ADAPTER / "ladder_model.safetensors").is_file() and (out / ADAPTER / "finetune.json").is_file()
     assert not [p.name for p in out.rglob(".tmp*")]  # atomic writes leave no temporaries
 
