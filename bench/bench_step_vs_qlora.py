@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ladder_kernels.io import write_text_atomic
-from ladder_kernels.planning.bench import command_line, csv_text, library_versions
+from ladder_kernels.planning.bench import command_line, library_versions
+from ladder_kernels.planning.bench_report import csv_text
 from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.planning.methods import MethodTrainer
 
