@@ -255,7 +255,9 @@ def measure_methods(source, methods: tuple, ids: torch.Tensor, settings: BenchSe
     rss = RssSampler() if len(methods) == 1 and device == "cpu" else None  # RSS is per process: one method only
     if rss is not None:
         rss.__enter__()
-    for r in range(settings.warmup + settings.steps):
+    from tqdm.auto import tqdm
+
+    for r in tqdm(range(settings.warmup + settings.steps), desc="rounds", unit="round", leave=False):
         order = [m for m in methods[r % len(methods) :] + methods[: r % len(methods)] if m in trainers]
         for method in order:
             try:
