@@ -8,6 +8,7 @@ otherwise (the default on CUDA, where all methods' models may not fit at once) e
   step_s, step_s_min, step_s_max   median, fastest and slowest of the timed steps (no tracker attached)
   tokens_per_s (_min, _max)        batch × seq_len / those step times
   timed_steps, interleaved         how the step times were taken
+  speed_vs_qlora      interleaved: the median over rounds of qlora's step time / this method's in the same round
   loss_first, loss_last   loss of the first and of the last step (the same tokens every step)
   cuda_peak_bytes     CUDA: torch.cuda.max_memory_allocated over one more step, less what was allocated before,
                       plus the method's own weights and optimizer state (other methods' models may be resident)
@@ -42,6 +43,8 @@ import torch
 from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, METHODS
 from ladder_kernels.planning.memory import PeakMemoryTracker, process_rss_bytes
 from ladder_kernels.planning.methods import MethodTrainer
+
+REFERENCE = "qlora"  # the method every other one is compared with
 
 __all__ = [
     "BenchSettings",
@@ -296,6 +299,13 @@ def measure_methods(source, methods: tuple, ids: torch.Tensor, settings: BenchSe
             results[method]["oom"] = 1
     trainers.clear()
     _free(device)
+    ref = times.get(REFERENCE)
+    if ref and len(methods) > 1:
+        # the ratio to qlora within each round, then the median over rounds: the two steps of a pair ran back to back,
+        # so a load that changes between rounds cancels out of it
+        for method, t in times.items():
+            if results[method].get("oom") == 0 and len(t) == len(ref):
+                results[method]["speed_vs_qlora"] = statistics.median(a / b for a, b in zip(ref, t))
     return results
 
 

@@ -45,6 +45,8 @@ def test_methods_take_turns_with_a_rotating_first_method(monkeypatch):
         assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
         assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
         assert r["loss_first"] == 1 + settings.methods.index(m)  # the first round's loss, warm-up included
+        assert r["speed_vs_qlora"] > 0
+    assert results["qlora"]["speed_vs_qlora"] == 1.0
 
 
 def _rows(speeds: dict[str, float], stamp: str = "t0") -> list[dict]:
