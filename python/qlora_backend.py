@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ladder_kernels.nn import patch_bnb_
 from ladder_kernels.nn.nf4_linear import bnb_linear4bit_class
@@ -89,7 +90,7 @@ def main(argv=None):
     switch = Switch(model)
     names = ("bitsandbytes", "ladder-kernels")
     times, losses = {k: [] for k in names}, {}
-    for step in range(1 + args.steps):
+    for step in tqdm(range(1 + args.steps), desc="rounds (one step of each)", unit="round"):
         for name in names[step % 2 :] + names[: step % 2]:  # the first of a round alternates
             switch.use(name)
             start = time.perf_counter()
