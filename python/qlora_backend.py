@@ -19,6 +19,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ladder_kernels.defaults import dtype_from_name
 from ladder_kernels.nn import patch_bnb_
 from ladder_kernels.nn.nf4_linear import bnb_linear4bit_class
 from ladder_kernels.planning.memory import PeakMemoryTracker
@@ -55,8 +56,9 @@ class Switch:
                 vars(module).pop("forward", None)
 
 
-def train_step(model, optimizer, ids) -> float:
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16):  # as Trainer(bf16=True) runs QLoRA
+def train_step(model, optimizer, ids, dtype) -> float:
+    # as Trainer(bf16=True) runs QLoRA; fp32 runs without autocast
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
@@ -72,6 +74,13 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each, after one warm-up step of each")
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="compute dtype (bf16: under autocast, as Trainer(bf16=True); fp32: much faster on CPUs without AVX-512 "
+        "BF16)",
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1:
         ap.error(
@@ -80,7 +89,8 @@ def main(argv=None):
         )
 
     torch.manual_seed(0)
-    model = make_qlora_model(args.model or small_llama_config())
+    dtype = dtype_from_name(args.dtype)
+    model = make_qlora_model(args.model or small_llama_config(), compute_dtype=dtype)
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=device)
@@ -94,7 +104,7 @@ def main(argv=None):
         for name in names[step % 2 :] + names[: step % 2]:  # the first of a round alternates
             switch.use(name)
             start = time.perf_counter()
-            losses[name] = train_step(model, optimizer, ids)
+            losses[name] = train_step(model, optimizer, ids, dtype)
             if step:
                 times[name].append(time.perf_counter() - start)
     peaks = {}
@@ -102,9 +112,9 @@ def main(argv=None):
         switch.use(name)
         with PeakMemoryTracker() as mem:
             mem.track(model, optimizer)
-            train_step(model, optimizer, ids)
+            train_step(model, optimizer, ids, dtype)
         peaks[name] = mem.peak_bytes
-    print(f"patched {n} bitsandbytes 4-bit layers; {args.steps} timed steps of each, taken in turns")
+    print(f"patched {n} bitsandbytes 4-bit layers; {args.steps} timed steps of each, taken in turns, {args.dtype}")
     print(f"{'':22s}{'step (s)':>10s}{'min-max':>14s}{'peak (MiB)':>12s}{'loss':>9s}")
     for name in names:
         t = times[name]
