@@ -1,5 +1,7 @@
 """ladder-kernels: Ladder Side Tuning and xLadder on a frozen 4-bit (NF4) backbone."""
 
+# first, before any module imports torch: the `ladder-kernels` command's OMP_WAIT_POLICY default (no-op for a library)
+from ladder_kernels import _launch  # noqa: F401
 from ladder_kernels._version import __version__
 from ladder_kernels.backends import backend_info
 from ladder_kernels.nn import LadderConfig, LadderModel, NF4Linear, get_ladder_model, patch_bnb_, quantize_model_

@@ -24,6 +24,10 @@ PLAN_METHODS = ("ladder", "xladder", "qlora", "qlora-ckpt")  # the planner table
 # networks take larger steps than LoRA. finetune, plan and bench all train with these.
 DEFAULT_LR = {"ladder": 6e-3, "xladder": 4e-3, "qlora": 5e-4, "qlora-ckpt": 5e-4, "qlora-lk": 5e-4}
 LORA_R = 16
+# `ladder-kernels bench`: timed steps per method and cell (the median of 10 after the warm-up held the speed ratios
+# within 20% between runs on a shared CPU; 2 steps swung them 10x) and untimed warm-up rounds first.
+BENCH_STEPS = 10
+BENCH_WARMUP = 2
 
 
 def default_lr(method: str, lr_rule: str = "uniform") -> float:

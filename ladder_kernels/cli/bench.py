@@ -10,9 +10,10 @@ from typing import Optional
 
 import torch
 
-from ladder_kernels.defaults import METHODS, dtype_from_name
+from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, METHODS, dtype_from_name
 from ladder_kernels.errors import INPUT_ERRORS, ConfigError
-from ladder_kernels.planning.bench import TINY_CONFIGS, BenchSettings, run_bench, write_results
+from ladder_kernels.planning.bench import TINY_CONFIGS, BenchSettings, run_bench
+from ladder_kernels.planning.bench_report import write_results
 
 DESCRIPTION = (
     "End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs "
@@ -46,8 +47,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seq-lens", type=_ints, default=None, help="comma-separated (default: 256..2048 on CPU, 512..8192 on GPU)"
     )
     p.add_argument("--batch-sizes", type=_ints, default=(1,), help="comma-separated (default 1)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per cell, after the warm-up (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (default 1)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=BENCH_STEPS,
+        help=f"timed steps per method and cell after the warm-up; the table shows their median (default {BENCH_STEPS})",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=BENCH_WARMUP, help=f"untimed rounds per cell first (default {BENCH_WARMUP})"
+    )
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the methods of a cell take turns within each round, so that a busy machine slows them alike "
+        "(default: on CPU; on CUDA each method runs alone, as all of a cell's models may not fit at once)",
+    )
+    p.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="an earlier run's e2e_<tag>.csv: the table then shows how far each cell's speed ratio to qlora moved",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--out-dir", default="bench/results", help="where results go (default bench/results)")
@@ -70,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         out_dir=Path(args.out_dir),
         tag=args.tag,
         with_plan=args.plan,
+        interleave=args.interleave,
     )
 
 
@@ -78,8 +101,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if args.compare_with is not None and not args.compare_with.is_file():
+        raise ConfigError(f"--compare-with: no such file {args.compare_with}")
     rows = run_bench(settings)
-    for path in write_results(rows, settings.out_dir, settings.tag):
+    for path in write_results(rows, settings.out_dir, settings.tag, compare_with=args.compare_with):
         print(path)
     return 0
 

@@ -308,7 +308,9 @@ class LadderModel(nn.Module):
         if not 0 < top_p <= 1:
             raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        # without padding no mask is passed at all: the backbone then builds none per token, nor does the side
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        mask = attention_mask.to(input_ids.dtype) if padded else None
         positions = positions_from_mask(mask, input_ids)
         backbone_cache, side_cache = self._new_backbone_cache(), SideKVCache(len(self.side.blocks))
         s, h_final = self.stream(input_ids, mask, positions, backbone_cache, side_cache)
@@ -322,7 +324,8 @@ class LadderModel(nn.Module):
             ids = torch.cat((ids, token[:, None]), dim=1)
             if step == max_new_tokens - 1 or (eos and bool(done.all())):
                 break
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
             s, h_final = self.stream(token[:, None], mask, positions, backbone_cache, side_cache)
         return ids

@@ -1,29 +1,33 @@
 """End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs
 and machine (`ladder-kernels bench`, bench/bench_e2e.py).
 
-Per cell (model × method × batch × seq_len) a fresh model is built (`planning.methods.MethodTrainer`), trained for
-`warmup` + `steps` steps on the same tokens, and measured:
-  tokens_per_s        batch × seq_len / median step time of the timed steps (no tracker attached)
-  step_s              that median step time
+Per cell (model × batch × seq_len) every method's model is built (`planning.methods.MethodTrainer`) and trained on
+the same tokens for `warmup` + `steps` rounds. Interleaved (the default on CPU) every method takes one step per
+round, the first method rotating, so that a machine whose load changes slows them alike and their ratios hold;
+otherwise (the default on CUDA, where all methods' models may not fit at once) each method runs alone. Measured:
+  step_s, step_s_min, step_s_max   median, fastest and slowest of the timed steps (no tracker attached)
+  tokens_per_s (_min, _max)        batch × seq_len / those step times
+  timed_steps, interleaved         how the step times were taken
+  speed_vs_qlora      interleaved: the median over rounds of qlora's step time / this method's in the same round
   loss_first, loss_last   loss of the first and of the last step (the same tokens every step)
-  cuda_peak_bytes     CUDA: torch.cuda.max_memory_allocated over the steps (weights included)
+  cuda_peak_bytes     CUDA: torch.cuda.max_memory_allocated over one more step, less what was allocated before,
+                      plus the method's own weights and optimizer state (other methods' models may be resident)
   tracked_peak_bytes  CPU: PeakMemoryTracker over one more step, weights and optimizer state counted
-  rss_peak_bytes      CPU: the process's resident set size, sampled every 5 ms during the steps
+  rss_peak_bytes      CPU, methods run alone only: the process's resident set size, sampled every 5 ms
   planned_peak_bytes  optional (--plan): ladder_kernels.planning.planner's prediction for the cell (fake tensors)
   load_avg            the 1-minute load average per CPU core after the cell (>1: timings are contended)
-A CUDA out-of-memory is recorded as `oom` = 1 for the cell and the sweep goes on.
+A CUDA out-of-memory is recorded as `oom` = 1 for the method and the sweep goes on.
 
-Outputs in --out-dir (each written atomically): e2e_<tag>.csv (long format: method, model, seq_len, batch,
-device, metric, value, versions, timestamp, command), e2e_<tag>.md (a table per model with ratios to qlora),
-e2e_<tag>_memory.png (peak memory vs seq_len per method, 12 GB and 24 GB lines) and
-e2e_<tag>_throughput.png (tokens/s vs seq_len).
+Outputs (ladder_kernels.planning.bench_report) in --out-dir, each written atomically: e2e_<tag>.csv (long format:
+method, model, seq_len, batch, device, metric, value, versions, timestamp, command), e2e_<tag>.md (a table per
+model with ratios to qlora; with --compare-with, the agreement of the speed ratios with an earlier run),
+e2e_<tag>_memory.png (peak memory vs seq_len per method, 12 GB and 24 GB lines) and e2e_<tag>_throughput.png
+(median tokens/s vs seq_len, min–max bars).
 """
 
 from __future__ import annotations
 
-import csv
 import gc
-import io
 import os
 import statistics
 import sys
@@ -36,25 +40,22 @@ from typing import Optional
 
 import torch
 
-from ladder_kernels.defaults import METHODS
-from ladder_kernels.io import write_bytes_atomic, write_text_atomic
+from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, METHODS
 from ladder_kernels.planning.memory import PeakMemoryTracker, process_rss_bytes
 from ladder_kernels.planning.methods import MethodTrainer
+
+REFERENCE = "qlora"  # the method every other one is compared with
 
 __all__ = [
     "BenchSettings",
     "run_bench",
     "TINY_CONFIGS",
     "resolve_bench_model",
-    "write_results",
-    "csv_text",
+    "measure_methods",
     "library_versions",
     "command_line",
-    "CSV_FIELDS",
 ]
 
-GIB = 2**30
-CARD_LINES_GIB = (12, 24)
 # Small Llama/Qwen2-shaped configs for CPU runs (dimensions multiples of bitsandbytes' blocksize 64)
 TINY_CONFIGS = {
     "tiny-llama": dict(
@@ -91,14 +92,6 @@ TINY_CONFIGS = {
     ),
 }
 EMBEDDED_ALIASES = ("smollm2", "embedded")
-# qlora-lk shares qlora's memory exactly: dashed so that both stay visible
-METHOD_STYLE = {
-    "ladder": dict(marker="o"),
-    "xladder": dict(marker="s"),
-    "qlora": dict(marker="^"),
-    "qlora-ckpt": dict(marker="v"),
-    "qlora-lk": dict(marker="x", linestyle="--"),
-}
 
 
 @dataclass
@@ -107,13 +100,14 @@ class BenchSettings:
     models: tuple = ("tiny-llama", "smollm2")
     seq_lens: tuple = (256, 512, 1024, 2048)
     batch_sizes: tuple = (1,)
-    steps: int = 3
-    warmup: int = 1
+    steps: int = BENCH_STEPS
+    warmup: int = BENCH_WARMUP
     device: str = "auto"
     dtype: torch.dtype = torch.bfloat16
     out_dir: Path = Path("bench/results")
     tag: Optional[str] = None
     with_plan: bool = False
+    interleave: Optional[bool] = None  # None: on CPU (see the module docstring)
     command: str = field(default_factory=lambda: command_line())
 
     def __post_init__(self) -> None:
@@ -132,6 +126,8 @@ class BenchSettings:
             raise ValueError(f"bench: device must be 'auto', 'cpu' or 'cuda' (with a GPU present), got {self.device!r}")
         self.out_dir = Path(self.out_dir)
         self.tag = self.tag or self.device
+        if self.interleave is None:
+            self.interleave = self.device == "cpu"
 
 
 def command_line() -> str:
@@ -208,45 +204,109 @@ class RssSampler:
         self.peak = max(self.peak, process_rss_bytes())
 
 
-# --- one cell ------------------------------------------------------------------------------------------------
+# --- one cell: every method over the same model and inputs ----------------------------------------------------
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def measure_cell(source, method: str, ids: torch.Tensor, settings: BenchSettings) -> dict[str, float]:
-    """Build `method` over `source`, train warmup + steps steps on `ids`; the cell's metrics."""
+def _resident_bytes(trainer: MethodTrainer) -> int:
+    """Bytes of what lives across steps: weights, buffers and optimizer state."""
+    seen, total = set(), 0
+    tensors = list(trainer.model.parameters()) + list(trainer.model.buffers())
+    tensors += [t for state in trainer.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _memory(trainer: MethodTrainer, ids: torch.Tensor, device: str) -> dict[str, float]:
+    """Peak memory of one more step of `trainer`, weights and optimizer state included."""
+    if device == "cuda":
+        # other methods' models may be resident too: count this step's growth plus this method's own state
+        _sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.step(ids)
+        _sync(device)
+        return {"cuda_peak_bytes": torch.cuda.max_memory_allocated() - before + _resident_bytes(trainer)}
+    with PeakMemoryTracker() as mem:
+        mem.track(trainer.model, trainer.optimizer)  # weights and AdamW state that live across steps
+        trainer.step(ids)
+    return {"tracked_peak_bytes": mem.peak_bytes}
+
+
+def measure_methods(source, methods: tuple, ids: torch.Tensor, settings: BenchSettings) -> dict[str, dict]:
+    """Build every method of `methods` over `source` and train them on `ids` in rounds: each round every method
+    takes one step, the first method rotating from round to round, so that a machine whose load changes slows
+    them alike. The first `warmup` rounds are untimed. Returns method -> metrics ({"oom": 1} for a method that
+    ran out of GPU memory; the others go on)."""
     device = settings.device
     ids = ids.to(device)
-    trainer = MethodTrainer(method, source, dtype=settings.dtype, device=device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    with RssSampler() as rss:
-        for i in range(settings.warmup + settings.steps):
-            _sync(device)
-            start = time.perf_counter()
-            losses.append(trainer.step(ids).item())  # .item() waits for the step
-            if i >= settings.warmup:
-                times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    metrics = {
-        "step_s": step_s,
-        "tokens_per_s": ids.numel() / step_s,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "load_avg": os.getloadavg()[0] / (os.cpu_count() or 1),
-    }  # >1: the CPU was shared while timing
-    if device == "cuda":
-        metrics["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        metrics["rss_peak_bytes"] = rss.peak
-        with PeakMemoryTracker() as mem:
-            mem.track(trainer.model, trainer.optimizer)  # weights and AdamW state that live across steps
-            trainer.step(ids)
-        metrics["tracked_peak_bytes"] = mem.peak_bytes
-    del trainer
-    return metrics
+    trainers, results = {}, {}
+    for method in methods:
+        try:
+            trainers[method] = MethodTrainer(method, source, dtype=settings.dtype, device=device)
+        except torch.OutOfMemoryError:
+            results[method] = {"oom": 1}
+            _free(device)
+    times = {m: [] for m in trainers}
+    losses = {m: [] for m in trainers}
+    rss = RssSampler() if len(methods) == 1 and device == "cpu" else None  # RSS is per process: one method only
+    if rss is not None:
+        rss.__enter__()
+    from tqdm.auto import tqdm
+
+    for r in tqdm(range(settings.warmup + settings.steps), desc="rounds", unit="round", leave=False):
+        order = [m for m in methods[r % len(methods) :] + methods[: r % len(methods)] if m in trainers]
+        for method in order:
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                losses[method].append(trainers[method].step(ids).item())  # .item() waits for the step
+                if r >= settings.warmup:
+                    times[method].append(time.perf_counter() - start)
+            except torch.OutOfMemoryError:
+                del trainers[method]
+                results[method] = {"oom": 1}
+                _free(device)
+    if rss is not None:
+        rss.__exit__(None, None, None)
+    for method, trainer in trainers.items():
+        step_s = statistics.median(times[method])
+        results[method] = {
+            "step_s": step_s,
+            "step_s_min": min(times[method]),
+            "step_s_max": max(times[method]),
+            "tokens_per_s": ids.numel() / step_s,
+            "tokens_per_s_min": ids.numel() / max(times[method]),
+            "tokens_per_s_max": ids.numel() / min(times[method]),
+            "timed_steps": len(times[method]),
+            "interleaved": int(len(methods) > 1),
+            "loss_first": losses[method][0],
+            "loss_last": losses[method][-1],
+            "load_avg": os.getloadavg()[0] / (os.cpu_count() or 1),  # >1: the CPU was shared while timing
+            "oom": 0,
+        }
+        if rss is not None:
+            results[method]["rss_peak_bytes"] = rss.peak
+        try:
+            results[method].update(_memory(trainer, ids, device))
+        except torch.OutOfMemoryError:
+            results[method]["oom"] = 1
+    trainers.clear()
+    _free(device)
+    ref = times.get(REFERENCE)
+    if ref and len(methods) > 1:
+        # the ratio to qlora within each round, then the median over rounds: the two steps of a pair ran back to back,
+        # so a load that changes between rounds cancels out of it
+        for method, t in times.items():
+            if results[method].get("oom") == 0 and len(t) == len(ref):
+                results[method]["speed_vs_qlora"] = statistics.median(a / b for a, b in zip(ref, t))
+    return results
 
 
 def _planned_peak(source, method: str, seq_len: int, batch: int, dtype: torch.dtype) -> int:
@@ -269,28 +329,18 @@ def run_bench(settings: BenchSettings) -> list[dict]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     versions = library_versions()
     resolved = [resolve_bench_model(spec) for spec in settings.models]
-    cells = [
-        (r, b, t, m)
-        for r in resolved
-        for b in settings.batch_sizes
-        for t in settings.seq_lens
-        for m in settings.methods
-    ]
+    # interleaved: one group per cell holding every method; otherwise one group per method
+    groups = [settings.methods] if settings.interleave else [(m,) for m in settings.methods]
+    cells = [(r, b, t, g) for r in resolved for b in settings.batch_sizes for t in settings.seq_lens for g in groups]
     rows = []
-    for (name, source, tokenizer), batch, seq_len, method in tqdm(cells, desc="bench", unit="cell"):
-        tqdm.write(f"{name} {method} batch={batch} seq_len={seq_len}")
+    for (name, source, tokenizer), batch, seq_len, group in tqdm(cells, desc="bench", unit="cell"):
+        tqdm.write(f"{name} batch={batch} seq_len={seq_len}: {', '.join(group)}")
         vocab = source.vocab_size if hasattr(source, "vocab_size") else tokenizer.vocab_size
         ids = token_batch(tokenizer, vocab, batch, seq_len)
-        try:
-            metrics = measure_cell(source, method, ids, settings)
-            metrics["oom"] = 0
-        except torch.OutOfMemoryError:
-            metrics = {"oom": 1}
-        _free(settings.device)
-        if settings.with_plan:
-            metrics["planned_peak_bytes"] = _planned_peak(source, method, seq_len, batch, settings.dtype)
-        for metric, value in metrics.items():
-            rows.append(
+        for method, metrics in measure_methods(source, group, ids, settings).items():
+            if settings.with_plan:
+                metrics["planned_peak_bytes"] = _planned_peak(source, method, seq_len, batch, settings.dtype)
+            rows += [
                 dict(
                     method=method,
                     model=name,
@@ -303,7 +353,8 @@ def run_bench(settings: BenchSettings) -> list[dict]:
                     timestamp=stamp,
                     command=settings.command,
                 )
-            )
+                for metric, value in metrics.items()
+            ]
     return rows
 
 
@@ -321,159 +372,3 @@ def library_versions() -> str:
 
     active = [name for name in ("triton", "cpu") if backend_info()[name]]
     return ";".join(parts + [f"ladder_kernels={__version__}", f"kernels={'+'.join(active) or 'torch-reference'}"])
-
-
-# --- outputs -------------------------------------------------------------------------------------------------
-CSV_FIELDS = ("method", "model", "seq_len", "batch", "device", "metric", "value", "versions", "timestamp", "command")
-
-
-def csv_text(rows: list[dict]) -> str:
-    """Long-format rows (CSV_FIELDS) as CSV text."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def _pivot(rows: list[dict]) -> dict:
-    """{(model, batch, seq_len): {method: {metric: value}}}"""
-    table: dict = {}
-    for r in rows:
-        table.setdefault((r["model"], int(r["batch"]), int(r["seq_len"])), {}).setdefault(r["method"], {})[
-            r["metric"]
-        ] = float(r["value"])
-    return table
-
-
-def _memory_metric(device: str) -> str:
-    return "cuda_peak_bytes" if device == "cuda" else "tracked_peak_bytes"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no results)\n"
-    device, command = rows[0]["device"], rows[0]["command"]
-    mem_metric = _memory_metric(device)
-    lines = [
-        f"# End-to-end training step: {device}",
-        "",
-        f"Command: `{command}`  ",
-        f"Versions: {rows[0]['versions']}  ",
-        f"Run: {rows[0]['timestamp']}",
-        "",
-        "Peak = "
-        f"{'torch.cuda.max_memory_allocated' if device == 'cuda' else 'tracked tensor memory (PeakMemoryTracker)'}; "
-        "×qlora = ratio to qlora in the same cell (memory: lower is better; speed: higher is better).",
-        "",
-    ]
-    loads = [float(r["value"]) for r in rows if r["metric"] == "load_avg"]
-    if loads and max(loads) > 1:
-        lines[-1:-1] = [
-            f"Timings were taken on a shared machine (load up to {max(loads):.1f} per core): tokens/s "
-            "are indicative only; the memory columns are not affected.",
-            "",
-        ]
-    header = (
-        "| model | batch | seq_len | method | peak GiB | ×qlora mem | "
-        + ("" if device == "cuda" else "RSS GiB | ")
-        + "planned GiB | tokens/s | ×qlora speed | loss first → last |"
-    )
-    table = _pivot(rows)
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for (model, batch, seq_len), by_method in sorted(table.items()):
-        ref = by_method.get("qlora", {})
-        for method, m in by_method.items():
-            if m.get("oom"):
-                cells = ["OOM"] * (7 if device == "cuda" else 8)
-            else:
-                mem, speed = m.get(mem_metric), m.get("tokens_per_s")
-                cells = [
-                    f"{mem / GIB:.3f}" if mem is not None else "-",
-                    f"{mem / ref[mem_metric]:.2f}" if mem is not None and ref.get(mem_metric) else "-",
-                ]
-                if device != "cuda":
-                    cells.append(f"{m['rss_peak_bytes'] / GIB:.2f}" if "rss_peak_bytes" in m else "-")
-                cells += [
-                    f"{m['planned_peak_bytes'] / GIB:.3f}" if "planned_peak_bytes" in m else "-",
-                    f"{speed:.0f}" if speed is not None else "-",
-                    f"{speed / ref['tokens_per_s']:.2f}" if speed is not None and ref.get("tokens_per_s") else "-",
-                    f"{m['loss_first']:.3f} → {m['loss_last']:.3f}" if "loss_last" in m else "-",
-                ]
-            lines.append(f"| {model} | {batch} | {seq_len} | {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(rows: list[dict], memory_png: Path, throughput_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    device = rows[0]["device"]
-    mem_metric = _memory_metric(device)
-    table = _pivot(rows)
-    models = sorted({(model, batch) for model, batch, _ in table})
-    for path, metric, ylabel, lines in (
-        (memory_png, mem_metric, "peak memory (GiB)", True),
-        (throughput_png, "tokens_per_s", "tokens / s", False),
-    ):
-        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-        for ax, (model, batch) in zip(axes[0], models):
-            present = {meth for (mo, b, _), by in table.items() if (mo, b) == (model, batch) for meth in by}
-            for method in [m for m in METHODS if m in present]:
-                points = sorted(
-                    (t, by[method][metric])
-                    for (mo, b, t), by in table.items()
-                    if (mo, b) == (model, batch) and method in by and metric in by[method]
-                )
-                if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, [y / GIB if lines else y for y in ys], label=method, **METHOD_STYLE[method])
-            if lines:
-                # log scale: a tiny CPU model and the 12 / 24 GB cards fit on one axis
-                ax.set_yscale("log")
-                for gib in CARD_LINES_GIB:
-                    ax.axhline(gib, color="gray", linestyle="--", linewidth=1)
-                    ax.text(
-                        1.0,
-                        gib,
-                        f"{gib} GB ",
-                        transform=ax.get_yaxis_transform(),
-                        ha="right",
-                        va="bottom",
-                        fontsize=8,
-                        color="gray",
-                    )
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{model}, batch {batch} ({device})")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, dpi=110, format="png")
-        plt.close(fig)
-        write_bytes_atomic(path, png.getvalue())
-
-
-def write_results(rows: list[dict], out_dir: Path, tag: str) -> list[Path]:
-    """CSV, markdown and the two plots for `rows`; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        out_dir / f"e2e_{tag}.csv",
-        out_dir / f"e2e_{tag}.md",
-        out_dir / f"e2e_{tag}_memory.png",
-        out_dir / f"e2e_{tag}_throughput.png",
-    ]
-    write_text_atomic(paths[0], csv_text(rows))
-    write_text_atomic(paths[1], markdown_table(rows))
-    plot_results(rows, paths[2], paths[3])
-    return paths
-
-
-def read_results(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))

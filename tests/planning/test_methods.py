@@ -177,13 +177,14 @@ def test_bad_arguments_are_named():
 
 @needs_bnb
 def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
-    from ladder_kernels.planning.bench import BenchSettings, read_results, run_bench, write_results
+    from ladder_kernels.planning.bench import BenchSettings, run_bench
+    from ladder_kernels.planning.bench_report import read_results, write_results
 
     settings = BenchSettings(
         methods=("ladder", "qlora"),
         models=("tiny-llama",),
         seq_lens=(32,),
-        steps=1,
+        steps=3,
         warmup=0,
         device="cpu",
         out_dir=tmp_path,
@@ -195,8 +196,12 @@ def test_bench_writes_a_side_by_side_table_and_plots(tmp_path):
     assert {(r["method"], r["metric"]) for r in rows} >= {
         (m, k)
         for m in ("ladder", "qlora")
-        for k in ("tracked_peak_bytes", "rss_peak_bytes", "tokens_per_s", "loss_last")
+        for k in ("tracked_peak_bytes", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "loss_last")
     }
+    value = {(r["method"], r["metric"]): float(r["value"]) for r in rows}
+    for m in ("ladder", "qlora"):
+        assert value[(m, "timed_steps")] == 3 and value[(m, "interleaved")] == 1
+        assert value[(m, "step_s_min")] <= value[(m, "step_s")] <= value[(m, "step_s_max")]
     assert all(r["device"] == "cpu" and r["seq_len"] == "32" and "torch=" in r["versions"] for r in rows)
     peak = {r["method"]: float(r["value"]) for r in rows if r["metric"] == "tracked_peak_bytes"}
     assert 0 < peak["ladder"] < peak["qlora"]
