@@ -85,7 +85,7 @@ def build_model(cfg: FinetuneConfig, model_dir: Path):
 
     backbone = load_backbone(model_dir, dtype).to(distributed.device())
     try:
-        return LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers))
+        return LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers, backbone.config))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ModelError(f"--model: Ladder cannot wrap {type(backbone).__name__}: {exc}") from None
 
@@ -113,7 +113,7 @@ class TrainingRun:
         self.cfg, self.resume, self.out = cfg, resume, Path(cfg.output_dir)
         self.command = cfg.command_line() + (" --resume" if resume else "")
         check_output_dir(self.out, resume)
-        self.dataset = load_dataset(cfg.task, cfg.data)
+        self.dataset = load_dataset(cfg.task, cfg.data, cfg.cot)
         if cfg.n_eval > len(self.dataset.heldout) and self.rank == 0:
             print(
                 f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all "
@@ -155,6 +155,11 @@ class TrainingRun:
 
         cfg, main = self.cfg, self.rank == 0
         self.params = trainable_parameters(self.model)
+        if main:
+            print(
+                f"trainable parameters: {sum(p.numel() for p in self.params.values()):,} ({cfg.method})",
+                file=sys.stderr,
+            )
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
