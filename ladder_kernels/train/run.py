@@ -147,6 +147,8 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)  # the side network's (or LoRA's) initialisation
         random.seed(cfg.seed)
         self.model = build_model(cfg, self.model_dir)
+        # a caller that already knows the zero-shot result may set it (every Ladder run's step 0 is the backbone)
+        self.zero_shot: Optional[dict] = None
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train, evaluate, save; `on_step(done)` is called after each optimizer step (progress hooks, tests).
@@ -248,7 +250,7 @@ class TrainingRun:
                 )
                 + "\n",
             )
-            before = evaluate(
+            before = self.zero_shot or evaluate(
                 self.model,
                 self.tokenizer,
                 self.dataset,
