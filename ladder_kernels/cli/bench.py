@@ -122,7 +122,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             settings = cot_settings_from_args(args)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        rows = run_cot_bench(settings)
+        rows = run_cot_bench(settings, write=True)
         for path in write_cot_results(rows, settings.out_dir, settings.tag, settings.command):
             print(path)
         return 0

@@ -200,11 +200,16 @@ def run_cell(s: CotBenchSettings, cell: Cell, zero_shot: dict) -> dict:
     return _row(cell, summary, out)
 
 
-def run_cot_bench(s: CotBenchSettings) -> list[dict]:
-    """Every cell, equal-steps first (the equal-time cells are sized from them); returns one row per run."""
+def run_cot_bench(s: CotBenchSettings, write: bool = False) -> list[dict]:
+    """Every cell, equal-steps first (the equal-time cells are sized from them); returns one row per run. With
+    `write`, the result files are rewritten after every cell (an interrupted bench leaves a consistent table)."""
     zero_shot: dict = {}
-    rows = [run_cell(s, cell, zero_shot) for cell in steps_cells(s)]
-    rows += [run_cell(s, cell, zero_shot) for cell in time_cells(s, rows)]
+    rows: list[dict] = []
+    for phase in (lambda: steps_cells(s), lambda: time_cells(s, rows)):
+        for cell in phase():
+            rows.append(run_cell(s, cell, zero_shot))
+            if write:
+                write_cot_results(rows, s.out_dir, s.tag, s.command)
     return rows
 
 
