@@ -66,3 +66,21 @@ def test_settings_are_checked():
         CotBenchSettings(formats=("none",), equal_time_format="full")
     with pytest.raises(ValueError, match="depths must be non-empty integers >= 1"):
         CotBenchSettings(depths=(0,))
+
+
+def test_bench_cot_options_reach_the_settings():
+    import argparse
+
+    from ladder_kernels.cli.bench import add_arguments, cot_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        "--cot --formats none,full --depths 2,6 --seeds 0,1,2 --train-steps 7 --eval-samples 5 --dtype fp32 "
+        "--equal-time-format none --no-qlora --tag x".split()
+    )
+    s = cot_settings_from_args(args)
+    assert (s.formats, s.depths, s.seeds, s.steps, s.eval_samples) == (("none", "full"), (2, 6), (0, 1, 2), 7, 5)
+    assert (s.dtype, s.qlora, s.tag, s.equal_time_format) == ("float32", False, "x", "none")
+    with pytest.raises(ValueError, match="formats must be from"):
+        cot_settings_from_args(parser.parse_args(["--cot", "--formats", "long"]))
