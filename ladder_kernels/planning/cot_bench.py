@@ -185,7 +185,10 @@ def run_cell(s: CotBenchSettings, cell: Cell, zero_shot: dict) -> dict:
 
     out = s.runs_dir / cell.name
     if (out / SUMMARY_JSON).is_file():
-        return _row(cell, json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8")), out)
+        summary = json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
+        if cell.method != "qlora":
+            zero_shot.setdefault(cell.cot, summary["eval_before"])
+        return _row(cell, summary, out)
     if out.exists():  # an interrupted cell: start it again
         import shutil
 
@@ -205,9 +208,12 @@ def run_cot_bench(s: CotBenchSettings, write: bool = False) -> list[dict]:
     `write`, the result files are rewritten after every cell (an interrupted bench leaves a consistent table)."""
     zero_shot: dict = {}
     rows: list[dict] = []
+    done: dict[tuple, dict] = {}  # an equal-time cell with an equal-steps cell's very settings is that run
     for phase in (lambda: steps_cells(s), lambda: time_cells(s, rows)):
         for cell in phase():
-            rows.append(run_cell(s, cell, zero_shot))
+            key = (cell.cot, cell.method, cell.depth, cell.seed, cell.steps)
+            rows.append({**done[key], "budget": cell.budget} if key in done else run_cell(s, cell, zero_shot))
+            done.setdefault(key, rows[-1])
             if write:
                 write_cot_results(rows, s.out_dir, s.tag, s.command)
     return rows
