@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     cot.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA reference runs")
     cot.add_argument("--runs-dir", default="runs/cot_bench", help="run folders (finished cells are not rerun)")
+    cot.add_argument(
+        "--collect", action="store_true", help="write the tables from the finished cells in --runs-dir; train nothing"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -122,7 +125,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
             settings = cot_settings_from_args(args)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        rows = run_cot_bench(settings, write=True)
+        rows = run_cot_bench(settings, write=not args.collect, train=not args.collect)
+        if not rows:
+            raise ConfigError(f"bench --cot --collect: no finished cell in {settings.runs_dir}")
         for path in write_cot_results(rows, settings.out_dir, settings.tag, settings.command):
             print(path)
         return 0

@@ -203,16 +203,22 @@ def run_cell(s: CotBenchSettings, cell: Cell, zero_shot: dict) -> dict:
     return _row(cell, summary, out)
 
 
-def run_cot_bench(s: CotBenchSettings, write: bool = False) -> list[dict]:
+def run_cot_bench(s: CotBenchSettings, write: bool = False, train: bool = True) -> list[dict]:
     """Every cell, equal-steps first (the equal-time cells are sized from them); returns one row per run. With
-    `write`, the result files are rewritten after every cell (an interrupted bench leaves a consistent table)."""
+    `write`, the result files are rewritten after every cell (an interrupted bench leaves a consistent table);
+    without `train`, only finished cells are read (the tables of a bench still running elsewhere)."""
     zero_shot: dict = {}
     rows: list[dict] = []
     done: dict[tuple, dict] = {}  # an equal-time cell with an equal-steps cell's very settings is that run
     for phase in (lambda: steps_cells(s), lambda: time_cells(s, rows)):
         for cell in phase():
             key = (cell.cot, cell.method, cell.depth, cell.seed, cell.steps)
-            rows.append({**done[key], "budget": cell.budget} if key in done else run_cell(s, cell, zero_shot))
+            if key in done:
+                rows.append({**done[key], "budget": cell.budget})
+            elif train or (s.runs_dir / cell.name / SUMMARY_JSON).is_file():
+                rows.append(run_cell(s, cell, zero_shot))
+            else:
+                continue
             done.setdefault(key, rows[-1])
             if write:
                 write_cot_results(rows, s.out_dir, s.tag, s.command)

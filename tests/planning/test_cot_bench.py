@@ -56,6 +56,9 @@ def test_cot_bench_on_a_tiny_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr("ladder_kernels.train.run.TrainingRun", no_training)
     assert run_cot_bench(settings) == rows  # read back from the run folders
+    assert run_cot_bench(settings, train=False) == rows
+    partial = CotBenchSettings(**{**settings.__dict__, "seeds": (0, 1, 7)})
+    assert run_cot_bench(partial, train=False) == rows  # seed 7's cells were never run: skipped, not trained
     assert cot_bench.aggregate(rows)[0]["seeds"] in (1, 2)
 
 
