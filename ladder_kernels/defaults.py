@@ -119,6 +119,12 @@ DEFAULT_STEPS = 100  # finetune --steps (optimizer steps of one epoch); plan --s
 Task = Literal["sentiment", "arith"]
 TASKS: tuple[str, ...] = get_args(Task)
 DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
+# `arith` answer formats: every step, only the last step, or the answer alone; each ends "The answer is N."
+CoTFormat = Literal["full", "short", "none"]
+COT_FORMATS: tuple[str, ...] = get_args(CoTFormat)
+# Equal-parameter builds (`--match-params`): the side MLP width is chosen so that the trainable count is within
+# this fraction of the target (ladder and xladder then differ in depth and wiring, not in size).
+MATCH_PARAMS_TOLERANCE = 0.05
 
 # --- chat-format data (`messages` rows) -------------------------------------------------------------------
 ChatRole = Literal["system", "user", "assistant"]

@@ -10,10 +10,11 @@ from typing import Optional
 
 import torch
 
-from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, METHODS, dtype_from_name
+from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, COT_FORMATS, DTYPE_ALIASES, METHODS, dtype_from_name
 from ladder_kernels.errors import INPUT_ERRORS, ConfigError
 from ladder_kernels.planning.bench import TINY_CONFIGS, BenchSettings, run_bench
 from ladder_kernels.planning.bench_report import write_results
+from ladder_kernels.planning.cot_bench import CotBenchSettings, run_cot_bench, write_cot_results
 
 DESCRIPTION = (
     "End-to-end benchmark: Ladder, xLadder and QLoRA variants trained side by side on the same models, inputs "
@@ -75,6 +76,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="bench/results", help="where results go (default bench/results)")
     p.add_argument("--tag", default=None, help="output name suffix: e2e_<tag>.csv ... (default: the device)")
     p.add_argument("--plan", action="store_true", help="also record the memory planner's prediction per cell")
+    cot = p.add_argument_group(
+        "--cot: xLadder vs Ladder on arith by answer format (fine-tuning runs; uses --models' first, --dtype, "
+        "--out-dir, --tag)"
+    )
+    cot.add_argument(
+        "--cot",
+        action="store_true",
+        help="run the answer-format bench: ladder and xladder at equal parameters and steps per --cot format, "
+        "3 seeds, qlora once; cot_<tag>.csv/.md/.png",
+    )
+    cot.add_argument(
+        "--formats", type=_names, default=COT_FORMATS, help=f"comma-separated from {', '.join(COT_FORMATS)}"
+    )
+    cot.add_argument("--depths", type=_ints, default=(4, 8), help="xladder δ values (default 4,8)")
+    cot.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds per ladder / xladder cell (default 0,1,2)")
+    cot.add_argument("--train-steps", type=int, default=200, help="optimizer steps per run (default 200)")
+    cot.add_argument("--train-batch", type=int, default=16, help="examples per step (default 16)")
+    cot.add_argument("--eval-samples", type=int, default=300, help="held-out problems per run (default 300)")
+    cot.add_argument(
+        "--equal-time-format", default="none", help="format also run at equal training wall time ('' for none)"
+    )
+    cot.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA reference runs")
+    cot.add_argument("--runs-dir", default="runs/cot_bench", help="run folders (finished cells are not rerun)")
+    cot.add_argument(
+        "--collect", action="store_true", help="write the tables from the finished cells in --runs-dir; train nothing"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -96,7 +123,37 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+def cot_settings_from_args(args: argparse.Namespace) -> CotBenchSettings:
+    return CotBenchSettings(
+        model=(args.models or ("embedded",))[0],
+        formats=args.formats,
+        depths=args.depths,
+        seeds=args.seeds,
+        steps=args.train_steps,
+        batch_size=args.train_batch,
+        seq_len=(args.seq_lens or (CotBenchSettings.seq_len,))[0],
+        eval_samples=args.eval_samples,
+        dtype=DTYPE_ALIASES[args.dtype],
+        qlora=not args.no_qlora,
+        equal_time_format=args.equal_time_format or None,
+        out_dir=Path(args.out_dir),
+        runs_dir=Path(args.runs_dir),
+        tag=args.tag or "smollm2",
+    )
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.cot:
+        try:
+            settings = cot_settings_from_args(args)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        rows = run_cot_bench(settings, write=not args.collect, train=not args.collect)
+        if not rows:
+            raise ConfigError(f"bench --cot --collect: no finished cell in {settings.runs_dir}")
+        for path in write_cot_results(rows, settings.out_dir, settings.tag, settings.command):
+            print(path)
+        return 0
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -18,7 +18,10 @@ from ladder_kernels.defaults import (
     DEFAULT_STEPS,
     DTYPES,
     FINETUNE_METHODS,
+    LADDER_METHODS,
+    MATCH_PARAMS_TOLERANCE,
     STATE_CACHE_FOLDER,
+    CoTFormat,
     FinetuneDType,
     FinetuneMethod,
     LadderNorm,
@@ -173,6 +176,17 @@ class FinetuneConfig:
         "read from the file through the OS page cache, as fast from the second epoch on and not counted in the "
         "process's RSS",
     )
+    cot: CoTFormat = _opt(
+        "full",
+        "arith (embedded data): the answer format trained on: full (every step), short (only the last step) or "
+        "none (the answer alone); each ends 'The answer is N.'",
+    )
+    match_params: Optional[str] = _opt(
+        None,
+        "ladder, xladder: a trainable-parameter count to match, within 5%: a number, or 'ladder' / 'xladder' (the "
+        "count that method has with this run's --reduction-factor and default depth); the side MLP width "
+        "(LadderConfig.side_intermediate_size) is chosen to match it",
+    )
 
     def validate(self) -> None:
         for name, minimum in (
@@ -233,6 +247,14 @@ class FinetuneConfig:
             raise ConfigError(f"--cache-dir must be a folder path, got {self.cache_dir!r}")
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
+        if self.cot != "full" and (self.task != "arith" or self.data != "embedded"):
+            raise ConfigError(f"--cot {self.cot} applies to --task arith on its embedded data only")
+        if self.match_params is not None:
+            if self.method == "qlora":
+                raise ConfigError("--match-params applies to --method ladder and xladder (it sizes the side network)")
+            target = str(self.match_params)
+            if target not in LADDER_METHODS and not (target.isdigit() and int(target) > 0):
+                raise ConfigError(f"--match-params must be a positive integer, ladder or xladder, got {target!r}")
 
     def command_line(self) -> str:
         """The `ladder-kernels finetune` command that reproduces this configuration (non-default options only)."""
@@ -276,8 +298,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
-    """The LadderConfig of a ladder / xladder run over a backbone of `num_layers` layers."""
+def ladder_config(cfg: FinetuneConfig, num_layers: int, model_config=None) -> LadderConfig:
+    """The LadderConfig of a ladder / xladder run over a backbone of `num_layers` layers; with --match-params also
+    the side MLP width that matches the parameter target (that needs the backbone's transformers `model_config`)."""
+    base = _ladder_config(cfg, num_layers)
+    if cfg.match_params is None:
+        return base
+    if model_config is None:
+        raise ConfigError("--match-params needs the backbone's config to count parameters (model_config)")
+    return match_side_parameters(base, model_config, parameter_target(cfg, model_config))
+
+
+def _ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
     depth = 0
     if cfg.method == "xladder":
         depth = cfg.xladder_depth or default_xladder_depth(num_layers)
@@ -292,3 +324,74 @@ def ladder_config(cfg: FinetuneConfig, num_layers: int) -> LadderConfig:
         ladder_norm=cfg.ladder_norm,
         side_checkpointing=cfg.side_checkpointing,
     )
+
+
+# --- equal parameters (--match-params) -------------------------------------------------------------------------
+def side_parameter_count(lc: LadderConfig, model_config) -> int:
+    """Trainable parameters of the side network that `lc` builds over a backbone of `model_config` (exact: the
+    network is built on the meta device, without weights)."""
+    return sum(p.numel() for p in _meta_side(lc, model_config).parameters())
+
+
+def _meta_side(lc: LadderConfig, model_config):
+    from ladder_kernels.nn.backbone import BackboneSpec
+    from ladder_kernels.nn.side import SideNetwork, side_shape, side_wiring
+
+    spec = BackboneSpec.of(_meta_backbone(model_config))
+    branch, sources, free = side_wiring(spec.num_layers, lc)
+    with torch.device("meta"):
+        return SideNetwork(
+            side_shape(spec, lc),
+            branch,
+            sources,
+            free,
+            gate=lc.gate,
+            gate_temperature=lc.gate_temperature,
+            gate_init=lc.gate_init,
+            output_mix=lc.output_mix,
+            dropout=lc.dropout,
+            init_std=lc.init_std,
+            ladder_storage=lc.ladder_storage,
+            backend=lc.backend,
+        )
+
+
+def _meta_backbone(model_config):
+    """The backbone's module tree on the meta device (sizes only), cached per config."""
+    key = model_config.to_json_string()
+    if key not in _META_BACKBONES:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            _META_BACKBONES[key] = AutoModelForCausalLM.from_config(model_config)
+    return _META_BACKBONES[key]
+
+
+_META_BACKBONES: dict = {}
+
+
+def parameter_target(cfg: FinetuneConfig, model_config) -> int:
+    """--match-params as a count: the number itself, or the count of the named method's default build."""
+    target = str(cfg.match_params)
+    if target.isdigit():
+        return int(target)
+    other = dataclasses.replace(cfg, method=target, match_params=None, ladder_every=None, xladder_depth=None)
+    return side_parameter_count(_ladder_config(other, model_config.num_hidden_layers), model_config)
+
+
+def match_side_parameters(lc: LadderConfig, model_config, target: int) -> LadderConfig:
+    """`lc` with the side MLP width that brings its trainable count nearest `target`; ConfigError when no width
+    comes within MATCH_PARAMS_TOLERANCE (the rest of the network alone is too big, say)."""
+    # the count is affine in the MLP width (3 x width x d per block): two counts give the slope
+    i0 = _meta_side(lc, model_config).blocks[0].mlp.up_proj.out_features
+    c0 = side_parameter_count(dataclasses.replace(lc, side_intermediate_size=i0), model_config)
+    c1 = side_parameter_count(dataclasses.replace(lc, side_intermediate_size=i0 + 1), model_config)
+    best = max(1, round(i0 + (target - c0) / (c1 - c0)))
+    matched = dataclasses.replace(lc, side_intermediate_size=best)
+    count = side_parameter_count(matched, model_config)
+    if abs(count - target) > MATCH_PARAMS_TOLERANCE * target:
+        raise ConfigError(
+            f"--match-params {target}: the nearest side network has {count} trainable parameters (side MLP width "
+            f"{best}), more than {MATCH_PARAMS_TOLERANCE:.0%} away; change --reduction-factor or the depth"
+        )
+    return matched

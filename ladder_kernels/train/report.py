@@ -46,6 +46,11 @@ def summary_table(s: dict) -> str:
                 f"{fmt(s['eval_before']['predicted'])} -> {fmt(s['eval_after']['predicted'])}",
             )
         )
+    if "mean_generated_tokens" in s["eval_after"]:
+        ev = s["eval_after"]
+        rows.append(
+            ("generated tokens per answer, eval time", f"{ev['mean_generated_tokens']:.1f}, {ev['eval_seconds']:.0f} s")
+        )
     rows += [
         (
             "steps",

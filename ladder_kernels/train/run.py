@@ -87,7 +87,7 @@ def build_model(cfg: FinetuneConfig, model_dir: Path):
 
     backbone = load_backbone(model_dir, dtype).to(distributed.device())
     try:
-        return LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers))
+        return LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers, backbone.config))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ModelError(f"--model: Ladder cannot wrap {type(backbone).__name__}: {exc}") from None
 
@@ -115,7 +115,7 @@ class TrainingRun:
         self.cfg, self.resume, self.out = cfg, resume, Path(cfg.output_dir)
         self.command = cfg.command_line() + (" --resume" if resume else "")
         check_output_dir(self.out, resume)
-        self.dataset = load_dataset(cfg.task, cfg.data)
+        self.dataset = load_dataset(cfg.task, cfg.data, cfg.cot)
         if cfg.n_eval > len(self.dataset.heldout) and self.rank == 0:
             print(
                 f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all "
@@ -149,6 +149,8 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)  # the side network's (or LoRA's) initialisation
         random.seed(cfg.seed)
         self.model = build_model(cfg, self.model_dir)
+        # a caller that already knows the zero-shot result may set it (every Ladder run's step 0 is the backbone)
+        self.zero_shot: Optional[dict] = None
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train, evaluate, save; `on_step(done)` is called after each optimizer step (progress hooks, tests).
@@ -157,6 +159,11 @@ class TrainingRun:
 
         cfg, main = self.cfg, self.rank == 0
         self.params = trainable_parameters(self.model)
+        if main:
+            print(
+                f"trainable parameters: {sum(p.numel() for p in self.params.values()):,} ({cfg.method})",
+                file=sys.stderr,
+            )
         rule = cfg.lr_rule if cfg.method != "qlora" else "uniform"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate, rule), weight_decay=0.0)
         schedule = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
@@ -251,7 +258,7 @@ class TrainingRun:
                 )
                 + "\n",
             )
-            before = evaluate(
+            before = self.zero_shot or evaluate(
                 self.model,
                 self.tokenizer,
                 self.dataset,

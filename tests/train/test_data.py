@@ -224,3 +224,26 @@ def test_label_first_tokens_must_differ():
     assert label_first_tokens(tok, ["no", "yes"]) == [ord("n") + ord("o"), ord("y") + ord("e") + ord("s")]
     with pytest.raises(DataError, match="start with the same token"):
         label_first_tokens(tok, ["very good", "very bad"])
+
+
+@pytest.mark.parametrize("cot", ["full", "short", "none"])
+def test_arith_cot_formats_share_questions_and_answers(cot):
+    full_train, full_heldout = generate_arith(n_train=200, n_heldout=40)
+    train, heldout = generate_arith(n_train=200, n_heldout=40, cot=cot)
+    assert [ex.prompt for ex in heldout] == [ex.prompt for ex in full_heldout]
+    assert [ex.prompt for ex in train] == [ex.prompt for ex in full_train]
+    for ex, full in zip(train, full_train):
+        assert final_answer(ex.completion) == final_answer(full.completion)
+        steps = [s.strip() + "." for s in full.completion.split(".") if "=" in s]
+        shown = {"full": steps, "short": steps[-1:], "none": []}[cot]
+        assert ex.completion == " " + " ".join(shown + [f"The answer is {final_answer(full.completion)}."])
+    assert load_dataset("arith", cot=cot).heldout[0].prompt == load_dataset("arith").heldout[0].prompt
+
+
+def test_arith_cot_format_is_checked():
+    import random
+
+    from ladder_kernels.train.data import arith_problem
+
+    with pytest.raises(DataError, match="--cot must be one of full, short, none"):
+        arith_problem(random.Random(0), "brief")

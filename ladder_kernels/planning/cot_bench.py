@@ -1,0 +1,353 @@
+"""`ladder-kernels bench --cot` (bench/bench_cot.py): xLadder's claim measured on the `arith` task.
+
+For each answer format (`--cot full|short|none`), Ladder and xLadder at several depths δ are fine-tuned with the
+same number of trainable parameters (xLadder's side MLP width chosen by --match-params ladder) and the same
+optimizer steps, over several seeds; QLoRA once per format is the reference. For one format (default `none`) the
+same methods also run at equal training wall time: each gets the steps that fit the Ladder runs' mean training time
+at its own measured seconds per step (a full learning-rate schedule each, not a cut-off one).
+
+Every cell is a real `ladder-kernels finetune` run (train.run.TrainingRun) in its own folder under `runs_dir`; a
+cell whose summary.json exists is read back, not rerun, so an interrupted bench continues where it stopped.
+Outputs in `out_dir` (each written atomically): cot_<tag>.csv (one row per run), cot_<tag>.md (mean, spread and
+range over seeds per cell) and cot_<tag>.png (exact match against generated tokens per answer).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ladder_kernels.defaults import COT_FORMATS
+from ladder_kernels.io import write_bytes_atomic, write_text_atomic
+from ladder_kernels.planning.bench import command_line, library_versions
+from ladder_kernels.train.config import FinetuneConfig
+from ladder_kernels.train.run_dir import SUMMARY_JSON
+
+CSV_FIELDS = (
+    "budget",
+    "cot",
+    "method",
+    "depth",
+    "seed",
+    "steps",
+    "trainable_parameters",
+    "exact_match",
+    "exact_match_zero_shot",
+    "mean_generated_tokens",
+    "eval_seconds",
+    "n_eval",
+    "train_seconds",
+    "seconds_per_step",
+    "dtype",
+    "run_dir",
+)
+
+
+@dataclass
+class CotBenchSettings:
+    """What `bench --cot` runs; the defaults are the full table (hours on 2 CPU cores)."""
+
+    model: str = "embedded"
+    formats: tuple = COT_FORMATS
+    depths: tuple = (4, 8)  # xLadder's δ values
+    seeds: tuple = (0, 1, 2)
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 112  # the longest full-format arith example is 102 SmolLM2 tokens
+    eval_samples: int = 300
+    dtype: str = "bfloat16"
+    qlora: bool = True
+    equal_time_format: Optional[str] = "none"  # None: no equal-wall-time runs
+    out_dir: Path = Path("bench/results")
+    runs_dir: Path = Path("runs/cot_bench")
+    tag: str = "smollm2"
+    command: str = field(default_factory=command_line)
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in COT_FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"bench --cot: formats must be from {', '.join(COT_FORMATS)}, got {list(self.formats)}")
+        if self.equal_time_format is not None and self.equal_time_format not in self.formats:
+            raise ValueError(f"bench --cot: equal_time_format {self.equal_time_format!r} is not among the formats")
+        for name in ("depths", "seeds"):
+            values = getattr(self, name)
+            if not values or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < (name == "depths") for v in values
+            ):
+                raise ValueError(f"bench --cot: {name} must be non-empty integers >= {int(name == 'depths')}")
+        for name in ("steps", "batch_size", "seq_len", "eval_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"bench --cot: {name} must be an integer >= 1, got {value!r}")
+        self.out_dir, self.runs_dir = Path(self.out_dir), Path(self.runs_dir)
+
+
+@dataclass(frozen=True)
+class Cell:
+    budget: str  # "steps" (equal optimizer steps) or "time" (equal training wall time)
+    cot: str
+    method: str
+    depth: int  # xLadder's δ; 0 for ladder and qlora
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        depth = f"-d{self.depth}" if self.depth else ""
+        return f"{self.budget}-{self.cot}-{self.method}{depth}-s{self.seed}-{self.steps}steps"
+
+
+def steps_cells(s: CotBenchSettings) -> list[Cell]:
+    """The equal-steps cells: Ladder and each xLadder δ per seed, QLoRA once (seed 0), per format."""
+    cells = []
+    for cot in s.formats:
+        for seed in s.seeds:
+            cells.append(Cell("steps", cot, "ladder", 0, seed, s.steps))
+            cells += [Cell("steps", cot, "xladder", d, seed, s.steps) for d in s.depths]
+        if s.qlora:
+            cells.append(Cell("steps", cot, "qlora", 0, s.seeds[0], s.steps))
+    return cells
+
+
+def time_cells(s: CotBenchSettings, rows: list[dict]) -> list[Cell]:
+    """The equal-wall-time cells of `equal_time_format`: each method's steps = the Ladder runs' mean training
+    time / that method's mean seconds per step (both from the equal-steps rows). Ladder's own cells are its
+    equal-steps runs (the same steps), so they are not rerun."""
+    cot = s.equal_time_format
+    ours = [r for r in rows if r["budget"] == "steps" and r["cot"] == cot]
+    ladder = [r["train_seconds"] for r in ours if r["method"] == "ladder"]
+    if cot is None or not ladder:
+        return []
+    budget = statistics.mean(ladder)
+    cells = []
+    for method, depth in [("xladder", d) for d in s.depths] + ([("qlora", 0)] if s.qlora else []):
+        per_step = [r["seconds_per_step"] for r in ours if r["method"] == method and r["depth"] == depth]
+        if not per_step:
+            continue
+        steps = max(1, round(budget / statistics.mean(per_step)))
+        seeds = s.seeds if method != "qlora" else s.seeds[:1]
+        cells += [Cell("time", cot, method, depth, seed, steps) for seed in seeds]
+    return cells
+
+
+def cell_config(s: CotBenchSettings, cell: Cell) -> FinetuneConfig:
+    return FinetuneConfig(
+        model=s.model,
+        task="arith",
+        cot=cell.cot,
+        method=cell.method,
+        xladder_depth=cell.depth or None,
+        match_params="ladder" if cell.method == "xladder" else None,
+        seq_len=s.seq_len,
+        batch_size=s.batch_size,
+        steps=cell.steps,
+        eval_samples=s.eval_samples,
+        dtype=s.dtype,
+        seed=cell.seed,
+        checkpoint_every=max(cell.steps, 1),
+        output_dir=str(s.runs_dir / cell.name),
+    )
+
+
+def _row(cell: Cell, summary: dict, run_dir: Path) -> dict:
+    after = summary["eval_after"]
+    return {
+        "budget": cell.budget,
+        "cot": cell.cot,
+        "method": cell.method,
+        "depth": cell.depth,
+        "seed": cell.seed,
+        "steps": summary["steps"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "exact_match": summary["accuracy_after"],
+        "exact_match_zero_shot": summary["accuracy_before"],
+        "mean_generated_tokens": after["mean_generated_tokens"],
+        "eval_seconds": after["eval_seconds"],
+        "n_eval": after["n"],
+        "train_seconds": summary["train_seconds"],
+        "seconds_per_step": summary["seconds_per_step"],
+        "dtype": summary["dtype"],
+        "run_dir": str(run_dir),
+    }
+
+
+def run_cell(s: CotBenchSettings, cell: Cell, zero_shot: dict) -> dict:
+    """One finetune run (or its summary read back); `zero_shot` caches the backbone's zero-shot result per format:
+    every Ladder / xLadder run starts exactly at the backbone (the output mix starts at it), so it is evaluated
+    once per format."""
+    from ladder_kernels.train.run import TrainingRun
+
+    out = s.runs_dir / cell.name
+    if (out / SUMMARY_JSON).is_file():
+        summary = json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
+        if cell.method != "qlora":
+            zero_shot.setdefault(cell.cot, summary["eval_before"])
+        return _row(cell, summary, out)
+    if out.exists():  # an interrupted cell: start it again
+        import shutil
+
+        shutil.rmtree(out)
+    print(f"bench --cot: {cell.name}", file=sys.stderr)
+    run = TrainingRun(cell_config(s, cell))
+    if cell.method != "qlora":
+        run.zero_shot = zero_shot.get(cell.cot)
+    summary = run.run()
+    if cell.method != "qlora":
+        zero_shot.setdefault(cell.cot, summary["eval_before"])
+    return _row(cell, summary, out)
+
+
+def run_cot_bench(s: CotBenchSettings, write: bool = False, train: bool = True) -> list[dict]:
+    """Every cell, equal-steps first (the equal-time cells are sized from them); returns one row per run. With
+    `write`, the result files are rewritten after every cell (an interrupted bench leaves a consistent table);
+    without `train`, only finished cells are read (the tables of a bench still running elsewhere)."""
+    zero_shot: dict = {}
+    rows: list[dict] = []
+    done: dict[tuple, dict] = {}  # an equal-time cell with an equal-steps cell's very settings is that run
+    for phase in (lambda: steps_cells(s), lambda: time_cells(s, rows)):
+        for cell in phase():
+            key = (cell.cot, cell.method, cell.depth, cell.seed, cell.steps)
+            if key in done:
+                rows.append({**done[key], "budget": cell.budget})
+            elif train or (s.runs_dir / cell.name / SUMMARY_JSON).is_file():
+                rows.append(run_cell(s, cell, zero_shot))
+            else:
+                continue
+            done.setdefault(key, rows[-1])
+            if write:
+                write_cot_results(rows, s.out_dir, s.tag, s.command)
+    return rows
+
+
+# --- results -----------------------------------------------------------------------------------------------
+def csv_text(rows: list[dict], command: str) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=(*CSV_FIELDS, "versions", "command"), lineterminator="\n")
+    writer.writeheader()
+    versions = library_versions()
+    for row in rows:
+        writer.writerow({**row, "versions": versions, "command": command})
+    return buf.getvalue()
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (budget, format, method, δ): mean, sample standard deviation and range of exact match over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["cot"], r["method"], int(r["depth"])), []).append(r)
+    order = {c: i for i, c in enumerate(COT_FORMATS)}
+    out = []
+    for (budget, cot, method, depth), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2:])
+    ):
+        acc = [float(r["exact_match"]) for r in rs]
+        out.append(
+            {
+                "budget": budget,
+                "cot": cot,
+                "method": method,
+                "depth": depth,
+                "seeds": len(rs),
+                "mean": statistics.mean(acc),
+                "std": statistics.stdev(acc) if len(acc) > 1 else None,
+                "min": min(acc),
+                "max": max(acc),
+                "tokens": statistics.mean(float(r["mean_generated_tokens"]) for r in rs),
+                "params": statistics.mean(int(r["trainable_parameters"]) for r in rs),
+                "steps": statistics.mean(int(r["steps"]) for r in rs),
+                "seconds_per_step": statistics.mean(float(r["seconds_per_step"]) for r in rs),
+                "eval_seconds": statistics.mean(float(r["eval_seconds"]) for r in rs),
+                "n_eval": int(rs[0]["n_eval"]),
+                "zero_shot": float(rs[0]["exact_match_zero_shot"]),
+            }
+        )
+    return out
+
+
+def label(g: dict) -> str:
+    return f"xladder δ={g['depth']}" if g["method"] == "xladder" else g["method"]
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    groups = aggregate(rows)
+    lines = [
+        "# xLadder vs Ladder on `arith`, by answer format",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Exact match of the final number on held-out problems under greedy decoding: the mean over seeds ± the "
+        "sample standard deviation [min–max]. Ladder and xLadder have the same trainable parameters (xLadder's side "
+        "MLP width chosen by `--match-params ladder`); QLoRA is one seed. `steps`: equal optimizer steps; `time`: "
+        "equal training wall time (each method's steps fit the Ladder runs' mean training time).",
+        "",
+        "| budget | format | method | seeds | exact match | tokens / answer | trainable params | steps | s/step | "
+        "eval s | zero-shot |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        spread = f" ± {100 * g['std']:.1f}" if g["std"] is not None else ""
+        lines.append(
+            f"| {g['budget']} | {g['cot']} | {label(g)} | {g['seeds']} | {100 * g['mean']:.1f}%{spread} "
+            f"[{100 * g['min']:.0f}–{100 * g['max']:.0f}] | {g['tokens']:.1f} | {g['params'] / 1e6:.3f} M | "
+            f"{g['steps']:.0f} | {g['seconds_per_step']:.2f} | {g['eval_seconds']:.0f} | {100 * g['zero_shot']:.0f}% |"
+        )
+    n_eval = groups[0]["n_eval"] if groups else 0
+    noise = 100 * (0.25 / max(1, n_eval)) ** 0.5
+    lines += [
+        "",
+        f"Held-out problems per run: {n_eval} (binomial sampling noise up to ±{noise:.1f} points per run).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_png(rows: list[dict]) -> bytes:
+    """Exact match (mean ± std over seeds) against generated tokens per answer; colour = format, marker = method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"full": "tab:blue", "short": "tab:orange", "none": "tab:green"}
+    markers = {"ladder": "o", "qlora": "^"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    depth_markers = ("s", "D", "P", "X", "v")
+    depths = sorted({g["depth"] for g in aggregate(rows) if g["method"] == "xladder"})
+    for g in aggregate(rows):
+        marker = markers.get(g["method"]) or depth_markers[depths.index(g["depth"]) % len(depth_markers)]
+        ax.errorbar(
+            g["tokens"],
+            100 * g["mean"],
+            yerr=None if g["std"] is None else 100 * g["std"],
+            fmt=marker,
+            color=colours[g["cot"]],
+            mfc="none" if g["budget"] == "time" else colours[g["cot"]],
+            capsize=3,
+            label=f"{g['cot']} {label(g)}" + (" (equal time)" if g["budget"] == "time" else ""),
+        )
+    ax.set_xlabel("generated tokens per answer (mean)")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("arith: exact match vs answer length (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_cot_results(rows: list[dict], out_dir: Path, tag: str, command: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"cot_{tag}.{ext}" for ext in ("csv", "md", "png")]
+    write_text_atomic(paths[0], csv_text(rows, command))
+    write_text_atomic(paths[1], markdown(rows, command))
+    write_bytes_atomic(paths[2], plot_png(rows))
+    return paths
