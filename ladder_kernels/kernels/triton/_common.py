@@ -155,10 +155,26 @@ def config_problems(
 
 
 @triton.jit
+def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED: tl.constexpr):
+    """The fp32 absmax of quantization blocks `block` (0 where ~mask). NESTED (double quantization): absmax_ptr
+    holds uint8 codes and the absmax is nested_code[code] * nested_absmax[block // 256] + offset, decoded here
+    from the 1 KiB table and the per-256-block scales (cache-resident), as bitsandbytes rounds it."""
+    if NESTED:
+        codes = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + codes) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
 def nf4_tile(
     packed_ptr,
     absmax_ptr,
     code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
     rows,
     col0,
     n_rows,
@@ -167,10 +183,12 @@ def nf4_tile(
     BLOCK_COLS: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     ROWS_HOLD_WHOLE_BLOCKS: tl.constexpr,
+    NESTED: tl.constexpr,
 ):
     """W[rows, col0:col0+BLOCK_COLS] of an NF4 weight W [n_rows, n_cols], as fp32 [BLOCK_ROWS, BLOCK_COLS];
     0 outside W. `rows` holds BLOCK_ROWS row indices (int32, or int64 for weights past 2**31 elements);
-    col0 is a multiple of BLOCK_COLS (a power of two).
+    col0 is a multiple of BLOCK_COLS (a power of two). The absmax is read as `block_scale` does (NESTED: the
+    double-quantized codes and their statistics).
 
     bitsandbytes' flat-block layout: element i of W's row-major flattening is in byte i >> 1 (high nibble
     when i is even) and scaled by absmax[i // BLOCKSIZE]; blocks straddle rows unless
@@ -186,18 +204,17 @@ def nf4_tile(
         even = tl.load(code_ptr + (byte >> 4))
         odd = tl.load(code_ptr + (byte & 15))
         if BLOCK_COLS <= BLOCKSIZE:  # the tile lies inside one block of each row
-            scale = tl.load(
-                absmax_ptr + rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE, mask=rows < n_rows, other=0.0
+            block = rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE
+            scale = block_scale(
+                absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, rows < n_rows, NESTED
             )
             scale = scale[:, None]
         else:
             blocks: tl.constexpr = BLOCK_COLS // BLOCKSIZE
             block_cols = col0 // BLOCKSIZE + tl.arange(0, blocks)
-            scale = tl.load(
-                absmax_ptr + rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :],
-                mask=(rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE),
-                other=0.0,
-            )
+            block = rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :]
+            mask = (rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED)
             scale = tl.reshape(
                 tl.broadcast_to(scale[:, :, None], (BLOCK_ROWS, blocks, BLOCKSIZE // 2)), (BLOCK_ROWS, BLOCK_COLS // 2)
             )
@@ -209,5 +226,5 @@ def nf4_tile(
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> (((idx & 1) ^ 1) * 4).to(tl.int32)) & 15
-        scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, idx // BLOCKSIZE, mask, NESTED)
         return tl.load(code_ptr + nibble) * scale
