@@ -298,6 +298,7 @@ def test_bad_input(monkeypatch):
     with pytest.raises(ValueError, match="out must be"):
         tk.forward(x, q.packed, *stats, 16, 64, 64, None, out=torch.empty(3, 15, device=DEVICE))
     monkeypatch.setattr(tk, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "triton_interpreting", lambda: False)  # where the operand checks live
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         q_cpu = q.to("cpu")
         tk.forward(x.cpu(), q_cpu.packed, *stats_of(q_cpu), 16, 64, 64, None)

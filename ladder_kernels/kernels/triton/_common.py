@@ -13,13 +13,15 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
+from ladder_kernels.quant.nf4 import check_absmax_args
 
 # Offsets are int32 unless a tensor spans this many elements; then kernels take their INDEX_64 path.
 INT32_SPAN_LIMIT = 2**31 - 1
@@ -152,6 +154,59 @@ def config_problems(
         if smem > shared_memory_limit:
             problems.append(f"operand tiles need {smem} B of shared memory, more than {shared_memory_limit}")
     return problems
+
+
+def check_nf4_operands(
+    name: str,
+    a: Tensor,
+    packed: Tensor,
+    stats: tuple,
+    n: int,
+    k: int,
+    blocksize: int,
+    reduce_dim: int,
+    bias: Optional[Tensor],
+    out: Optional[Tensor],
+    out_cols: int,
+) -> None:
+    """The nf4_matmul launchers' checks: ValueError/TypeError naming the argument, before anything reaches a kernel
+    (which would read out of bounds rather than fail). a [M, reduce_dim] is the operand named `name`; stats:
+    (absmax, code, nested_absmax, nested_code, offset)."""
+    absmax, code, nested_absmax, nested_code, offset = stats
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [M, {reduce_dim}], got {getattr(a, 'shape', type(a).__name__)}")
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+    if a.shape[1] != reduce_dim:
+        raise ValueError(f"{name} must have {reduce_dim} columns, got shape {tuple(a.shape)}")
+    if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
+        raise ValueError(f"n and k must be positive ints, got n={n!r}, k={k!r}")
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
+    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    check_absmax_args(absmax, nested_absmax, nested_code, offset, triton.cdiv(n * k, blocksize), "nf4_matmul[triton]")
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
+        raise ValueError(
+            f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}"
+        )
+    devices = {t.device for t in (a, packed, *stats, bias, out) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{name}, packed, absmax, code, nested statistics, bias and out must be on one device, got "
+            f"{sorted(map(str, devices))}"
+        )
+    if a.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}"
+        )
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from ladder_kernels.backends import triton_interpreting
 from ladder_kernels.kernels.triton._common import (
     DeviceFacts,
     autotuning_enabled,
+    check_nf4_operands,
     config_problems,
     device_facts,
     dot_in_fp32,
@@ -36,7 +37,6 @@ from ladder_kernels.kernels.triton._common import (
     nf4_tile,
     span,
 )
-from ladder_kernels.quant.nf4 import check_absmax_args
 
 SMALL_M = 16  # at or below this many rows the split-reduction (decode) path is taken
 TILE_KEYS = ("BLOCK_M", "BLOCK_P", "BLOCK_R")
@@ -329,58 +329,6 @@ def default_config(
     return next(fits, preferred[-1])
 
 
-def _check_operands(
-    name: str,
-    a: Tensor,
-    packed: Tensor,
-    stats: tuple,
-    n: int,
-    k: int,
-    blocksize: int,
-    reduce_dim: int,
-    bias: Optional[Tensor],
-    out: Optional[Tensor],
-    out_cols: int,
-) -> None:
-    """ValueError/TypeError naming the argument, before anything reaches a kernel (which would read out of
-    bounds rather than fail). stats: (absmax, code, nested_absmax, nested_code, offset)."""
-    absmax, code, nested_absmax, nested_code, offset = stats
-    if not isinstance(a, Tensor) or a.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor [M, {reduce_dim}], got {getattr(a, 'shape', type(a).__name__)}")
-    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
-    if a.shape[1] != reduce_dim:
-        raise ValueError(f"{name} must have {reduce_dim} columns, got shape {tuple(a.shape)}")
-    if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
-        raise ValueError(f"n and k must be positive ints, got n={n!r}, k={k!r}")
-    if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
-    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
-        raise ValueError(
-            f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
-    check_absmax_args(absmax, nested_absmax, nested_code, offset, triton.cdiv(n * k, blocksize), "nf4_matmul[triton]")
-    if code.dtype != torch.float32 or code.numel() != 16:
-        raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
-        raise ValueError(
-            f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}"
-        )
-    devices = {t.device for t in (a, packed, *stats, bias, out) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(
-            f"{name}, packed, absmax, code, nested statistics, bias and out must be on one device, got "
-            f"{sorted(map(str, devices))}"
-        )
-    if a.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}"
-        )
-
-
 def _nf4_gemm(
     a: Tensor,
     packed: Tensor,
@@ -485,7 +433,7 @@ def forward(
     (BLOCK_M/BLOCK_P/BLOCK_R/SPLIT/GROUP_M) instead of autotuning; SPLIT > 1 takes the atomic split path.
     """
     stats = (absmax, code, nested_absmax, nested_code, offset)
-    _check_operands("x2d", x2d, packed, stats, n, k, blocksize, k, bias, out, n)
+    check_nf4_operands("x2d", x2d, packed, stats, n, k, blocksize, k, bias, out, n)
     return _nf4_gemm(x2d, packed, stats, n, k, blocksize, bias, False, out, config)
 
 
@@ -506,7 +454,7 @@ def grad_input(
 ) -> Tensor:
     """g2d [M, n] @ W -> [M, k] in g2d's dtype, W [n, k] as in `forward` (read in transposed order)."""
     stats = (absmax, code, nested_absmax, nested_code, offset)
-    _check_operands("g2d", g2d, packed, stats, n, k, blocksize, n, None, out, k)
+    check_nf4_operands("g2d", g2d, packed, stats, n, k, blocksize, n, None, out, k)
     return _nf4_gemm(g2d, packed, stats, n, k, blocksize, None, True, out, config)
 
 
