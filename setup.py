@@ -55,7 +55,9 @@ try:
         CppExtension(
             "ladder_kernels._C",
             sources,
-            extra_compile_args=["-O3", "-fopenmp"] + (["-march=x86-64-v2"] if os.uname().machine == "x86_64" else []),
+            # as ladder_kernels/kernels/cpu.py COMPILE_FLAGS (why: see there)
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"]
+            + (["-march=x86-64-v2"] if os.uname().machine == "x86_64" else []),
             extra_link_args=["-fopenmp"],
         )
     ]

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Kernel bench: `nf4_matmul` against bitsandbytes and dense matmuls on the same NF4 weight.
 
-Methods, timed side by side on one weight per shape (double-quantized NF4, bitsandbytes' bytes):
+Methods, timed side by side on one weight per shape (double-quantized NF4, bitsandbytes' bytes), in each
+direction (--directions): forward x @ W.T, and grad_input g @ W (what backward runs):
   nf4_matmul[<backend>]  ladder_kernels' op on each available backend (cpu: "cpu", "torch"; cuda: "triton", "torch"),
-                         dequantizing the double-quantized absmax on every call (as bitsandbytes does); the
-                         first backend also runs with it dequantized beforehand ("cached absmax")
-  bnb.matmul_4bit        bitsandbytes' own 4-bit matmul on the very same packed bytes and QuantState
+                         reading the double-quantized absmax as stored (the kernels decode it); the first backend
+                         also runs with it decoded to fp32 beforehand ("cached absmax", 4 bytes per block)
+  bnb.matmul_4bit        bitsandbytes' own 4-bit matmul on the very same packed bytes and QuantState (grad_input:
+                         what its backward does, dequantize_4bit then matmul)
   dequant+matmul         dequantize the whole weight (ladder_kernels' PyTorch dequantizer), then matmul
   dense                  x @ W.T on a weight dequantized beforehand: the speed limit a 4-bit kernel aims at
 
@@ -77,15 +79,18 @@ def default_backends(device: str) -> list[str]:
 
 
 def make_methods(
-    x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends: list[str]
+    x: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends: list[str], direction: str = "forward"
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """Every method as a no-argument call returning x @ W.T (all see the same x and the same NF4 bytes)."""
+    """Every method as a no-argument call returning x @ W.T (forward; x [M, K]) or x @ W (grad_input, the input
+    gradient of a linear layer; x is its output gradient [M, N]). All see the same x and the same NF4 bytes."""
+    if direction == "grad_input":
+        return _grad_input_methods(x, q, w_dense, backends)
     methods: dict[str, Callable[[], torch.Tensor]] = {}
     for backend in backends:
         methods[f"nf4_matmul[{backend}]"] = lambda b=backend: nf4_matmul(x, q, backend=b)
     if q.double_quant and backends:
-        # As above, but with the per-block absmax dequantized once beforehand (a layer may cache it): shows
-        # what the per-call dequantization of the double-quantized statistics costs.
+        # As above, but with the per-block absmax dequantized once beforehand (a layer may cache it, at 4 bytes
+        # per block): shows what reading the double-quantized statistics inside the kernel costs.
         absmax = q.block_absmax()
         methods[f"nf4_matmul[{backends[0]}] {CACHED_ABSMAX}"] = lambda: nf4_matmul(
             x, q, backend=backends[0], absmax=absmax
@@ -100,6 +105,40 @@ def make_methods(
     methods[DEQUANT] = lambda: x @ dequantize_nf4(q, x.dtype).t()
     methods[DENSE] = lambda: x @ w_dense.t()
     return methods
+
+
+def _grad_input_methods(g: torch.Tensor, q: NF4Weight, w_dense: torch.Tensor, backends: list[str]) -> dict:
+    """The grad_input direction: the op's kernel (what backward runs), bitsandbytes' backward (MatMul4Bit
+    dequantizes the weight whole, then multiplies), dequantize + matmul, and the dense matmul."""
+    op = torch.ops.ladder.nf4_matmul_grad_input
+    n, k = q.shape
+    methods: dict[str, Callable[[], torch.Tensor]] = {}
+    stats = (q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset)
+    for backend in backends:
+        methods[f"nf4_matmul[{backend}]"] = lambda b=backend: op(g, q.packed, *stats, n, k, q.blocksize, b)
+    if q.double_quant and backends:
+        cached = (q.block_absmax(), q.code, None, None, None)
+        methods[f"nf4_matmul[{backends[0]}] {CACHED_ABSMAX}"] = lambda: op(
+            g, q.packed, *cached, n, k, q.blocksize, backends[0]
+        )
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        packed, state = q.to_bnb()
+        methods[BNB] = lambda: g @ bnb_functional.dequantize_4bit(packed, state).to(g.dtype)
+    except ImportError:
+        pass
+    methods[DEQUANT] = lambda: g @ dequantize_nf4(q, g.dtype)
+    methods[DENSE] = lambda: g @ w_dense
+    return methods
+
+
+def select(methods: dict[str, Callable], args) -> dict[str, Callable]:
+    """The methods whose name contains one of --methods (all by default); dense always (the ratios' base)."""
+    wanted = getattr(args, "methods", None)
+    if not wanted:
+        return methods
+    return {name: fn for name, fn in methods.items() if name == DENSE or any(w in name for w in wanted)}
 
 
 # --- timing ------------------------------------------------------------------------------------------------
@@ -213,10 +252,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def time_case(n: int, k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense: torch.Tensor, args) -> list[dict]:
+def time_case(
+    n: int, k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense: torch.Tensor, args, direction: str = "forward"
+) -> list[dict]:
     """One row per method: timing, and agreement with the dense matmul (memory columns filled in later)."""
-    x = torch.randn(m, k, device=args.device, dtype=dtype)
-    methods = make_methods(x, q, w_dense, args.backends)
+    x = torch.randn(m, n if direction == "grad_input" else k, device=args.device, dtype=dtype)
+    methods = select(make_methods(x, q, w_dense, args.backends, direction), args)
     with torch.no_grad():
         ref = methods[DENSE]()
         errors = {name: rel_err(fn(), ref) for name, fn in methods.items()}
@@ -232,6 +273,7 @@ def time_case(n: int, k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense:
         rows.append(
             dict(
                 method=name,
+                direction=direction,
                 dtype=str(dtype).removeprefix("torch."),
                 M=m,
                 N=n,
@@ -253,11 +295,18 @@ def time_case(n: int, k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense:
 
 
 def measure_case(
-    k: int, m: int, dtype: torch.dtype, q: NF4Weight, w_dense: torch.Tensor, rows: list[dict], args
+    k: int,
+    m: int,
+    dtype: torch.dtype,
+    q: NF4Weight,
+    w_dense: torch.Tensor,
+    rows: list[dict],
+    args,
+    direction: str = "forward",
 ) -> None:
     """Fill in the memory columns of one case's rows."""
-    x = torch.randn(m, k, device=args.device, dtype=dtype)
-    methods = make_methods(x, q, w_dense, args.backends)
+    x = torch.randn(m, q.shape[0] if direction == "grad_input" else k, device=args.device, dtype=dtype)
+    methods = select(make_methods(x, q, w_dense, args.backends, direction), args)
     with torch.no_grad():
         for row in rows:
             tensors, process = extra_memory_mib(methods[row["method"]], args.device)
@@ -357,10 +406,10 @@ def to_markdown(rows: list[dict], env: dict) -> str:
     ]
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        by_case.setdefault((r["dtype"], r["N"], r["K"], r["M"]), {})[r["method"]] = r
-    header = "| dtype | N x K | M | " + " | ".join(methods) + " |"
-    lines += [header, "|" + " --- |" * (3 + len(methods))]
-    for (dtype, n, k, m), per_method in by_case.items():
+        by_case.setdefault((r["direction"], r["dtype"], r["N"], r["K"], r["M"]), {})[r["method"]] = r
+    header = "| direction | dtype | N x K | M | " + " | ".join(methods) + " |"
+    lines += [header, "|" + " --- |" * (4 + len(methods))]
+    for (direction, dtype, n, k, m), per_method in by_case.items():
         cells = []
         for name in methods:
             r = per_method.get(name)
@@ -371,7 +420,7 @@ def to_markdown(rows: list[dict], env: dict) -> str:
                 f", {r['ratio_vs_bnb']:.2f}x bnb)" if r["ratio_vs_bnb"] != "" and name != BNB else ")"
             )
             cells.append(f"{r['median_ms']:.3f}" + ("" if name == DENSE else ratio))
-        lines.append(f"| {dtype} | {n} x {k} | {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {direction} | {dtype} | {n} x {k} | {m} | " + " | ".join(cells) + " |")
     mem_col = "extra_mib_process"
     lines += [
         "",
@@ -383,13 +432,13 @@ def to_markdown(rows: list[dict], env: dict) -> str:
         )
         + ", and the size of a full fp32 copy of the weight.",
         "",
-        "| dtype | N x K | M | fp32 weight | " + " | ".join(methods) + " |",
-        "|" + " --- |" * (4 + len(methods)),
+        "| direction | dtype | N x K | M | fp32 weight | " + " | ".join(methods) + " |",
+        "|" + " --- |" * (5 + len(methods)),
     ]
-    for (dtype, n, k, m), per_method in by_case.items():
+    for (direction, dtype, n, k, m), per_method in by_case.items():
         cells = [str(per_method[name][mem_col]) if name in per_method else "" for name in methods]
         fp32 = next(iter(per_method.values()))["fp32_weight_mib"]
-        lines.append(f"| {dtype} | {n} x {k} | {m} | {fp32} | " + " | ".join(cells) + " |")
+        lines.append(f"| {direction} | {dtype} | {n} x {k} | {m} | {fp32} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -431,6 +480,17 @@ def parse_args(argv=None):
         choices=("triton", "cpu", "torch"),
         help="nf4_matmul backends (default: every one usable here)",
     )
+    p.add_argument(
+        "--directions",
+        nargs="+",
+        choices=("forward", "grad_input"),
+        help="forward (x @ W.T) and/or grad_input (g @ W, what backward runs; default: both on cpu, forward on cuda)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="time only the methods whose name contains one of these (e.g. nf4_matmul bnb); dense always runs",
+    )
     p.add_argument("--blocksize", type=int, default=64, help="NF4 blocksize (default 64, as bitsandbytes)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
@@ -449,6 +509,7 @@ def parse_args(argv=None):
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32", "bf16"] if args.device == "cpu" else ["bf16"]))]
     args.backends = args.backends or default_backends(args.device)
+    args.directions = args.directions or (["forward", "grad_input"] if args.device == "cpu" else ["forward"])
     args.repeats = args.repeats or (7 if args.device == "cpu" else 25)
     return args
 
@@ -468,7 +529,7 @@ def main(argv=None) -> int:
         weights[n, k] = quantize_nf4(
             (torch.randn(n, k, generator=gen) * 0.02).to(args.device), blocksize=args.blocksize, double_quant=True
         )
-    n_cases = sum(len(ms) for ms in by_shape.values()) * len(args.dtypes)
+    n_cases = sum(len(ms) for ms in by_shape.values()) * len(args.dtypes) * len(args.directions)
     # Timing runs first, with the allocator as users have it; the memory pass then switches glibc to
     # returning freed memory at once (irreversible, and it makes every large allocation fault its pages in).
     phases = ["time"] + (["memory"] if args.memory else [])
@@ -481,13 +542,16 @@ def main(argv=None) -> int:
                 q = weights[n, k]
                 for dtype in args.dtypes:
                     w_dense = dequantize_nf4(q, dtype)
-                    for m in ms:
-                        bar.set_postfix_str(f"{phase} {n}x{k} M={m} {str(dtype).removeprefix('torch.')}")
-                        if phase == "time":
-                            rows_of[n, k, m, dtype] = time_case(n, k, m, dtype, q, w_dense, args)
-                        else:
-                            measure_case(k, m, dtype, q, w_dense, rows_of[n, k, m, dtype], args)
-                        bar.update()
+                    for direction in args.directions:
+                        for m in ms:
+                            name = str(dtype).removeprefix("torch.")
+                            bar.set_postfix_str(f"{phase} {direction} {n}x{k} M={m} {name}")
+                            key = (direction, n, k, m, dtype)
+                            if phase == "time":
+                                rows_of[key] = time_case(n, k, m, dtype, q, w_dense, args, direction)
+                            else:
+                                measure_case(k, m, dtype, q, w_dense, rows_of[key], args, direction)
+                            bar.update()
                     del w_dense
     rows = [row for case_rows in rows_of.values() for row in case_rows]
     stem = args.out_dir / f"nf4_matmul_{args.device}"

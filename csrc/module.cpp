@@ -3,6 +3,12 @@
 // is what loads them.
 #include <torch/extension.h>
 
+#include <string>
+
+std::string nf4_cpu_isa();  // csrc/nf4_matmul.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ladder-kernels C++ CPU kernels (registered as torch.ops.ladder_cpu.*)";
+  m.def("cpu_isa", &nf4_cpu_isa,
+        "The instruction set the NF4 kernels take now: avx512, avx2 or scalar (LADDER_KERNELS_CPU_ISA honoured)");
 }

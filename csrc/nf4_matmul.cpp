@@ -3,14 +3,20 @@
 //   nf4_matmul(x [M,K], W [N,K] as NF4)      -> x @ W^T (+ bias)  [M,N]
 //   nf4_matmul_grad_input(g [M,N], W [N,K])  -> g @ W             [M,K]
 //
-// W is stored in bitsandbytes' flat-block layout: element i of the row-major flattening sits in byte i>>1
-// (high nibble when i is even) and is scaled by absmax[i / blocksize]; blocks may straddle rows.
+// W is stored in bitsandbytes' flat-block layout (csrc/nf4_weight.h), its absmax either fp32 per block or
+// double-quantized as stored (uint8 codes, fp32 per 256 blocks, offset, 256-entry table), decoded per block
+// inside the kernels: nothing of the weight's size is allocated per call.
 //
-// Both are one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a tile of W
-// (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own small buffer and
-// multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column slice of the output.
-// Extra memory is therefore one tile per thread (2 MiB), never the whole dequantized weight. A forward pass
-// with only a few rows of x (decoding) skips the tiles: fused_rows_avx512 dequantizes in registers.
+// Which code runs is chosen per call (`active_isa`): the CPU's best of avx512 / avx2 / scalar, or what the
+// environment variable LADDER_KERNELS_CPU_ISA names (for tests: every path against the same reference).
+//   avx2     csrc/nf4_avx2.cpp: a register-blocked GEMM of its own on in-cache dequantized panels of W.
+//   avx512 and scalar: one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a
+//            tile of W (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own
+//            small buffer and multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column
+//            slice of the output; avx512 dequantizes with 16-wide table lookups, and a forward pass with only a
+//            few rows of x (decoding) skips the tiles: fused_rows_avx512 dequantizes in registers.
+// Extra memory: scratch of at most 1/64 of a fp32 copy of W (once W is larger than one tile), allocated on the
+// calling thread.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch_v2.h>
@@ -23,16 +29,23 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
 #include <type_traits>
+
+#include "nf4_weight.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LADDER_NF4_X86 1
 #endif
 
+using ladder_nf4::Nf4Weight;
+
 namespace {
 
-// Bytes per dequantized tile (per thread: one per-core L2 here), and the reduction length of an fp32 tile.
+// Bytes per dequantized tile (per thread: one per-core L2 here; less on a small weight, see tile_bytes), and the reduction length of an fp32 tile.
 // Every BLAS call repacks its slice of the activations, so the tile's output width is what amortizes that;
 // cutting the reduction into chunks lets tiles be wide and still small. Measured on one core at M=512,
 // N=4096, K=11008 fp32: full-reduction tiles of 2-8 MiB (47-190 wide) cost 1.4-1.7x the dense matmul,
@@ -54,13 +67,34 @@ constexpr int64_t kFusedMaxRows = 8;
 template <typename T>
 constexpr int64_t fused_max_rows() { return std::is_same_v<T, float> ? kFusedMaxRows : 4; }
 
-// The NF4 weight as raw pointers (checked by check_weight).
-struct Nf4Weight {
-  const uint8_t* packed;
-  const float* absmax;
-  const float* code;
-  int64_t n, k, blocksize;
-};
+// --- which code runs ----------------------------------------------------------------------------------------
+enum class Isa { kScalar, kAvx2, kAvx512 };
+constexpr const char* kIsaEnv = "LADDER_KERNELS_CPU_ISA";  // defaults.CPU_ISA_ENV
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
+
+bool cpu_supports(Isa isa);
+
+// The CPU's best, or what LADDER_KERNELS_CPU_ISA names ("auto", "avx512", "avx2", "scalar"); read on every call so
+// that tests can switch paths in one process. Asking for what the CPU cannot run is an error, not a fallback.
+Isa active_isa() {
+  const char* env = std::getenv(kIsaEnv);
+  const std::string want = env ? env : "auto";
+  if (want.empty() || want == "auto") {
+    return cpu_supports(Isa::kAvx512) ? Isa::kAvx512 : cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar;
+  }
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (want == isa_name(isa)) {
+      TORCH_CHECK(cpu_supports(isa), kIsaEnv, "=", want, ": this CPU cannot run the ", want,
+                  " kernels (unset it, or use auto)");
+      return isa;
+    }
+  }
+  TORCH_CHECK(false, kIsaEnv, " must be one of auto, avx512, avx2, scalar, got '", want, "'");
+  return Isa::kScalar;  // not reached
+}
 
 // --- dequantization of a tile W[row0 : row0+rows, col0 : col0+cols] into a dense row-major buffer ------------
 // Each row of the tile is a contiguous run of the flat weight, cut further where quantization blocks end.
@@ -81,7 +115,7 @@ void dequant_tile_scalar(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t
     for (int64_t start = (row0 + r) * w.k + col0, end = start + cols, j = 0; start < end;) {
       const int64_t block = start / w.blocksize;
       const int64_t run = std::min(end, (block + 1) * w.blocksize) - start;
-      dequant_run_scalar(w.packed, w.code, w.absmax[block], start, run, dst + j);
+      dequant_run_scalar(w.packed, w.code, w.scale(block), start, run, dst + j);
       start += run, j += run;
     }
   }
@@ -138,7 +172,7 @@ LADDER_AVX512 void dequant_tile_avx512(const Nf4Weight& w, int64_t row0, int64_t
     for (int64_t start = (row0 + r) * k + col0, end = start + cols, j = 0; start < end;) {
       const int64_t block = start / w.blocksize;
       const int64_t len = std::min(end, (block + 1) * w.blocksize) - start;
-      const float scale = w.absmax[block];
+      const float scale = w.scale(block);
       const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scale));
       __m512i scaled_16bit;  // 16-bit types: the table rounded to T, in the low 16 words
       if constexpr (!kFloat) scaled_16bit = _mm512_castsi256_si512(to_16bit<T>(scaled));
@@ -190,7 +224,7 @@ LADDER_AVX512 void fused_rows_avx512(const Nf4Weight& w, const float* x_f32, int
     for (int64_t start = j * k, end = start + k; start < end;) {
       const int64_t block = start / w.blocksize;
       const int64_t len = std::min(end, (block + 1) * w.blocksize) - start;
-      __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[block]));
+      __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(w.scale(block)));
       if constexpr (!std::is_same_v<T, float>) scaled = round_to_16bit<T>(scaled);
       const uint8_t* src = w.packed + (start >> 1);
       int64_t c = start - j * k;  // column of the run's first element
@@ -223,42 +257,92 @@ LADDER_AVX512 void fused_rows_avx512(const Nf4Weight& w, const float* x_f32, int
   }
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && std::getenv("LADDER_KERNELS_NO_AVX512") == nullptr;
-  return has;
-}
 #endif
+
+bool cpu_supports(Isa isa) {
+#ifdef LADDER_NF4_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (isa == Isa::kAvx512) return avx512;
+  if (isa == Isa::kAvx2) return ladder_nf4::cpu_has_avx2();
+#else
+  if (isa != Isa::kScalar) return false;
+#endif
+  return true;
+}
 
 // W[row0 : row0+rows, col0 : col0+cols] -> dst, row-major [rows, cols], in T.
 template <typename T>
-void dequant_tile(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
+void dequant_tile(Isa isa, const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
 #ifdef LADDER_NF4_X86
-  if (cpu_has_avx512()) return dequant_tile_avx512(w, row0, rows, col0, cols, dst);
+  if (isa == Isa::kAvx512) return dequant_tile_avx512(w, row0, rows, col0, cols, dst);
 #endif
   dequant_tile_scalar(w, row0, rows, col0, cols, dst);
 }
 
+// Tests set LADDER_KERNELS_POISON_OUTPUTS=1 (defaults.POISON_OUTPUTS_ENV): outputs start as NaN, so an element a
+// kernel forgets to write cannot pass by luck (at::empty would hand back whatever the memory held).
+at::Tensor new_output(int64_t rows, int64_t cols, const at::Tensor& like) {
+  at::Tensor out = at::empty({rows, cols}, like.options().memory_format(at::MemoryFormat::Contiguous));
+  const char* poison = std::getenv("LADDER_KERNELS_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(std::numeric_limits<float>::quiet_NaN());
+  return out;
+}
+
 // --- argument checks ------------------------------------------------------------------------------------
 
-void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t n, int64_t k,
-                  int64_t blocksize, const char* op) {
+// The weight's tensors, as the op takes them: absmax is fp32, or uint8 codes with the three nested statistics.
+struct WeightArgs {
+  const at::Tensor& packed;
+  const at::Tensor& absmax;
+  const at::Tensor& code;
+  const c10::optional<at::Tensor>& nested_absmax;
+  const c10::optional<at::Tensor>& nested_code;
+  const c10::optional<at::Tensor>& offset;
+};
+
+void check_fp32(const at::Tensor& t, int64_t numel, const char* op, const char* name, const char* expected) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.numel() == numel, op, ": ", name, " must hold ", expected, " = ", numel, " values, got ", t.numel());
+}
+
+Nf4Weight check_weight(const WeightArgs& a, int64_t n, int64_t k, int64_t blocksize, const char* op) {
   TORCH_CHECK(n > 0 && k > 0, op, ": n and k (the weight's shape) must be positive, got n=", n, " k=", k);
   TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(packed.device().is_cpu() && absmax.device().is_cpu() && code.device().is_cpu(), op,
-              ": packed, absmax and code must be CPU tensors");
-  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(packed.is_contiguous(), op, ": packed must be contiguous");
-  TORCH_CHECK(packed.numel() == (n * k + 1) / 2, op, ": packed must hold (n*k+1)/2 = ", (n * k + 1) / 2,
-              " bytes for n=", n, " k=", k, ", got ", packed.numel());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32 (dequantize double-quantized "
-              "statistics first), got ", absmax.scalar_type());
-  TORCH_CHECK(absmax.is_contiguous(), op, ": absmax must be contiguous");
+  TORCH_CHECK(a.packed.device().is_cpu() && a.absmax.device().is_cpu(), op, ": packed and absmax must be CPU tensors");
+  TORCH_CHECK(a.packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", a.packed.scalar_type());
+  TORCH_CHECK(a.packed.is_contiguous(), op, ": packed must be contiguous");
+  TORCH_CHECK(a.packed.numel() == (n * k + 1) / 2, op, ": packed must hold (n*k+1)/2 = ", (n * k + 1) / 2,
+              " bytes for n=", n, " k=", k, ", got ", a.packed.numel());
+  check_fp32(a.code, 16, op, "code", "the NF4 table's");
   const int64_t n_blocks = (n * k + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == n_blocks, op, ": absmax must hold ceil(n*k/blocksize) = ", n_blocks,
-              " values, got ", absmax.numel());
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16 && code.is_contiguous(), op,
-              ": code must be 16 contiguous float32 values, got ", code.numel(), " of ", code.scalar_type());
+  const int given = a.nested_absmax.has_value() + a.nested_code.has_value() + a.offset.has_value();
+  TORCH_CHECK(given == 0 || given == 3, op, ": nested_absmax, nested_code and offset come together (double "
+              "quantization) or not at all, got ", given, " of them");
+  TORCH_CHECK(a.absmax.is_contiguous(), op, ": absmax must be contiguous");
+  TORCH_CHECK(a.absmax.numel() == n_blocks, op, ": absmax must hold ceil(n*k/blocksize) = ", n_blocks,
+              " values, got ", a.absmax.numel());
+  Nf4Weight w{a.packed.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr, 0.0f, a.code.data_ptr<float>(),
+              n, k, blocksize};
+  if (given == 0) {
+    TORCH_CHECK(a.absmax.scalar_type() == at::kFloat, op, ": absmax must be float32 without nested statistics "
+                "(double-quantized uint8 codes need nested_absmax, nested_code and offset), got ",
+                a.absmax.scalar_type());
+    w.absmax = a.absmax.data_ptr<float>();
+    return w;
+  }
+  TORCH_CHECK(a.absmax.scalar_type() == at::kByte, op, ": absmax must be uint8 codes with nested statistics, got ",
+              a.absmax.scalar_type());
+  check_fp32(*a.nested_absmax, (n_blocks + 255) / 256, op, "nested_absmax", "ceil(n_blocks/256)");
+  check_fp32(*a.nested_code, 256, op, "nested_code", "the dynamic map's");
+  check_fp32(*a.offset, 1, op, "offset", "one");
+  w.absmax_codes = a.absmax.data_ptr<uint8_t>();
+  w.nested_absmax = a.nested_absmax->data_ptr<float>();
+  w.nested_code = a.nested_code->data_ptr<float>();
+  w.offset = a.offset->data_ptr<float>()[0];
+  return w;
 }
 
 void check_activation(const at::Tensor& x, int64_t cols, const char* op, const char* name, const char* dim_name) {
@@ -280,22 +364,27 @@ at::Tensor blas_compatible(const at::Tensor& x) {
 
 // out = a @ W^T (transpose_w: forward, P = n, R = k) or a @ W (grad_input, P = k, R = n), out [M, P] given.
 template <typename T>
-void nf4_gemm(const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Tensor& out) {
+void nf4_gemm(Isa isa, const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Tensor& out) {
   const int64_t out_cols = out.size(1), reduce = a.size(1);
   const int64_t chunk = std::is_same_v<T, float> ? std::min(reduce, kReduceChunk) : reduce;
   const int64_t threads = at::get_num_threads();
-  // Wide enough to fill kTileBytes; narrow enough for kTilesPerThread tiles per thread, which the threads
-  // take in turn, so that one thread slowed down (a busy machine) leaves its share to the others.
-  int64_t width = std::max(kMinTile, kTileBytes / (chunk * static_cast<int64_t>(sizeof(T))));
+  // Tiles of at most 1/64 of a fp32 copy of W over all threads (and kTileBytes each); wide enough to fill that;
+  // narrow enough for kTilesPerThread tiles per thread, which the threads take in turn, so that one thread
+  // slowed down (a busy machine) leaves its share to the others.
+  const int64_t tile_bytes = std::min(kTileBytes, std::max<int64_t>(w.n * w.k / 16 / threads, 1));
+  const int64_t fill = tile_bytes / (chunk * static_cast<int64_t>(sizeof(T)));
+  int64_t width = std::max<int64_t>(fill < kMinTile ? 16 : kMinTile, fill);  // below kMinTile only on a small W
   width = std::min({width, std::max<int64_t>((out_cols + kTilesPerThread * threads - 1) / (kTilesPerThread * threads), 16), out_cols});
   const int64_t n_tiles = (out_cols + width - 1) / width;
+  const int64_t workers = std::min(threads, n_tiles);
+  const at::Tensor buffers = at::empty({workers, width * chunk}, a.options());  // on this thread: tracked
   std::atomic<int64_t> next_tile{0};
 
-  at::parallel_for(0, std::min(threads, n_tiles), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t) {
     // Worker threads do not inherit the caller's dispatch state: without this, BLAS calls on inputs that
     // require grad (the op runs inside autograd's forward) would go through autograd and refuse out=.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor buffer = at::empty({width * chunk}, a.options());
+    at::Tensor buffer = buffers[begin];
     T* buf = buffer.data_ptr<T>();
     for (int64_t t; (t = next_tile.fetch_add(1)) < n_tiles;) {
       const int64_t p0 = t * width, cols = std::min(width, out_cols - p0);
@@ -304,10 +393,10 @@ void nf4_gemm(const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Ten
         const int64_t len = std::min(chunk, reduce - r0);
         at::Tensor tile;
         if (transpose_w) {  // W[p0:p0+cols, r0:r0+len], used as its transpose
-          dequant_tile(w, p0, cols, r0, len, buf);
+          dequant_tile(isa, w, p0, cols, r0, len, buf);
           tile = buffer.narrow(0, 0, cols * len).view({cols, len}).t();
         } else {  // W[r0:r0+len, p0:p0+cols]
-          dequant_tile(w, r0, len, p0, cols, buf);
+          dequant_tile(isa, w, r0, len, p0, cols, buf);
           tile = buffer.narrow(0, 0, len * cols).view({len, cols});
         }
         const at::Tensor a_chunk = a.narrow(1, r0, len);
@@ -321,18 +410,29 @@ void nf4_gemm(const at::Tensor& a, const Nf4Weight& w, bool transpose_w, at::Ten
   });
 }
 
-Nf4Weight weight_view(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t n,
-                      int64_t k, int64_t blocksize) {
-  return {packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n, k, blocksize};
+// out = a @ W^T or a @ W through the AVX2 kernels (nf4_avx2.cpp), scratch allocated here.
+template <typename T>
+void nf4_avx2(const at::Tensor& a, const Nf4Weight& w, bool grad_input, at::Tensor& out) {
+  const ladder_nf4::Avx2Plan plan = ladder_nf4::avx2_plan(w, a.size(0), grad_input, at::get_num_threads());
+  const at::Tensor workspace = at::empty({plan.workers * plan.floats_per_worker}, a.options().dtype(at::kFloat));
+  const T* a_ptr = a.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  float* ws = workspace.data_ptr<float>();
+  if (grad_input) {
+    ladder_nf4::nf4_grad_input_avx2<T>(w, a_ptr, a.size(0), a.stride(0), a.stride(1), out_ptr, ws, plan);
+  } else {
+    ladder_nf4::nf4_forward_avx2<T>(w, a_ptr, a.size(0), a.stride(0), a.stride(1), out_ptr, ws, plan);
+  }
 }
 
 }  // namespace
 
 at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          const at::Tensor& code, int64_t n, int64_t k, int64_t blocksize,
-                          const c10::optional<at::Tensor>& bias) {
+                          const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                          int64_t n, int64_t k, int64_t blocksize, const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "ladder_cpu::nf4_matmul";
-  check_weight(packed, absmax, code, n, k, blocksize, op);
+  const Nf4Weight w = check_weight({packed, absmax, code, nested_absmax, nested_code, offset}, n, k, blocksize, op);
   check_activation(x, k, op, "x", "k");
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, op,
@@ -340,12 +440,13 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(),
                 ", got ", bias->scalar_type());
   }
-  at::Tensor out = at::empty({x.size(0), n}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Isa isa = active_isa();
+  at::Tensor out = new_output(x.size(0), n, x);
   if (x.size(0) == 0) return out;
-  const Nf4Weight w = weight_view(packed, absmax, code, n, k, blocksize);
   AT_DISPATCH_V2(x.scalar_type(), "nf4_matmul_cpu", AT_WRAP([&] {
+    if (isa == Isa::kAvx2) return nf4_avx2<scalar_t>(x, w, /*grad_input=*/false, out);
 #ifdef LADDER_NF4_X86
-    if (x.size(0) <= fused_max_rows<scalar_t>() && cpu_has_avx512()) {
+    if (isa == Isa::kAvx512 && x.size(0) <= fused_max_rows<scalar_t>()) {
       const at::Tensor x_f32 = x.to(at::kFloat).contiguous();
       at::Tensor out_f32 = std::is_same_v<scalar_t, float> ? out : at::empty({x.size(0), n}, x_f32.options());
       // grain: enough rows per task that a task streams a few hundred KiB of W
@@ -356,29 +457,39 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       return;
     }
 #endif
-    nf4_gemm<scalar_t>(blas_compatible(x), w, /*transpose_w=*/true, out);
+    nf4_gemm<scalar_t>(isa, blas_compatible(x), w, /*transpose_w=*/true, out);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   if (bias.has_value()) out.add_(*bias);  // rounds like the reference: product in x's dtype, then + bias
   return out;
 }
 
 at::Tensor nf4_matmul_grad_input_cpu(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
-                                     const at::Tensor& code, int64_t n, int64_t k, int64_t blocksize) {
+                                     const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
+                                     const c10::optional<at::Tensor>& nested_code,
+                                     const c10::optional<at::Tensor>& offset, int64_t n, int64_t k,
+                                     int64_t blocksize) {
   constexpr const char* op = "ladder_cpu::nf4_matmul_grad_input";
-  check_weight(packed, absmax, code, n, k, blocksize, op);
+  const Nf4Weight w = check_weight({packed, absmax, code, nested_absmax, nested_code, offset}, n, k, blocksize, op);
   check_activation(g, n, op, "g", "n");
-  at::Tensor out = at::empty({g.size(0), k}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  const Isa isa = active_isa();
+  at::Tensor out = new_output(g.size(0), k, g);
   if (g.size(0) == 0) return out;
-  const Nf4Weight w = weight_view(packed, absmax, code, n, k, blocksize);
   AT_DISPATCH_V2(g.scalar_type(), "nf4_matmul_grad_input_cpu", AT_WRAP([&] {
-    nf4_gemm<scalar_t>(blas_compatible(g), w, /*transpose_w=*/false, out);
+    if (isa == Isa::kAvx2) return nf4_avx2<scalar_t>(g, w, /*grad_input=*/true, out);
+    nf4_gemm<scalar_t>(isa, blas_compatible(g), w, /*transpose_w=*/false, out);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
 }
 
+// The kernels a call takes now (LADDER_KERNELS_CPU_ISA honoured), for backend_info(); raises when the variable
+// names something this CPU cannot run.
+std::string nf4_cpu_isa() { return isa_name(active_isa()); }
+
 TORCH_LIBRARY_FRAGMENT(ladder_cpu, m) {
-  m.def("nf4_matmul(Tensor x2d, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize, Tensor? bias) -> Tensor");
-  m.def("nf4_matmul_grad_input(Tensor g2d, Tensor packed, Tensor absmax, Tensor code, int n, int k, int blocksize) -> Tensor");
+  m.def("nf4_matmul(Tensor x2d, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, int n, int k, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_grad_input(Tensor g2d, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, int n, int k, int blocksize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ladder_cpu, CPU, m) {

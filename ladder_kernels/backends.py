@@ -71,7 +71,9 @@ def kernel(name: str, backend: str) -> Callable:
 
 
 def backend_info() -> dict:
-    """Which backends are active here, and why any is not (the C++ extension is loaded on first call)."""
+    """Which backends are active here, and why any is not (the C++ extension is loaded on first call). With the
+    C++ backend: `cpu_library`, the file loaded, and `cpu_isa`, the NF4 kernels' instruction set ("avx512",
+    "avx2" or "scalar"; the environment variable defaults.CPU_ISA_ENV forces one)."""
     triton_err = _triton_import_error()
     cuda = torch.cuda.is_available()
     info = {
@@ -87,6 +89,12 @@ def backend_info() -> dict:
         info["why_not"]["triton_interpret"] = triton_err or "TRITON_INTERPRET=1 is not set"
     if not info["cpu"]:
         info["why_not"]["cpu"] = _cpu().why_unavailable()
+    else:  # which C++ library is loaded, and which of its NF4 code paths a call takes now
+        info["cpu_library"] = _cpu().library_path()
+        try:
+            info["cpu_isa"] = _cpu().isa()
+        except RuntimeError as exc:  # LADDER_KERNELS_CPU_ISA names what this CPU cannot run
+            info["cpu_isa"] = f"error: {str(exc).splitlines()[0]}"
     return info
 
 

@@ -63,6 +63,11 @@ def dtype_from_name(name) -> torch.dtype:
 # --- kernels ----------------------------------------------------------------------------------------------
 Backend = Literal["triton", "cpu", "torch"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+# The C++ NF4 kernels' instruction set: "auto" takes the CPU's best; the environment variable forces one (tests).
+CpuIsa = Literal["auto", "avx512", "avx2", "scalar"]
+CPU_ISAS: tuple[str, ...] = get_args(CpuIsa)
+CPU_ISA_ENV = "LADDER_KERNELS_CPU_ISA"
+POISON_OUTPUTS_ENV = "LADDER_KERNELS_POISON_OUTPUTS"  # "1": the C++ kernels' outputs start as NaN (tests)
 LadderStorage = Literal["bf16", "int8"]
 LADDER_STORAGES: tuple[str, ...] = get_args(LadderStorage)
 NF4_BLOCKSIZE = 64

@@ -28,11 +28,17 @@ KERNELS = {
 }
 _PACKAGE = Path(__file__).resolve().parent.parent
 CSRC_DIRS = (_PACKAGE.parent / "csrc", _PACKAGE / "csrc")  # a source checkout, an installed wheel
-COMPILE_FLAGS = ["-O3", "-fopenmp"] + (["-march=x86-64-v2"] if platform.machine() == "x86_64" else [])
+# The baseline -march stays portable: the AVX2 / AVX-512 loops carry their own target attributes and are chosen at
+# run time (csrc/nf4_matmul.cpp). -ffp-contract=off: no FMA fuses a product and a sum that the torch reference
+# rounds separately (the nested absmax decode is then bit-identical to it). setup.py passes the same flags.
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"] + (
+    ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
+)
 _load_error: str | None = None
+_module = None  # the loaded extension module (ladder_kernels._C or the just-in-time build)
 
 
-def _jit_build() -> None:
+def _jit_build():
     """Build csrc/*.cpp with ninja into the user's cache dir (done once; torch caches by source hash)."""
     from torch.utils import cpp_extension
 
@@ -51,7 +57,7 @@ def _jit_build() -> None:
         os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ladder_kernels" / "torch_ext"
     cache.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
+    return cpp_extension.load(
         name="ladder_kernels_C",
         sources=sorted(glob.glob(str(csrc / "*.cpp"))),
         extra_cflags=COMPILE_FLAGS,
@@ -65,26 +71,27 @@ def _jit_build() -> None:
 def _compiled_is_stale() -> bool:
     """In a source checkout, a _C built before the latest csrc/ edit is stale: rebuild just-in-time instead."""
     built = list(_PACKAGE.glob("_C*.so"))
-    sources = list(CSRC_DIRS[0].glob("*.cpp"))
+    sources = [p for pattern in ("*.cpp", "*.h") for p in CSRC_DIRS[0].glob(pattern)]
     return bool(built and sources) and max(s.stat().st_mtime for s in sources) > min(b.stat().st_mtime for b in built)
 
 
 @functools.cache
 def available() -> bool:
     """Load the C++ kernels: the compiled ladder_kernels._C, else a just-in-time build, else none."""
-    global _load_error
+    global _load_error, _module
     if os.environ.get("LADDER_KERNELS_NO_CPU_EXT") == "1":
         _load_error = "disabled by LADDER_KERNELS_NO_CPU_EXT=1"
         return False
     if not _compiled_is_stale():
         try:
-            from ladder_kernels import _C  # noqa: F401
+            from ladder_kernels import _C
 
+            _module = _C
             return True
         except ImportError:  # not built, or built against another torch
             pass
     try:
-        _jit_build()
+        _module = _jit_build()
         return True
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -99,6 +106,22 @@ def available() -> bool:
 
 def why_unavailable() -> str | None:
     return None if available() else _load_error
+
+
+def library_path() -> str | None:
+    """The file of the loaded extension (the compiled ladder_kernels._C or the just-in-time build), or None."""
+    return getattr(_module, "__file__", None) if available() else None
+
+
+def isa() -> str | None:
+    """The instruction set the NF4 kernels take now ("avx512", "avx2" or "scalar": the CPU's best, or what the
+    environment variable LADDER_KERNELS_CPU_ISA names), or None without the extension. Raises RuntimeError when
+    that variable names something this CPU cannot run, or something unknown."""
+    if not available():
+        return None
+    if not hasattr(_module, "cpu_isa"):  # an extension built from older sources
+        return "unknown (rebuild the extension)"
+    return _module.cpu_isa()
 
 
 def has_kernel(name: str) -> bool:

@@ -22,20 +22,42 @@ from ladder_kernels.quant.nf4 import NF4Weight, dequantize_packed
 
 
 # --- reference (the oracle the other backends are tested against) -------------------------------------
+# absmax is fp32 [n_blocks] (nested_absmax, nested_code, offset None), or the double-quantized form as stored:
+# uint8 codes [n_blocks], fp32 nested_absmax [ceil(n_blocks / 256)], fp32 nested_code [256], offset [1]. Every
+# backend decodes the nested form itself: nothing of size n_blocks is materialized per call.
 @register_reference("nf4_matmul")
 def reference_forward(
-    x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, bias: Optional[Tensor]
+    x2d: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    n: int,
+    k: int,
+    blocksize: int,
+    bias: Optional[Tensor],
 ) -> Tensor:
-    w = dequantize_packed(packed, absmax, code, n, k, blocksize, x2d.dtype)
+    w = dequantize_packed(packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, x2d.dtype)
     out = x2d @ w.t()
     return out + bias.to(out.dtype) if bias is not None else out
 
 
 @register_reference("nf4_matmul_grad_input")
 def reference_grad_input(
-    g2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int
+    g2d: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    n: int,
+    k: int,
+    blocksize: int,
 ) -> Tensor:
-    return g2d @ dequantize_packed(packed, absmax, code, n, k, blocksize, g2d.dtype)
+    return g2d @ dequantize_packed(packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, g2d.dtype)
 
 
 # --- the ops -------------------------------------------------------------------------------------------
@@ -45,6 +67,9 @@ def _nf4_matmul_op(
     packed: Tensor,
     absmax: Tensor,
     code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,
@@ -52,12 +77,13 @@ def _nf4_matmul_op(
     backend: str,
 ) -> Tensor:
     x2d = x.reshape(-1, in_features)
-    out = kernel("nf4_matmul", backend)(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
+    stats = (absmax, code, nested_absmax, nested_code, offset)
+    out = kernel("nf4_matmul", backend)(x2d, packed, *stats, out_features, in_features, blocksize, bias)
     return out.reshape(*x.shape[:-1], out_features)
 
 
 @_nf4_matmul_op.register_fake
-def _(x, packed, absmax, code, out_features, in_features, blocksize, bias, backend):
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, bias, backend):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -67,36 +93,41 @@ def _nf4_matmul_grad_input_op(
     packed: Tensor,
     absmax: Tensor,
     code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,
     backend: str,
 ) -> Tensor:
     g2d = grad_out.reshape(-1, out_features)
-    gx = kernel("nf4_matmul_grad_input", backend)(g2d, packed, absmax, code, out_features, in_features, blocksize)
+    stats = (absmax, code, nested_absmax, nested_code, offset)
+    gx = kernel("nf4_matmul_grad_input", backend)(g2d, packed, *stats, out_features, in_features, blocksize)
     return gx.reshape(*grad_out.shape[:-1], in_features)
 
 
 @_nf4_matmul_grad_input_op.register_fake
-def _(grad_out, packed, absmax, code, out_features, in_features, blocksize, backend):
+def _(
+    grad_out, packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, backend
+):
     return grad_out.new_empty(*grad_out.shape[:-1], in_features)
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, code, n, k, blocksize, bias, backend = inputs
-    ctx.save_for_backward(packed, absmax, code)
+    x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, bias, backend = inputs
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
     ctx.meta = (n, k, blocksize, backend)
-    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[7]
+    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[10]
 
 
 def _backward(ctx, grad_out):
-    packed, absmax, code = ctx.saved_tensors
     n, k, blocksize, backend = ctx.meta
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _nf4_matmul_grad_input_op(grad_out.contiguous(), packed, absmax, code, n, k, blocksize, backend)
+        grad_x = _nf4_matmul_grad_input_op(grad_out.contiguous(), *ctx.saved_tensors, n, k, blocksize, backend)
     grad_bias = grad_out.reshape(-1, n).sum(0) if ctx.bias_needs_grad else None
-    return grad_x, None, None, None, None, None, None, grad_bias, None
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias, None
 
 
 _nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
@@ -132,13 +163,20 @@ def nf4_matmul(
 ) -> Tensor:
     """x [..., K] @ dequant(q).T [K, N] (+ bias) -> [..., N] in x's dtype; differentiable in x and bias.
 
-    backend: None (by device), "triton", "cpu" or "torch". absmax: q.block_absmax() if the caller caches it.
+    backend: None (by device), "triton", "cpu" or "torch". absmax: an fp32 per-block absmax to use instead of
+    q's own statistics (e.g. q.block_absmax() cached by the caller); by default a double-quantized q is read in
+    its nested form, decoded inside the kernel.
     """
     check_nf4_matmul_args(x, q, bias)
     backend = resolve_backend(x.device, backend, "nf4_matmul", "nf4_matmul")
     n, k = q.shape
-    if absmax is None:
-        absmax = q.block_absmax()
+    if absmax is not None and (absmax.dtype != torch.float32 or absmax.numel() != q.n_blocks):
+        raise ValueError(
+            f"nf4_matmul: absmax must be float32 with {q.n_blocks} entries (one per block), got {absmax.dtype} "
+            f"with {absmax.numel()}"
+        )
+    absmax, nested_absmax, nested_code, offset = q.absmax_args() if absmax is None else (absmax, None, None, None)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return _nf4_matmul_op(x, q.packed, absmax, q.code, n, k, q.blocksize, bias, backend)
+    stats = (absmax, q.code, nested_absmax, nested_code, offset)
+    return _nf4_matmul_op(x, q.packed, *stats, n, k, q.blocksize, bias, backend)

@@ -177,14 +177,14 @@ class NF4Weight:
             raise TypeError(f"NF4Weight.absmax must be fp32 without double quantization, got {self.absmax.dtype}")
 
     def block_absmax(self) -> torch.Tensor:
-        """The per-block absmax in fp32 (dequantizing the nested statistics when double-quantized)."""
-        if not self.double_quant:
-            return self.absmax
-        n = self.absmax.numel()
-        vals = self.nested_code[self.absmax.long()]
-        pad = (-n) % NESTED_BLOCKSIZE
-        vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, NESTED_BLOCKSIZE) * self.nested_absmax.view(-1, 1)
-        return vals.reshape(-1)[:n] + self.offset.float()
+        """The per-block absmax in fp32, decoded from the nested statistics when double-quantized. The kernels
+        read the nested form themselves (`absmax_args`); this materializes 4 bytes per block."""
+        return decode_absmax(*self.absmax_args())
+
+    def absmax_args(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(absmax, nested_absmax, nested_code, offset) as the ops and kernels take them: fp32 absmax and three
+        Nones, or, double-quantized, the uint8 codes and the nested statistics (nothing decoded)."""
+        return self.absmax, self.nested_absmax, self.nested_code, self.offset
 
     def to(self, device=None) -> "NF4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -292,10 +292,76 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     )
 
 
-def dequantize_packed(
-    packed: Tensor, absmax: Tensor, code: Tensor, n: int, k: int, blocksize: int, dtype: torch.dtype
+def check_absmax_args(
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    n_blocks: int,
+    where: str,
+) -> None:
+    """ValueError/TypeError naming the argument unless (absmax, nested_absmax, nested_code, offset) is one of the
+    two forms the kernels read: fp32 absmax [n_blocks] and three Nones, or uint8 absmax codes [n_blocks] with
+    fp32 nested_absmax [ceil(n_blocks / 256)], fp32 nested_code [256] and a one-element fp32 offset."""
+    nested = (nested_absmax, nested_code, offset)
+    if all(t is None for t in nested):
+        if absmax.dtype != torch.float32 or absmax.numel() != n_blocks:
+            raise ValueError(
+                f"{where}: absmax must be float32 with {n_blocks} entries (one per block), got {absmax.dtype} with "
+                f"{absmax.numel()}; double-quantized uint8 codes need nested_absmax, nested_code and offset"
+            )
+        return
+    for name, t in zip(("nested_absmax", "nested_code", "offset"), nested):
+        if t is None:
+            raise ValueError(f"{where}: {name} is None but other nested statistics are given (pass all three)")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{where}: {name} must be float32, got {t.dtype}")
+    if absmax.dtype != torch.uint8 or absmax.numel() != n_blocks:
+        raise ValueError(
+            f"{where}: absmax must be uint8 codes with {n_blocks} entries when double-quantized, got {absmax.dtype} "
+            f"with {absmax.numel()}"
+        )
+    n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
+    if nested_absmax.numel() != n_nested:
+        raise ValueError(
+            f"{where}: nested_absmax must hold ceil({n_blocks}/{NESTED_BLOCKSIZE}) = {n_nested} values, got "
+            f"{nested_absmax.numel()}"
+        )
+    if nested_code.numel() != 256:
+        raise ValueError(f"{where}: nested_code must be the 256-entry dynamic map, got {nested_code.numel()} values")
+    if offset.numel() != 1:
+        raise ValueError(f"{where}: offset must hold one value, got {offset.numel()}")
+
+
+def decode_absmax(
+    absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None, offset: Tensor | None
 ) -> Tensor:
-    """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only)."""
+    """Per-block absmax: `absmax` itself, or, double-quantized, nested_code[code] * nested_absmax[block // 256]
+    + offset, rounded as bitsandbytes does (one fp32 product, then one fp32 sum; the kernels round the same)."""
+    if nested_absmax is None:
+        return absmax
+    n = absmax.numel()
+    vals = nested_code[absmax.reshape(-1).long()]
+    pad = (-n) % NESTED_BLOCKSIZE
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, NESTED_BLOCKSIZE) * nested_absmax.view(-1, 1)
+    return vals.reshape(-1)[:n] + offset.reshape(()).to(vals.dtype)
+
+
+def dequantize_packed(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Dequantize flat-block NF4 bytes to a [n, k] tensor (materializes the weight: reference only). absmax is
+    fp32 (nested_* None) or double-quantized uint8 codes with their nested statistics (`decode_absmax`)."""
+    absmax = decode_absmax(absmax, nested_absmax, nested_code, offset)
     flat = packed.reshape(-1)
     codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[: n * k].long()
     vals = code[codes]
@@ -309,7 +375,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q must be an NF4Weight, got {type(q).__name__}")
     n, k = q.shape
-    return dequantize_packed(q.packed, q.block_absmax(), q.code, n, k, q.blocksize, dtype or q.dtype)
+    return dequantize_packed(q.packed, q.absmax, q.code, *q.absmax_args()[1:], n, k, q.blocksize, dtype or q.dtype)
 
 
 __all__ = [
@@ -317,6 +383,8 @@ __all__ = [
     "quantize_nf4",
     "dequantize_nf4",
     "dequantize_packed",
+    "decode_absmax",
+    "check_absmax_args",
     "nf4_code",
     "NF4_CODE",
     "NESTED_BLOCKSIZE",

@@ -35,57 +35,81 @@ CASES = [
 
 
 def weight(n, k, blocksize, double_quant):
+    """An NF4 weight and the statistics the launchers take: double-quantized ones in their nested form (uint8
+    codes decoded in the kernel), plain ones as fp32 absmax with no nested statistics."""
     w = torch.randn(n, k) * (1 + torch.rand(n, 1))  # rows of different scales
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant).to(DEVICE)
-    return q, q.block_absmax()
+    return q, stats_of(q)
 
 
-def ref_forward(x, q, absmax, bias):
+def stats_of(q, cached=False):
+    """(absmax, code, nested_absmax, nested_code, offset) of q; cached: the fp32 absmax decoded beforehand."""
+    absmax, nested_absmax, nested_code, offset = (q.block_absmax(), None, None, None) if cached else q.absmax_args()
+    return absmax, q.code, nested_absmax, nested_code, offset
+
+
+def _double(stats):
+    absmax, code, *nested = stats
+    absmax = absmax.double() if absmax.dtype == torch.float32 else absmax  # uint8 codes stay codes
+    return (absmax, code.double(), *(None if t is None else t.double() for t in nested))
+
+
+def ref_forward(x, q, stats, bias):
     return reference_forward(
-        x.double(),
-        q.packed,
-        absmax.double(),
-        q.code.double(),
-        *q.shape,
-        q.blocksize,
-        None if bias is None else bias.double(),
+        x.double(), q.packed, *_double(stats), *q.shape, q.blocksize, None if bias is None else bias.double()
     )
 
 
-def ref_grad_input(g, q, absmax):
-    return reference_grad_input(g.double(), q.packed, absmax.double(), q.code.double(), *q.shape, q.blocksize)
+def ref_grad_input(g, q, stats):
+    return reference_grad_input(g.double(), q.packed, *_double(stats), *q.shape, q.blocksize)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}_N{}_K{}_bs{}_dq{}".format(*c))
 def test_launchers_match_float64_reference(case, dtype):
     m, n, k, blocksize, dq = case
-    q, absmax = weight(n, k, blocksize, dq)
+    q, stats = weight(n, k, blocksize, dq)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype)
     out = poison_(torch.empty(m, n, dtype=dtype, device=DEVICE))
-    got = tk.forward(x, q.packed, absmax, q.code, n, k, blocksize, bias, out=out)
+    got = tk.forward(x, q.packed, *stats, n, k, blocksize, bias, out=out)
     assert got is out and not out.isnan().any()
-    assert rel_err(out, ref_forward(x, q, absmax, bias)) <= TOL[dtype]
+    assert rel_err(out, ref_forward(x, q, stats, bias)) <= TOL[dtype]
 
     g = torch.randn(m, n, device=DEVICE).to(dtype)
     gx = poison_(torch.empty(m, k, dtype=dtype, device=DEVICE))
-    tk.grad_input(g, q.packed, absmax, q.code, n, k, blocksize, out=gx)
+    tk.grad_input(g, q.packed, *stats, n, k, blocksize, out=gx)
     assert not gx.isnan().any()
-    assert rel_err(gx, ref_grad_input(g, q, absmax)) <= TOL[dtype]
+    assert rel_err(gx, ref_grad_input(g, q, stats)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("k", [128, 97])
+def test_nested_and_cached_absmax_agree(k):
+    """A double-quantized weight read in its nested form and with its fp32 absmax decoded beforehand: the kernel's
+    decode rounds as the reference's (one fp32 product, one fp32 sum), so both match the float64 reference."""
+    q, nested = weight(37, k, 64, True)
+    cached = stats_of(q, cached=True)
+    x = torch.randn(5, k, device=DEVICE)
+    got = [tk.forward(x, q.packed, *stats, 37, k, 64, None) for stats in (nested, cached)]
+    assert rel_err(got[0], got[1]) <= 1e-6
+    assert rel_err(got[0], ref_forward(x, q, nested, None)) <= 1e-5
+    g = torch.randn(5, 37, device=DEVICE)
+    got = [tk.grad_input(g, q.packed, *stats, 37, k, 64) for stats in (nested, cached)]
+    assert rel_err(got[0], got[1]) <= 1e-6
+    assert rel_err(got[0], ref_grad_input(g, q, nested)) <= 1e-5
 
 
 @pytest.mark.parametrize("k", [128, 97])
 def test_non_contiguous_inputs(k):
-    q, absmax = weight(40, k, 64, True)
+    q, stats = weight(40, k, 64, True)
     n = 40
     x_t = torch.randn(k, 21, device=DEVICE).t()  # strides (1, 21)
     x_sliced = torch.randn(21, 2 * k, device=DEVICE)[:, ::2]  # strides (2k, 2)
     for x in (x_t, x_sliced):
         assert not x.is_contiguous()
-        assert rel_err(tk.forward(x, q.packed, absmax, q.code, n, k, 64, None), ref_forward(x, q, absmax, None)) <= 1e-5
+        assert rel_err(tk.forward(x, q.packed, *stats, n, k, 64, None), ref_forward(x, q, stats, None)) <= 1e-5
     g = torch.randn(n, 21, device=DEVICE).t()
-    assert rel_err(tk.grad_input(g, q.packed, absmax, q.code, n, k, 64), ref_grad_input(g, q, absmax)) <= 1e-5
+    assert rel_err(tk.grad_input(g, q.packed, *stats, n, k, 64), ref_grad_input(g, q, stats)) <= 1e-5
 
 
 def _config(bm, bp, br, split=1, group_m=1):
@@ -107,16 +131,16 @@ def _config(bm, bp, br, split=1, group_m=1):
 @pytest.mark.parametrize("k", [300, 320])
 def test_forced_configs_split_and_grouping(config, k):
     m, n = 37, 70
-    q, absmax = weight(n, k, 64, False)
+    q, stats = weight(n, k, 64, False)
     x = torch.randn(m, k, device=DEVICE)
     bias = torch.randn(n, device=DEVICE)
     out = poison_(torch.empty(m, n, device=DEVICE))
-    tk.forward(x, q.packed, absmax, q.code, n, k, 64, bias, out=out, config=config)
-    assert rel_err(out, ref_forward(x, q, absmax, bias)) <= 1e-5
+    tk.forward(x, q.packed, *stats, n, k, 64, bias, out=out, config=config)
+    assert rel_err(out, ref_forward(x, q, stats, bias)) <= 1e-5
     g = torch.randn(m, n, device=DEVICE)
     gx = poison_(torch.empty(m, k, device=DEVICE))
-    tk.grad_input(g, q.packed, absmax, q.code, n, k, 64, out=gx, config=config)
-    assert rel_err(gx, ref_grad_input(g, q, absmax)) <= 1e-5
+    tk.grad_input(g, q.packed, *stats, n, k, 64, out=gx, config=config)
+    assert rel_err(gx, ref_grad_input(g, q, stats)) <= 1e-5
 
 
 def test_int64_offset_path(monkeypatch):
@@ -124,19 +148,17 @@ def test_int64_offset_path(monkeypatch):
     monkeypatch.setattr(_common, "INT32_SPAN_LIMIT", 100)
     assert _common.needs_int64_offsets(45 * 97)
     for m, k in ((3, 97), (40, 97), (3, 128), (40, 128)):
-        q, absmax = weight(45, k, 64, False)
+        q, stats = weight(45, k, 64, False)
         x = torch.randn(m, k, device=DEVICE)
-        assert (
-            rel_err(tk.forward(x, q.packed, absmax, q.code, 45, k, 64, None), ref_forward(x, q, absmax, None)) <= 1e-5
-        )
+        assert rel_err(tk.forward(x, q.packed, *stats, 45, k, 64, None), ref_forward(x, q, stats, None)) <= 1e-5
         g = torch.randn(m, 45, device=DEVICE)
-        assert rel_err(tk.grad_input(g, q.packed, absmax, q.code, 45, k, 64), ref_grad_input(g, q, absmax)) <= 1e-5
+        assert rel_err(tk.grad_input(g, q.packed, *stats, 45, k, 64), ref_grad_input(g, q, stats)) <= 1e-5
 
 
 def test_zero_rows():
-    q, absmax = weight(8, 64, 64, False)
-    assert tk.forward(torch.randn(0, 64, device=DEVICE), q.packed, absmax, q.code, 8, 64, 64, None).shape == (0, 8)
-    assert tk.grad_input(torch.randn(0, 8, device=DEVICE), q.packed, absmax, q.code, 8, 64, 64).shape == (0, 64)
+    q, stats = weight(8, 64, 64, False)
+    assert tk.forward(torch.randn(0, 64, device=DEVICE), q.packed, *stats, 8, 64, 64, None).shape == (0, 8)
+    assert tk.grad_input(torch.randn(0, 8, device=DEVICE), q.packed, *stats, 8, 64, 64).shape == (0, 64)
 
 
 @pytest.mark.parametrize("dtype,k", [(torch.float32, 98), (torch.bfloat16, 128)])
@@ -253,27 +275,33 @@ def test_device_facts_fall_back_to_the_capability_table(monkeypatch):
 
 
 def test_bad_input(monkeypatch):
-    q, absmax = weight(16, 64, 64, True)
+    q, stats = weight(16, 64, 64, True)
     x = torch.randn(3, 64, device=DEVICE)
     with pytest.raises(ValueError, match="x2d must have 64 columns"):
-        tk.forward(torch.randn(3, 65, device=DEVICE), q.packed, absmax, q.code, 16, 64, 64, None)
+        tk.forward(torch.randn(3, 65, device=DEVICE), q.packed, *stats, 16, 64, 64, None)
     with pytest.raises(TypeError, match="x2d must be float32"):
-        tk.forward(x.to(torch.int32), q.packed, absmax, q.code, 16, 64, 64, None)
-    with pytest.raises(ValueError, match="pass q.block_absmax"):
-        tk.forward(x, q.packed, q.absmax, q.code, 16, 64, 64, None)  # still double-quantized uint8 codes
+        tk.forward(x.to(torch.int32), q.packed, *stats, 16, 64, 64, None)
+    with pytest.raises(ValueError, match="uint8 codes need nested_absmax"):
+        tk.forward(x, q.packed, q.absmax, q.code, None, None, None, 16, 64, 64, None)  # codes without statistics
+    with pytest.raises(ValueError, match="nested_code is None"):
+        tk.forward(x, q.packed, q.absmax, q.code, q.nested_absmax, None, q.offset, 16, 64, 64, None)
+    with pytest.raises(ValueError, match="nested_absmax must hold"):
+        tk.forward(x, q.packed, q.absmax, q.code, q.nested_absmax[:0], q.nested_code, q.offset, 16, 64, 64, None)
     with pytest.raises(ValueError, match="packed must be uint8 with 512 bytes"):
-        tk.forward(x, q.packed[:-1], absmax, q.code, 16, 64, 64, None)
+        tk.forward(x, q.packed[:-1], *stats, 16, 64, 64, None)
     with pytest.raises(ValueError, match="blocksize must be a power of two"):
-        tk.forward(x, q.packed, absmax, q.code, 16, 64, 48, None)
+        tk.forward(x, q.packed, *stats, 16, 64, 48, None)
     with pytest.raises(ValueError, match="bias must be"):
-        tk.forward(x, q.packed, absmax, q.code, 16, 64, 64, torch.randn(15, device=DEVICE))
+        tk.forward(x, q.packed, *stats, 16, 64, 64, torch.randn(15, device=DEVICE))
     with pytest.raises(ValueError, match="g2d must have 16 columns"):
-        tk.grad_input(x, q.packed, absmax, q.code, 16, 64, 64)
+        tk.grad_input(x, q.packed, *stats, 16, 64, 64)
     with pytest.raises(ValueError, match="out must be"):
-        tk.forward(x, q.packed, absmax, q.code, 16, 64, 64, None, out=torch.empty(3, 15, device=DEVICE))
+        tk.forward(x, q.packed, *stats, 16, 64, 64, None, out=torch.empty(3, 15, device=DEVICE))
     monkeypatch.setattr(tk, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "triton_interpreting", lambda: False)  # where the operand checks live
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        tk.forward(x.cpu(), q.packed.cpu(), absmax.cpu(), q.code.cpu(), 16, 64, 64, None)
+        q_cpu = q.to("cpu")
+        tk.forward(x.cpu(), q_cpu.packed, *stats_of(q_cpu), 16, 64, 64, None)
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles real GPU kernels")
@@ -285,17 +313,17 @@ def test_every_autotune_config_on_gpu(direction):
     """Every config the autotuner may pick compiles and is right (autotuning keeps only the fastest). bf16
     only: 24 configs x 2 directions is already ~50 compiles."""
     n, k, blocksize = 1000, 1536, 64
-    q, absmax = weight(n, k, blocksize, True)
+    q, stats = weight(n, k, blocksize, True)
     for config in tk._large_m_autotuned.configs + tk._small_m_autotuned.configs:
         m = 5 if config.kwargs["SPLIT"] > 1 else 300
         if direction == "forward":
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            got = tk.forward(x, q.packed, absmax, q.code, n, k, blocksize, None, config=config)
-            ref = ref_forward(x, q, absmax, None)
+            got = tk.forward(x, q.packed, *stats, n, k, blocksize, None, config=config)
+            ref = ref_forward(x, q, stats, None)
         else:
             g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
-            got = tk.grad_input(g, q.packed, absmax, q.code, n, k, blocksize, config=config)
-            ref = ref_grad_input(g, q, absmax)
+            got = tk.grad_input(g, q.packed, *stats, n, k, blocksize, config=config)
+            ref = ref_grad_input(g, q, stats)
         assert rel_err(got, ref) <= TOL[torch.bfloat16], config
 
 
@@ -304,13 +332,13 @@ def test_every_autotune_config_on_gpu(direction):
 def test_autotuned_path_on_gpu(m, monkeypatch):
     monkeypatch.setenv("LADDER_KERNELS_AUTOTUNE", "1")
     n, k, blocksize = 1000, 1536, 64
-    q, absmax = weight(n, k, blocksize, True)
+    q, stats = weight(n, k, blocksize, True)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-    out = tk.forward(x, q.packed, absmax, q.code, n, k, blocksize, None)
-    assert rel_err(out, ref_forward(x, q, absmax, None)) <= TOL[torch.bfloat16]
+    out = tk.forward(x, q.packed, *stats, n, k, blocksize, None)
+    assert rel_err(out, ref_forward(x, q, stats, None)) <= TOL[torch.bfloat16]
     g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
-    gx = tk.grad_input(g, q.packed, absmax, q.code, n, k, blocksize)
-    assert rel_err(gx, ref_grad_input(g, q, absmax)) <= TOL[torch.bfloat16]
+    gx = tk.grad_input(g, q.packed, *stats, n, k, blocksize)
+    assert rel_err(gx, ref_grad_input(g, q, stats)) <= TOL[torch.bfloat16]
 
 
 _COMPILE_FOR_HOPPER = """

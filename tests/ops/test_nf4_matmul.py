@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ladder_kernels import nf4_matmul, quantize_nf4
+from ladder_kernels import NF4Weight, nf4_matmul, quantize_nf4
+from ladder_kernels.defaults import POISON_OUTPUTS_ENV
 from ladder_kernels.quant import dequantize_nf4
 from tests.helpers import rel_err, require_backend
 
@@ -14,8 +15,8 @@ BACKENDS = ["torch", "cpu", "triton"]
 
 @pytest.fixture
 def poisoned_empty(monkeypatch):
-    """Allocations made through torch.empty/empty_like (how the Python launchers allocate outputs) start as
-    NaN, so an element a kernel forgets to write cannot pass by luck."""
+    """Allocations made through torch.empty/empty_like (how the Python launchers allocate outputs) and the C++
+    ops' outputs (POISON_OUTPUTS_ENV) start as NaN, so an element a kernel forgets to write cannot pass by luck."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def nan_empty(*args, **kwargs):
@@ -28,6 +29,7 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    monkeypatch.setenv(POISON_OUTPUTS_ENV, "1")  # and the C++ ops' own outputs
 
 
 def reference(x, q, bias=None):
@@ -41,11 +43,12 @@ def make_weight(n, k, blocksize=64, double_quant=True):
 
 
 # Triton under the interpreter is slow: it gets the odd shapes, the others get bigger ones too.
-SHAPES = [(1, 33, 100), (7, 130, 72), (37, 64, 256), (300, 96, 160)]
+# K not a multiple of the blocksize (blocks straddle rows), an odd number of weights, M across tile edges.
+SHAPES = [(1, 33, 100), (7, 130, 72), (5, 37, 97), (37, 64, 256), (300, 96, 160)]
 
 
 def shapes_for(backend):
-    return SHAPES[:3] if backend == "triton" else SHAPES
+    return SHAPES[:4] if backend == "triton" else SHAPES
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,23 +104,52 @@ def test_backends_agree_with_torch_backend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_opcheck(backend, double_quant):
     require_backend(backend)
-    q = make_weight(24, 80)
-    args = (
-        torch.randn(5, 80, requires_grad=True),
-        q.packed,
-        q.block_absmax(),
-        q.code,
-        24,
-        80,
-        64,
-        torch.randn(24),
-        backend,
-    )
+    q = make_weight(24, 80, double_quant=double_quant)
+    stats = (q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset)
+    args = (torch.randn(5, 80, requires_grad=True), q.packed, *stats, 24, 80, 64, torch.randn(24), backend)
     torch.library.opcheck(torch.ops.ladder.nf4_matmul.default, args)
-    grad_args = (torch.randn(5, 24), q.packed, q.block_absmax(), q.code, 24, 80, 64, backend)
+    grad_args = (torch.randn(5, 24), q.packed, *stats, 24, 80, 64, backend)
     torch.library.opcheck(torch.ops.ladder.nf4_matmul_grad_input.default, grad_args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nested_absmax_equals_cached_fp32_absmax(backend, dtype):
+    """Reading the double-quantized statistics inside the kernel gives what decoding them beforehand gives: the
+    same fp32 absmax (one product, one sum, as bitsandbytes rounds it), hence the same outputs."""
+    require_backend(backend)
+    q = make_weight(45, 160)  # 7200 weights: 113 blocks, a partial one at the end
+    assert q.double_quant and q.absmax.dtype == torch.uint8
+    x = torch.randn(9, 160).to(dtype).requires_grad_()
+    nested = nf4_matmul(x, q, backend=backend)
+    cached = nf4_matmul(x, q, backend=backend, absmax=q.block_absmax())
+    tol = 0.0 if backend != "triton" else 1e-6  # the interpreter's float sums may be ordered differently
+    assert rel_err(nested, cached) <= tol
+    assert rel_err(nested, reference(x, q)) <= TOL[dtype]
+    (gx_nested,) = torch.autograd.grad(nested.sum(), x)
+    (gx_cached,) = torch.autograd.grad(cached.sum(), x)
+    assert rel_err(gx_nested, gx_cached) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitsandbytes_double_quantized_bytes(backend):
+    """bitsandbytes' own quantize_4bit (compress_statistics: double quantization), read as it is stored."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    require_backend(backend)
+    w = torch.randn(96, 192)  # whole blocks per row: bitsandbytes' CPU dequantize is right there
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = NF4Weight.from_bnb(packed, state)
+    assert q.double_quant and q.absmax.dtype == torch.uint8
+    w64 = bnbF.dequantize_4bit(packed, state).double()
+    x = torch.randn(11, 192, requires_grad=True)
+    out = nf4_matmul(x, q, backend=backend)
+    assert rel_err(out, x.double() @ w64.t()) <= 1e-5
+    g = torch.randn(11, 96)
+    out.backward(g)
+    assert rel_err(x.grad, g.double() @ w64) <= 1e-5
 
 
 def test_fake_tensor_shapes():

@@ -13,13 +13,15 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ladder_kernels.backends import triton_interpreting
+from ladder_kernels.quant.nf4 import check_absmax_args
 
 # Offsets are int32 unless a tensor spans this many elements; then kernels take their INDEX_64 path.
 INT32_SPAN_LIMIT = 2**31 - 1
@@ -154,11 +156,80 @@ def config_problems(
     return problems
 
 
+def check_nf4_operands(
+    name: str,
+    a: Tensor,
+    packed: Tensor,
+    stats: tuple,
+    n: int,
+    k: int,
+    blocksize: int,
+    reduce_dim: int,
+    bias: Optional[Tensor],
+    out: Optional[Tensor],
+    out_cols: int,
+) -> None:
+    """The nf4_matmul launchers' checks: ValueError/TypeError naming the argument, before anything reaches a kernel
+    (which would read out of bounds rather than fail). a [M, reduce_dim] is the operand named `name`; stats:
+    (absmax, code, nested_absmax, nested_code, offset)."""
+    absmax, code, nested_absmax, nested_code, offset = stats
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [M, {reduce_dim}], got {getattr(a, 'shape', type(a).__name__)}")
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+    if a.shape[1] != reduce_dim:
+        raise ValueError(f"{name} must have {reduce_dim} columns, got shape {tuple(a.shape)}")
+    if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
+        raise ValueError(f"n and k must be positive ints, got n={n!r}, k={k!r}")
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
+    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    check_absmax_args(absmax, nested_absmax, nested_code, offset, triton.cdiv(n * k, blocksize), "nf4_matmul[triton]")
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
+        raise ValueError(
+            f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}"
+        )
+    devices = {t.device for t in (a, packed, *stats, bias, out) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{name}, packed, absmax, code, nested statistics, bias and out must be on one device, got "
+            f"{sorted(map(str, devices))}"
+        )
+    if a.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}"
+        )
+
+
+@triton.jit
+def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED: tl.constexpr):
+    """The fp32 absmax of quantization blocks `block` (0 where ~mask). NESTED (double quantization): absmax_ptr
+    holds uint8 codes and the absmax is nested_code[code] * nested_absmax[block // 256] + offset, decoded here
+    from the 1 KiB table and the per-256-block scales (cache-resident), as bitsandbytes rounds it."""
+    if NESTED:
+        codes = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + codes) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
 @triton.jit
 def nf4_tile(
     packed_ptr,
     absmax_ptr,
     code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
     rows,
     col0,
     n_rows,
@@ -167,10 +238,12 @@ def nf4_tile(
     BLOCK_COLS: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     ROWS_HOLD_WHOLE_BLOCKS: tl.constexpr,
+    NESTED: tl.constexpr,
 ):
     """W[rows, col0:col0+BLOCK_COLS] of an NF4 weight W [n_rows, n_cols], as fp32 [BLOCK_ROWS, BLOCK_COLS];
     0 outside W. `rows` holds BLOCK_ROWS row indices (int32, or int64 for weights past 2**31 elements);
-    col0 is a multiple of BLOCK_COLS (a power of two).
+    col0 is a multiple of BLOCK_COLS (a power of two). The absmax is read as `block_scale` does (NESTED: the
+    double-quantized codes and their statistics).
 
     bitsandbytes' flat-block layout: element i of W's row-major flattening is in byte i >> 1 (high nibble
     when i is even) and scaled by absmax[i // BLOCKSIZE]; blocks straddle rows unless
@@ -186,18 +259,17 @@ def nf4_tile(
         even = tl.load(code_ptr + (byte >> 4))
         odd = tl.load(code_ptr + (byte & 15))
         if BLOCK_COLS <= BLOCKSIZE:  # the tile lies inside one block of each row
-            scale = tl.load(
-                absmax_ptr + rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE, mask=rows < n_rows, other=0.0
+            block = rows * (n_cols // BLOCKSIZE) + col0 // BLOCKSIZE
+            scale = block_scale(
+                absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, rows < n_rows, NESTED
             )
             scale = scale[:, None]
         else:
             blocks: tl.constexpr = BLOCK_COLS // BLOCKSIZE
             block_cols = col0 // BLOCKSIZE + tl.arange(0, blocks)
-            scale = tl.load(
-                absmax_ptr + rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :],
-                mask=(rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE),
-                other=0.0,
-            )
+            block = rows[:, None] * (n_cols // BLOCKSIZE) + block_cols[None, :]
+            mask = (rows[:, None] < n_rows) & (block_cols[None, :] < n_cols // BLOCKSIZE)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED)
             scale = tl.reshape(
                 tl.broadcast_to(scale[:, :, None], (BLOCK_ROWS, blocks, BLOCKSIZE // 2)), (BLOCK_ROWS, BLOCK_COLS // 2)
             )
@@ -209,5 +281,5 @@ def nf4_tile(
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> (((idx & 1) ^ 1) * 4).to(tl.int32)) & 15
-        scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, idx // BLOCKSIZE, mask, NESTED)
         return tl.load(code_ptr + nibble) * scale

@@ -105,10 +105,13 @@ class CallShape:
 
 def _nf4_call(direction: str, m: int, n: int, k: int, dtype: str, blocksize: int = 64) -> Callable[[], None]:
     def launch():
-        packed, absmax = _meta((n * k + 1) // 2, dtype=torch.uint8), _meta(triton.cdiv(n * k, blocksize))
+        # double-quantized statistics, as users' weights have them (uint8 codes decoded in the kernel)
+        n_blocks = triton.cdiv(n * k, blocksize)
+        packed, absmax = _meta((n * k + 1) // 2, dtype=torch.uint8), _meta(n_blocks, dtype=torch.uint8)
+        stats = (absmax, _meta(16), _meta(triton.cdiv(n_blocks, 256)), _meta(256), _meta(1))
         a = _meta(m, k if direction == "fwd" else n, dtype=_DT[dtype])
         grad = direction == "grad_in"
-        nf4_mod._nf4_gemm(a, packed, absmax, _meta(16), n, k, blocksize, None, grad, None, None)
+        nf4_mod._nf4_gemm(a, packed, stats, n, k, blocksize, None, grad, None, None)
 
     return launch
 

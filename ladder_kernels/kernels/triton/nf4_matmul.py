@@ -28,6 +28,7 @@ from ladder_kernels.backends import triton_interpreting
 from ladder_kernels.kernels.triton._common import (
     DeviceFacts,
     autotuning_enabled,
+    check_nf4_operands,
     config_problems,
     device_facts,
     dot_in_fp32,
@@ -114,6 +115,9 @@ def _nf4_gemm_kernel(
     packed_ptr,
     absmax_ptr,
     code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
     bias_ptr,
     c_ptr,
     M,
@@ -129,6 +133,7 @@ def _nf4_gemm_kernel(
     BLOCKSIZE: tl.constexpr,
     GRAD_INPUT: tl.constexpr,
     ALIGNED_K: tl.constexpr,
+    NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
@@ -175,12 +180,41 @@ def _nf4_gemm_kernel(
         )
         if GRAD_INPUT:  # B = W[r0:r0+BLOCK_R, p0:p0+BLOCK_P]
             b = nf4_tile(
-                packed_ptr, absmax_ptr, code_ptr, offs_r, pid_p * BLOCK_P, N, K, BLOCK_R, BLOCK_P, BLOCKSIZE, ALIGNED_K
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                offs_r,
+                pid_p * BLOCK_P,
+                N,
+                K,
+                BLOCK_R,
+                BLOCK_P,
+                BLOCKSIZE,
+                ALIGNED_K,
+                NESTED,
             )
         else:  # B = W[p0:p0+BLOCK_P, r0:r0+BLOCK_R]^T
-            b = tl.trans(
-                nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, r0, N, K, BLOCK_P, BLOCK_R, BLOCKSIZE, ALIGNED_K)
+            b = nf4_tile(
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                offs_p,
+                r0,
+                N,
+                K,
+                BLOCK_P,
+                BLOCK_R,
+                BLOCKSIZE,
+                ALIGNED_K,
+                NESTED,
             )
+            b = tl.trans(b)
         b = b.to(a_ptr.dtype.element_ty)  # the rounding a 16-bit weight would have
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
@@ -198,20 +232,29 @@ def _nf4_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
-def fits_shared_memory(config: triton.Config, operand_bytes: int, aligned_k: bool, limit: int) -> bool:
+def fits_shared_memory(
+    config: triton.Config, operand_bytes: int, aligned_k: bool, limit: int, nested: bool = False
+) -> bool:
     """Shared-memory model fitted to sm_90 builds (e.g. 128x256x64 bf16, 3 stages: 140 KB predicted 139 KB;
     sm_80-89 builds need less: bench/results/gpu_aot.md): per stage the A tile and W's bytes, plus, when blocks
-    straddle rows, the per-element bytes and absmax; and two buffers of the dequantized B tile. Errs high for
-    fp32 and tall tiles."""
+    straddle rows, the per-element bytes and absmax (nested: and the per-element absmax code and nested scale);
+    and two buffers of the dequantized B tile. Errs high for fp32 and tall tiles."""
     if config_problems(config, TILE_KEYS, operand_bytes, limit):
         return False
     bm, bp, br = (config.kwargs[key] for key in TILE_KEYS)
-    per_stage = bm * br * operand_bytes + bp * br // 2 + (0 if aligned_k else bp * br * 5)
+    per_element = 0 if aligned_k else 10 if nested else 5
+    per_stage = bm * br * operand_bytes + bp * br // 2 + bp * br * per_element
     return per_stage * config.num_stages + 2 * bp * br * operand_bytes <= limit
 
 
 def prune_configs(
-    configs: list[triton.Config], facts: DeviceFacts, m: int, r: int, dot_fp32: bool, aligned_k: bool
+    configs: list[triton.Config],
+    facts: DeviceFacts,
+    m: int,
+    r: int,
+    dot_fp32: bool,
+    aligned_k: bool,
+    nested: bool = False,
 ) -> list[triton.Config]:
     """The configs of `configs` a card with these facts autotunes over for an [M, R] operand: its capability's
     candidates (`configs_for`) that fit its shared memory, no taller than M needs, no more splits than reduction
@@ -220,7 +263,7 @@ def prune_configs(
     candidates = [c for c in configs if any(c is a for a in allowed)] or configs
     operand_bytes = 4 if dot_fp32 else 2
     limit = facts.shared_memory_per_block
-    fitting = [c for c in candidates if fits_shared_memory(c, operand_bytes, aligned_k, limit)]
+    fitting = [c for c in candidates if fits_shared_memory(c, operand_bytes, aligned_k, limit, nested)]
     if not fitting:  # nothing fits the model: the config it thinks smallest (still valid on a GPU)
         footprint = lambda c: c.num_stages * c.kwargs["BLOCK_P"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_R"])  # noqa: E731
         fitting = [min(candidates, key=footprint)]
@@ -233,7 +276,9 @@ def prune_configs(
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuners' early_config_prune: `prune_configs` for the device of the operand."""
     facts = device_facts(named_args["a_ptr"].device)
-    return prune_configs(configs, facts, named_args["M"], named_args["R"], kwargs["DOT_FP32"], kwargs["ALIGNED_K"])
+    return prune_configs(
+        configs, facts, named_args["M"], named_args["R"], kwargs["DOT_FP32"], kwargs["ALIGNED_K"], kwargs["NESTED"]
+    )
 
 
 _AUTOTUNE_KEY = ["m_bucket", "P", "R", "GRAD_INPUT", "BLOCKSIZE", "HAS_BIAS"]
@@ -253,7 +298,7 @@ _small_m_autotuned = triton.autotune(
 
 
 def default_config(
-    m: int, p: int, r: int, dtype: torch.dtype, device: torch.device, aligned_k: bool = True
+    m: int, p: int, r: int, dtype: torch.dtype, device: torch.device, aligned_k: bool = True, nested: bool = False
 ) -> triton.Config:
     """The config used without autotuning (interpreter, or LADDER_KERNELS_AUTOTUNE=0): for the facts of
     `device` (`device_facts`), the preferred tile when it fits the card's shared memory, else the first
@@ -280,69 +325,14 @@ def default_config(
         warps = 8 if bm == 128 or facts.capability < 90 else 4  # 4 warps spill below sm_90
         preferred = [_cfg(bm, 128, br, warps, 3)] + LARGE_M_FALLBACK_CONFIGS
     limit = facts.shared_memory_per_block
-    return next((c for c in preferred if fits_shared_memory(c, operand_bytes, aligned_k, limit)), preferred[-1])
-
-
-def _check_operands(
-    name: str,
-    a: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    code: Tensor,
-    n: int,
-    k: int,
-    blocksize: int,
-    reduce_dim: int,
-    bias: Optional[Tensor],
-    out: Optional[Tensor],
-    out_cols: int,
-) -> None:
-    """ValueError/TypeError naming the argument, before anything reaches a kernel (which would read out of
-    bounds rather than fail)."""
-    if not isinstance(a, Tensor) or a.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor [M, {reduce_dim}], got {getattr(a, 'shape', type(a).__name__)}")
-    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
-    if a.shape[1] != reduce_dim:
-        raise ValueError(f"{name} must have {reduce_dim} columns, got shape {tuple(a.shape)}")
-    if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
-        raise ValueError(f"n and k must be positive ints, got n={n!r}, k={k!r}")
-    if not isinstance(blocksize, int) or blocksize < 32 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize!r}")
-    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
-        raise ValueError(
-            f"packed must be uint8 with {(n * k + 1) // 2} bytes for a [{n}, {k}] weight, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
-    if absmax.dtype != torch.float32 or absmax.numel() != triton.cdiv(n * k, blocksize):
-        raise ValueError(
-            f"absmax must be float32 with {triton.cdiv(n * k, blocksize)} entries (one per block of "
-            f"{blocksize}), got {absmax.dtype} with {absmax.numel()}; pass q.block_absmax()"
-        )
-    if code.dtype != torch.float32 or code.numel() != 16:
-        raise ValueError(f"code must be the 16-entry float32 NF4 table, got {code.dtype} with {code.numel()}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    if out is not None and (out.shape != (a.shape[0], out_cols) or out.dtype != a.dtype):
-        raise ValueError(
-            f"out must be {a.dtype} of shape ({a.shape[0]}, {out_cols}), got {out.dtype} {tuple(out.shape)}"
-        )
-    devices = {t.device for t in (a, packed, absmax, code, bias, out) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(
-            f"{name}, packed, absmax, code, bias and out must be on one device, got {sorted(map(str, devices))}"
-        )
-    if a.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"{name} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1), got {a.device}"
-        )
+    fits = (c for c in preferred if fits_shared_memory(c, operand_bytes, aligned_k, limit, nested))
+    return next(fits, preferred[-1])
 
 
 def _nf4_gemm(
     a: Tensor,
     packed: Tensor,
-    absmax: Tensor,
-    code: Tensor,
+    stats: tuple,
     n: int,
     k: int,
     blocksize: int,
@@ -355,11 +345,18 @@ def _nf4_gemm(
     p, r = (k, n) if grad_input else (n, k)
     if m == 0:
         return out if out is not None else a.new_empty(0, p)
+    absmax, code, nested_absmax, nested_code, offset = stats
+    nested = nested_absmax is not None
     packed, absmax, code = packed.reshape(-1).contiguous(), absmax.reshape(-1).contiguous(), code.contiguous()
+    if nested:
+        nested_absmax, nested_code = nested_absmax.reshape(-1).contiguous(), nested_code.contiguous()
+        offset = offset.reshape(1)
+    else:  # unused pointers (NESTED=False never reads them)
+        nested_absmax = nested_code = offset = absmax
 
     small = m <= SMALL_M
     if config is None and not autotuning_enabled():
-        config = default_config(m, p, r, a.dtype, a.device, aligned_k=k % blocksize == 0)
+        config = default_config(m, p, r, a.dtype, a.device, aligned_k=k % blocksize == 0, nested=nested)
     atomic_out = config.kwargs["SPLIT"] > 1 if config is not None else small
     if atomic_out:
         c = torch.zeros(m, p, dtype=torch.float32, device=a.device)
@@ -371,7 +368,10 @@ def _nf4_gemm(
         packed,
         absmax,
         code,
-        bias if bias is not None else absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        bias if bias is not None else code,
         c,
         m,
         p,
@@ -388,6 +388,7 @@ def _nf4_gemm(
         BLOCKSIZE=blocksize,
         GRAD_INPUT=grad_input,
         ALIGNED_K=k % blocksize == 0,
+        NESTED=nested,
         HAS_BIAS=bias is not None,
         DOT_FP32=dot_in_fp32(a.dtype),
         FP32_PRECISION=fp32_dot_precision(),
@@ -412,6 +413,9 @@ def forward(
     packed: Tensor,
     absmax: Tensor,
     code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
     n: int,
     k: int,
     blocksize: int,
@@ -421,13 +425,16 @@ def forward(
     config: Optional[triton.Config] = None,
 ) -> Tensor:
     """x2d [M, K] @ W^T (+ bias) -> [M, n] in x2d's dtype. W [n, k] is NF4 in bitsandbytes' flat-block order:
-    packed uint8 (n*k+1)//2 bytes, absmax fp32 per block of `blocksize` (already un-nested), code fp32 [16].
+    packed uint8 (n*k+1)//2 bytes, code fp32 [16], and absmax either fp32 per block of `blocksize` (nested_*
+    None) or double-quantized: uint8 codes per block, fp32 nested_absmax per 256 blocks, the 256-entry fp32
+    nested_code and the fp32 offset, decoded in the kernel (`_common.block_scale`).
 
     x2d may have any strides. out: optional [M, n] tensor to write into. config: a fixed triton.Config
     (BLOCK_M/BLOCK_P/BLOCK_R/SPLIT/GROUP_M) instead of autotuning; SPLIT > 1 takes the atomic split path.
     """
-    _check_operands("x2d", x2d, packed, absmax, code, n, k, blocksize, k, bias, out, n)
-    return _nf4_gemm(x2d, packed, absmax, code, n, k, blocksize, bias, False, out, config)
+    stats = (absmax, code, nested_absmax, nested_code, offset)
+    check_nf4_operands("x2d", x2d, packed, stats, n, k, blocksize, k, bias, out, n)
+    return _nf4_gemm(x2d, packed, stats, n, k, blocksize, bias, False, out, config)
 
 
 def grad_input(
@@ -435,6 +442,9 @@ def grad_input(
     packed: Tensor,
     absmax: Tensor,
     code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
     n: int,
     k: int,
     blocksize: int,
@@ -443,8 +453,9 @@ def grad_input(
     config: Optional[triton.Config] = None,
 ) -> Tensor:
     """g2d [M, n] @ W -> [M, k] in g2d's dtype, W [n, k] as in `forward` (read in transposed order)."""
-    _check_operands("g2d", g2d, packed, absmax, code, n, k, blocksize, n, None, out, k)
-    return _nf4_gemm(g2d, packed, absmax, code, n, k, blocksize, None, True, out, config)
+    stats = (absmax, code, nested_absmax, nested_code, offset)
+    check_nf4_operands("g2d", g2d, packed, stats, n, k, blocksize, n, None, out, k)
+    return _nf4_gemm(g2d, packed, stats, n, k, blocksize, None, True, out, config)
 
 
 __all__ = [
