@@ -24,7 +24,7 @@ from ladder_kernels.nn.backbone import BackboneSpec
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.nf4_linear import NF4Linear, bnb_linear4bit_class, patch_bnb_, quantize_model_
 from ladder_kernels.nn.pruned_init import prune_into_side_
-from ladder_kernels.nn.side import BRANCH, SideKVCache, SideNetwork, attention_mask_for, side_shape, side_wiring
+from ladder_kernels.nn.side import BRANCH, SideKVCache, attention_mask_for, side_network
 from ladder_kernels.ops.cross_entropy import fused_linear_cross_entropy
 
 CONFIG_NAME = "ladder_config.json"
@@ -73,24 +73,7 @@ class LadderModel(nn.Module):
                 if p.is_floating_point() and p.dtype != dtype and id(p) not in nf4_storage:
                     p.data = p.data.to(dtype)
         device = spec.inner.embed_tokens.weight.device
-        shape = side_shape(spec, config)
-        branch, sources, free = side_wiring(spec.num_layers, config)
-        side = SideNetwork(
-            shape,
-            branch,
-            sources,
-            free,
-            gate=config.gate,
-            gate_temperature=config.gate_temperature,
-            gate_init=config.gate_init,
-            output_mix=config.output_mix,
-            dropout=config.dropout,
-            init_std=config.init_std,
-            ladder_storage=config.ladder_storage,
-            ladder_norm=config.ladder_norm,
-            backend=config.backend,
-            checkpointing=config.side_checkpointing,
-        ).to(device)
+        side = side_network(spec, config).to(device)
         if _initialize_side and config.side_init == "pruned":
             prune_into_side_(side, spec)
         linear4bit = bnb_linear4bit_class()

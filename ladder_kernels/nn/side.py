@@ -398,3 +398,25 @@ def side_wiring(num_layers: int, config: LadderConfig) -> tuple[int, list[int], 
             f"LadderConfig.ladder_layers {layers} names layers beyond the backbone's {num_layers} (0-based)"
         )
     return -1, list(layers), 0
+
+
+def side_network(spec: BackboneSpec, config: LadderConfig) -> SideNetwork:
+    """The SideNetwork `config` builds over the backbone `spec` describes (randomly initialised; on the current
+    default device, so under torch.device("meta") it only counts parameters)."""
+    branch, sources, free = side_wiring(spec.num_layers, config)
+    return SideNetwork(
+        side_shape(spec, config),
+        branch,
+        sources,
+        free,
+        gate=config.gate,
+        gate_temperature=config.gate_temperature,
+        gate_init=config.gate_init,
+        output_mix=config.output_mix,
+        dropout=config.dropout,
+        init_std=config.init_std,
+        ladder_storage=config.ladder_storage,
+        ladder_norm=config.ladder_norm,
+        backend=config.backend,
+        checkpointing=config.side_checkpointing,
+    )

@@ -335,25 +335,10 @@ def side_parameter_count(lc: LadderConfig, model_config) -> int:
 
 def _meta_side(lc: LadderConfig, model_config):
     from ladder_kernels.nn.backbone import BackboneSpec
-    from ladder_kernels.nn.side import SideNetwork, side_shape, side_wiring
+    from ladder_kernels.nn.side import side_network
 
-    spec = BackboneSpec.of(_meta_backbone(model_config))
-    branch, sources, free = side_wiring(spec.num_layers, lc)
     with torch.device("meta"):
-        return SideNetwork(
-            side_shape(spec, lc),
-            branch,
-            sources,
-            free,
-            gate=lc.gate,
-            gate_temperature=lc.gate_temperature,
-            gate_init=lc.gate_init,
-            output_mix=lc.output_mix,
-            dropout=lc.dropout,
-            init_std=lc.init_std,
-            ladder_storage=lc.ladder_storage,
-            backend=lc.backend,
-        )
+        return side_network(BackboneSpec.of(_meta_backbone(model_config)), lc)
 
 
 def _meta_backbone(model_config):
