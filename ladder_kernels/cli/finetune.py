@@ -38,6 +38,7 @@ def register(subparsers) -> None:
     for f in dataclasses.fields(FinetuneConfig):
         choices = literal_fields(FinetuneConfig).get(f.name)
         text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        text = text.replace("%", "%%")  # argparse %-formats help strings ("within 5%")
         if _arg_type(hints[f.name]) is bool:  # --x / --no-x
             p.add_argument(flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
             continue
