@@ -158,7 +158,7 @@ def _kernel_csv(work: Path, medians: dict[tuple[int, str], float]) -> None:
 
 
 def _e2e_csv(work: Path) -> None:
-    from ladder_kernels.planning.bench import csv_text
+    from ladder_kernels.planning.bench_report import csv_text
 
     values = {"ladder": (3.0, 2.9, 9000.0), "xladder": (2.5, 2.5, 9500.0), "qlora": (12.0, 11.0, 3000.0)}
     rows = [
