@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ladder_kernels.defaults import LR_RULES, LrRule
 
@@ -27,6 +28,9 @@ def reference_scales(side: nn.Module) -> dict[str, float]:
     scales = {}
     for name, p in side.named_parameters():
         if not p.requires_grad:
+            continue
+        if isinstance(p, FakeTensor) or p.is_meta:  # the memory planner: values unknown, one group each all the same
+            scales[name] = 1.0
             continue
         if name.endswith("alpha"):  # μ = sigmoid(α/T): α's natural unit is T
             scales[name] = float(side.gates[0].temperature)

@@ -314,6 +314,7 @@ class MethodTrainer:
         device=None,
         lr: Optional[float] = None,
         lora_r: int = LORA_R,
+        lr_rule: Optional[str] = None,
         **ladder_options,
     ):
         self.method = method
@@ -321,7 +322,7 @@ class MethodTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise RuntimeError(f"MethodTrainer: method {method!r} built a model with no trainable parameters")
-        rule = DEFAULT_LR_RULE if method in LADDER_METHODS else "uniform"  # as finetune trains
+        rule = (lr_rule or DEFAULT_LR_RULE) if method in LADDER_METHODS else "uniform"  # as finetune trains
         lr = default_lr(method, rule) if lr is None else lr
         self.optimizer = torch.optim.AdamW(param_groups(self.model, lr, rule), lr=lr)
         self.autocast_dtype = dtype if method in QLORA_METHODS and dtype != torch.float32 else None

@@ -99,7 +99,7 @@ def test_qlora_from_folder_and_checkpointing_train_the_same(tmp_path):
 def test_every_method_learns_a_fixed_batch(method):
     torch.manual_seed(0)
     # fp32: CPU bf16 matmuls are slow without AVX512-BF16; the bf16 path is covered above
-    trainer = MethodTrainer(method, _cfg(), dtype=torch.float32, lr=1e-2)
+    trainer = MethodTrainer(method, _cfg(), dtype=torch.float32, lr=1e-2, lr_rule="uniform")
     ids = torch.randint(0, 320, (1, 16))
     first = trainer.step(ids).item()
     for _ in range(3):

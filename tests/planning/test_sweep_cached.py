@@ -136,7 +136,7 @@ def test_main_writes_a_table_per_variant(tiny_model, data_file, tmp_path):
         for runs in results.values()
     )
     table = out.with_suffix(".md").read_text()
-    assert "| default |" in table and '| lr3e-3 | `{"lr": 0.003}` |' in table
+    assert "| default |" in table and '| lr3e-3 | `{"lr": 0.003, "lr_rule": "uniform"}` |' in table
 
 
 def test_unknown_variant_is_refused(capsys):

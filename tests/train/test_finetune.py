@@ -60,6 +60,7 @@ def _cfg(tiny_model, data, out, **kw) -> FinetuneConfig:
         batch_size=8,
         steps=6,
         lr=1e-2,
+        lr_rule="uniform",  # these tiny runs were tuned with one absolute rate
         warmup_steps=1,
         reduction_factor=2,
         eval_samples=24,
