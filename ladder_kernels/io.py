@@ -14,7 +14,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | bytearray) -> None:
     """Write to a temporary file in the same folder, fsync, then os.replace."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(

@@ -74,7 +74,7 @@ def gemma3_gguf_path() -> Path:
     if digest.hexdigest() != package.EXPECTED_SHA256:
         raise ModelError(f"--model {GEMMA3_MODEL}: the joined parts' sha256 is not the package's; reinstall them")
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, bytes(data))
+    write_bytes_atomic(target, data)  # a bytearray is written as it is: no second 250 MB copy
     return target
 
 

@@ -283,7 +283,12 @@ class FinetuneConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return default_lr(self.method, self.lr_rule if self.method != "qlora" else "uniform")
+        return default_lr(self.method, self.lr_rule_in_effect)
+
+    @property
+    def lr_rule_in_effect(self) -> str:
+        """--lr-rule for a side network; QLoRA's LoRA weights always take one absolute rate."""
+        return self.lr_rule if self.method != "qlora" else "uniform"
 
     @property
     def total_steps(self) -> int:

@@ -164,8 +164,8 @@ class TrainingRun:
                 f"trainable parameters: {sum(p.numel() for p in self.params.values()):,} ({cfg.method})",
                 file=sys.stderr,
             )
-        rule = cfg.lr_rule if cfg.method != "qlora" else "uniform"
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate, rule), weight_decay=0.0)
+        groups = param_groups(self.model, cfg.learning_rate, cfg.lr_rule_in_effect)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         schedule = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
