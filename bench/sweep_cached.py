@@ -79,6 +79,7 @@ VARIANTS = {
     "mix_weight_lr0.1": Variant(lr_scale={"mix_weight": 0.1}),
     "3_passes": Variant(passes=3),
     "50_batches_4_passes": Variant(batches=50, passes=4),
+    "50_batches_6_passes": Variant(batches=50, passes=6),
     "100_batches_2_passes": Variant(passes=2),
     "3_steps_per_batch": Variant(repeat=3),
     "lr1e-3": Variant(lr_rule="uniform", lr=1e-3),

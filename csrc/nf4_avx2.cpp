@@ -2,9 +2,9 @@
 // __attribute__((target(...))), the rest of the extension stays at the baseline -march, and nf4_matmul.cpp calls
 // these only when the CPU reports avx2, fma and f16c).
 //
-// A small GEMM of its own rather than BLAS: MKL runs about 20% of this CPU's fp32 peak on AMD and far less in
-// bf16, so a register-blocked loop fed by an in-cache dequantized panel of W is several times faster than
-// dense at::mm here, and it takes 16-bit inputs without a 16-bit GEMM. Per work item (a band of W's rows or
+// A small GEMM of its own rather than BLAS for 16-bit inputs (a bf16 BLAS is far slower on CPUs without native
+// bf16; this takes them without a 16-bit GEMM) and for fp32 with few rows; fp32 with many rows goes to MKL on
+// tiles dequantized by dequant_tile_avx2 (nf4_matmul.cpp, avx2_uses_blas), which reaches 2-3x this loop's speed. Per work item (a band of W's rows or
 // columns times a block of at most kMB rows of a):
 //   forward     out[i, j] = sum_c a[i, c] W[j, c]: kFwdJT rows of W x kFwdKC columns are dequantized to fp32
 //               (rows contiguous), kFwdMR rows of a converted to fp32 beside them, and kFwdMR x kFwdNR dot
@@ -302,6 +302,10 @@ void nf4_grad_input_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0
   run_items<T, true>(w, a, m, a_s0, a_s1, out, workspace, plan);
 }
 
+void dequant_tile_avx2(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* dst) {
+  dequant_panel<float>(w, row0, rows, col0, cols, dst, cols);
+}
+
 #define LADDER_INSTANTIATE(T)                                                                                   \
   template void nf4_forward_avx2<T>(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*,          \
                                     const Avx2Plan&);                                                           \
@@ -318,6 +322,7 @@ LADDER_INSTANTIATE(c10::Half)
 
 namespace ladder_nf4 {
 bool cpu_has_avx2() { return false; }
+void dequant_tile_avx2(const Nf4Weight&, int64_t, int64_t, int64_t, int64_t, float*) {}
 Avx2Plan avx2_plan(const Nf4Weight&, int64_t, bool, int64_t) { return {1, 0}; }
 template <typename T>
 void nf4_forward_avx2(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*, const Avx2Plan&) {}

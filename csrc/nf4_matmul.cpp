@@ -9,7 +9,8 @@
 //
 // Which code runs is chosen per call (`active_isa`): the CPU's best of avx512 / avx2 / scalar, or what the
 // environment variable LADDER_KERNELS_CPU_ISA names (for tests: every path against the same reference).
-//   avx2     csrc/nf4_avx2.cpp: a register-blocked GEMM of its own on in-cache dequantized panels of W.
+//   avx2     16-bit x, or fp32 x with few rows: csrc/nf4_avx2.cpp, a register-blocked GEMM of its own on in-cache
+//            dequantized panels of W; fp32 x with many rows (avx2_uses_blas): the tiled product below.
 //   avx512 and scalar: one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a
 //            tile of W (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own
 //            small buffer and multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column
@@ -52,6 +53,11 @@ namespace {
 // 512-long chunks 1.0x. 16-bit outputs take the whole reduction in one call: accumulating chunks into them
 // would round to 16 bits at every chunk.
 constexpr int64_t kTileBytes = 2 << 20;
+// ... and at least this many (192 KiB: 96 columns of a 512-long fp32 chunk), whatever the weight's size: on a
+// small weight (SmolLM2's 576 x 1536) 1/64 of it made 16-wide tiles, where BLAS ran at half the dense speed.
+// A weight of 2048 x 2048 or more never needs the floor at 2 threads; below that scratch is at most
+// threads x 192 KiB.
+constexpr int64_t kMinTileBytes = 192 << 10;
 constexpr int64_t kReduceChunk = 512;
 // Narrower tiles make BLAS inefficient; a small weight is still split (down to 16) so every thread gets one.
 constexpr int64_t kMinTile = 64;
@@ -64,6 +70,13 @@ constexpr int64_t kPrefetchRows = 8;
 // each weight across the rows of x wins (one core, K=N=4096: fp32 fused is 2.5x faster than dense at M=8,
 // 1.4x at 16; bf16 matches AMX-backed dense at M=1 but is 1.6x slower at M=8).
 constexpr int64_t kFusedMaxRows = 8;
+// fp32 with at least this many rows of x goes from the AVX2 kernels to BLAS on AVX2-dequantized tiles (nf4_gemm):
+// measured on this 2-core AMD CPU at 2048 rows, K, N in {576, 1536} (SmolLM2), the register-blocked kernel ran
+// at 40-50 GFLOPS, MKL at 90-140, so tiles + BLAS are 2-3x faster there and the kernel still wins at 32 rows.
+// 16-bit inputs stay on the AVX2 kernels (a 16-bit BLAS is far slower on CPUs without native bf16).
+constexpr int64_t kAvx2BlasMinRows = 64;
+template <typename T>
+constexpr bool avx2_uses_blas(int64_t rows) { return std::is_same_v<T, float> && rows >= kAvx2BlasMinRows; }
 template <typename T>
 constexpr int64_t fused_max_rows() { return std::is_same_v<T, float> ? kFusedMaxRows : 4; }
 
@@ -276,6 +289,9 @@ template <typename T>
 void dequant_tile(Isa isa, const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, T* dst) {
 #ifdef LADDER_NF4_X86
   if (isa == Isa::kAvx512) return dequant_tile_avx512(w, row0, rows, col0, cols, dst);
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == Isa::kAvx2) return ladder_nf4::dequant_tile_avx2(w, row0, rows, col0, cols, dst);
+  }
 #endif
   dequant_tile_scalar(w, row0, rows, col0, cols, dst);
 }
@@ -371,7 +387,7 @@ void nf4_gemm(Isa isa, const at::Tensor& a, const Nf4Weight& w, bool transpose_w
   // Tiles of at most 1/64 of a fp32 copy of W over all threads (and kTileBytes each); wide enough to fill that;
   // narrow enough for kTilesPerThread tiles per thread, which the threads take in turn, so that one thread
   // slowed down (a busy machine) leaves its share to the others.
-  const int64_t tile_bytes = std::min(kTileBytes, std::max<int64_t>(w.n * w.k / 16 / threads, 1));
+  const int64_t tile_bytes = std::min(kTileBytes, std::max<int64_t>(w.n * w.k / 16 / threads, kMinTileBytes));
   const int64_t fill = tile_bytes / (chunk * static_cast<int64_t>(sizeof(T)));
   int64_t width = std::max<int64_t>(fill < kMinTile ? 16 : kMinTile, fill);  // below kMinTile only on a small W
   width = std::min({width, std::max<int64_t>((out_cols + kTilesPerThread * threads - 1) / (kTilesPerThread * threads), 16), out_cols});
@@ -444,7 +460,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   at::Tensor out = new_output(x.size(0), n, x);
   if (x.size(0) == 0) return out;
   AT_DISPATCH_V2(x.scalar_type(), "nf4_matmul_cpu", AT_WRAP([&] {
-    if (isa == Isa::kAvx2) return nf4_avx2<scalar_t>(x, w, /*grad_input=*/false, out);
+    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(x.size(0))) return nf4_avx2<scalar_t>(x, w, /*grad_input=*/false, out);
 #ifdef LADDER_NF4_X86
     if (isa == Isa::kAvx512 && x.size(0) <= fused_max_rows<scalar_t>()) {
       const at::Tensor x_f32 = x.to(at::kFloat).contiguous();
@@ -475,7 +491,7 @@ at::Tensor nf4_matmul_grad_input_cpu(const at::Tensor& g, const at::Tensor& pack
   at::Tensor out = new_output(g.size(0), k, g);
   if (g.size(0) == 0) return out;
   AT_DISPATCH_V2(g.scalar_type(), "nf4_matmul_grad_input_cpu", AT_WRAP([&] {
-    if (isa == Isa::kAvx2) return nf4_avx2<scalar_t>(g, w, /*grad_input=*/true, out);
+    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(g.size(0))) return nf4_avx2<scalar_t>(g, w, /*grad_input=*/true, out);
     nf4_gemm<scalar_t>(isa, blas_compatible(g), w, /*transpose_w=*/false, out);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;

@@ -34,6 +34,10 @@ struct Nf4Weight {
 // Whether this CPU runs the AVX2 kernels (avx2, fma and f16c), asked of the CPU once.
 bool cpu_has_avx2();
 
+// W[row0 : row0+rows, col0 : col0+cols] -> dst, row-major [rows, cols] fp32 (the tile nf4_matmul.cpp hands to
+// BLAS), with the AVX2 table lookups of the kernels below.
+void dequant_tile_avx2(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* dst);
+
 // AVX2 + FMA kernels (nf4_avx2.cpp), for T in float, c10::BFloat16, c10::Half. a is [m, reduce] with element
 // (i, j) at a[i * a_s0 + j * a_s1]; out is a contiguous [m, out_cols] array every element of which is written.
 //   forward:     out [m, n] = a [m, k] @ W^T

@@ -31,6 +31,7 @@ CASES = [
     (13, 100, 129, 128, True),
     (66, 37, 97, 64, True),
     (130, 193, 40, 64, False),
+    (70, 300, 1100, 64, True),  # fp32 on AVX2 goes to BLAS tiles here: several tiles and 512-long reduce chunks
 ]
 
 
