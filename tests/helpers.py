@@ -284,3 +284,24 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- the fine-tuning benches (bench --cot, bench --accuracy) ------------------------------------------------
+def bench_args(argv: list[str]):
+    """`ladder-kernels bench`'s arguments parsed from `argv`."""
+    import argparse
+
+    from ladder_kernels.cli.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def forbid_training(monkeypatch) -> None:
+    """From here on, building a TrainingRun fails the test (a bench must read its finished cells back)."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr("ladder_kernels.train.run.TrainingRun", no_training)

@@ -36,10 +36,10 @@ METHOD_STYLE = {
 }
 
 
-def csv_text(rows: list[dict]) -> str:
-    """Long-format rows (CSV_FIELDS) as CSV text."""
+def csv_text(rows: list[dict], fields: tuple = CSV_FIELDS, lineterminator: str = "\r\n") -> str:
+    """Rows as CSV text: by default the long-format rows of `bench` (CSV_FIELDS)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator=lineterminator)
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -14,20 +14,21 @@ range over seeds per cell) and cot_<tag>.png (exact match against generated toke
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ladder_kernels.defaults import COT_FORMATS
-from ladder_kernels.io import write_bytes_atomic, write_text_atomic
-from ladder_kernels.planning.bench import command_line, library_versions
+from ladder_kernels.planning.bench import command_line
+from ladder_kernels.planning.finetune_cells import (
+    figure_png,
+    finetune_cell,
+    finished,
+    runs_csv_text,
+    write_bench_files,
+)
 from ladder_kernels.train.config import FinetuneConfig
-from ladder_kernels.train.run_dir import SUMMARY_JSON
 
 CSV_FIELDS = (
     "budget",
@@ -181,26 +182,11 @@ def run_cell(s: CotBenchSettings, cell: Cell, zero_shot: dict) -> dict:
     """One finetune run (or its summary read back); `zero_shot` caches the backbone's zero-shot result per format:
     every Ladder / xLadder run starts exactly at the backbone (the output mix starts at it), so it is evaluated
     once per format."""
-    from ladder_kernels.train.run import TrainingRun
-
-    out = s.runs_dir / cell.name
-    if (out / SUMMARY_JSON).is_file():
-        summary = json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
-        if cell.method != "qlora":
-            zero_shot.setdefault(cell.cot, summary["eval_before"])
-        return _row(cell, summary, out)
-    if out.exists():  # an interrupted cell: start it again
-        import shutil
-
-        shutil.rmtree(out)
-    print(f"bench --cot: {cell.name}", file=sys.stderr)
-    run = TrainingRun(cell_config(s, cell))
-    if cell.method != "qlora":
-        run.zero_shot = zero_shot.get(cell.cot)
-    summary = run.run()
-    if cell.method != "qlora":
+    shares = cell.method != "qlora"
+    summary = finetune_cell(cell_config(s, cell), zero_shot.get(cell.cot) if shares else None, "bench --cot")
+    if shares:
         zero_shot.setdefault(cell.cot, summary["eval_before"])
-    return _row(cell, summary, out)
+    return _row(cell, summary, s.runs_dir / cell.name)
 
 
 def run_cot_bench(s: CotBenchSettings, write: bool = False, train: bool = True) -> list[dict]:
@@ -215,7 +201,7 @@ def run_cot_bench(s: CotBenchSettings, write: bool = False, train: bool = True) 
             key = (cell.cot, cell.method, cell.depth, cell.seed, cell.steps)
             if key in done:
                 rows.append({**done[key], "budget": cell.budget})
-            elif train or (s.runs_dir / cell.name / SUMMARY_JSON).is_file():
+            elif train or finished(s.runs_dir / cell.name):
                 rows.append(run_cell(s, cell, zero_shot))
             else:
                 continue
@@ -226,16 +212,6 @@ def run_cot_bench(s: CotBenchSettings, write: bool = False, train: bool = True) 
 
 
 # --- results -----------------------------------------------------------------------------------------------
-def csv_text(rows: list[dict], command: str) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=(*CSV_FIELDS, "versions", "command"), lineterminator="\n")
-    writer.writeheader()
-    versions = library_versions()
-    for row in rows:
-        writer.writerow({**row, "versions": versions, "command": command})
-    return buf.getvalue()
-
-
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (budget, format, method, δ): mean, sample standard deviation and range of exact match over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -336,18 +312,10 @@ def plot_png(rows: list[dict]) -> bytes:
     ax.set_title("arith: exact match vs answer length (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=120)
 
 
 def write_cot_results(rows: list[dict], out_dir: Path, tag: str, command: str) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"cot_{tag}.{ext}" for ext in ("csv", "md", "png")]
-    write_text_atomic(paths[0], csv_text(rows, command))
-    write_text_atomic(paths[1], markdown(rows, command))
-    write_bytes_atomic(paths[2], plot_png(rows))
-    return paths
+    return write_bench_files(
+        out_dir, f"cot_{tag}", runs_csv_text(rows, CSV_FIELDS, command), markdown(rows, command), plot_png(rows)
+    )

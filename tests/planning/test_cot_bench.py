@@ -10,7 +10,7 @@ import pytest
 from ladder_kernels.defaults import MATCH_PARAMS_TOLERANCE
 from ladder_kernels.planning import cot_bench
 from ladder_kernels.planning.cot_bench import CotBenchSettings, run_cot_bench, time_cells, write_cot_results
-from tests.helpers import write_tiny_checkpoint
+from tests.helpers import bench_args, forbid_training, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,10 +51,7 @@ def test_cot_bench_on_a_tiny_model(tmp_path, monkeypatch):
     assert "| steps | none | xladder δ=2 | 2 |" in md and "| time | none | qlora | 1 |" in md
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished cell was run again")
-
-    monkeypatch.setattr("ladder_kernels.train.run.TrainingRun", no_training)
+    forbid_training(monkeypatch)
     assert run_cot_bench(settings) == rows  # read back from the run folders
     assert run_cot_bench(settings, train=False) == rows
     partial = CotBenchSettings(**{**settings.__dict__, "seeds": (0, 1, 7)})
@@ -72,13 +69,9 @@ def test_settings_are_checked():
 
 
 def test_bench_cot_options_reach_the_settings():
-    import argparse
+    from ladder_kernels.cli.bench import cot_settings_from_args
 
-    from ladder_kernels.cli.bench import add_arguments, cot_settings_from_args
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(
+    args = bench_args(
         "--cot --formats none,full --depths 2,6 --seeds 0,1,2 --train-steps 7 --eval-samples 5 --dtype fp32 "
         "--equal-time-format none --no-qlora --tag x".split()
     )
@@ -86,4 +79,4 @@ def test_bench_cot_options_reach_the_settings():
     assert (s.formats, s.depths, s.seeds, s.steps, s.eval_samples) == (("none", "full"), (2, 6), (0, 1, 2), 7, 5)
     assert (s.dtype, s.qlora, s.tag, s.equal_time_format) == ("float32", False, "x", "none")
     with pytest.raises(ValueError, match="formats must be from"):
-        cot_settings_from_args(parser.parse_args(["--cot", "--formats", "long"]))
+        cot_settings_from_args(bench_args(["--cot", "--formats", "long"]))
