@@ -130,6 +130,10 @@ DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
 # `arith` answer formats: every step, only the last step, or the answer alone; each ends "The answer is N."
 CoTFormat = Literal["full", "short", "none"]
 COT_FORMATS: tuple[str, ...] = get_args(CoTFormat)
+# `bench --accuracy`: the methods it trains; ladder-cache is Ladder with the backbone-state cache (--epochs E over
+# the same examples).
+AccuracyMethod = Literal["ladder", "ladder-cache", "xladder", "qlora"]
+ACCURACY_METHODS: tuple[str, ...] = get_args(AccuracyMethod)
 # Equal-parameter builds (`--match-params`): the side MLP width is chosen so that the trainable count is within
 # this fraction of the target (ladder and xladder then differ in depth and wiring, not in size).
 MATCH_PARAMS_TOLERANCE = 0.05

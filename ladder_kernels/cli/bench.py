@@ -10,8 +10,17 @@ from typing import Optional
 
 import torch
 
-from ladder_kernels.defaults import BENCH_STEPS, BENCH_WARMUP, COT_FORMATS, DTYPE_ALIASES, METHODS, dtype_from_name
+from ladder_kernels.defaults import (
+    ACCURACY_METHODS,
+    BENCH_STEPS,
+    BENCH_WARMUP,
+    COT_FORMATS,
+    DTYPE_ALIASES,
+    METHODS,
+    dtype_from_name,
+)
 from ladder_kernels.errors import INPUT_ERRORS, ConfigError
+from ladder_kernels.planning.accuracy_bench import AccuracyBenchSettings, run_accuracy_bench, write_accuracy_results
 from ladder_kernels.planning.bench import TINY_CONFIGS, BenchSettings, run_bench
 from ladder_kernels.planning.bench_report import write_results
 from ladder_kernels.planning.cot_bench import CotBenchSettings, run_cot_bench, write_cot_results
@@ -35,7 +44,11 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--methods", type=_names, default=METHODS, help=f"comma-separated, from {', '.join(METHODS)} (default: all)"
+        "--methods",
+        type=_names,
+        default=None,
+        help=f"comma-separated, from {', '.join(METHODS)} (default: all); with --accuracy from "
+        f"{', '.join(ACCURACY_METHODS)} (default: all)",
     )
     p.add_argument(
         "--models",
@@ -90,17 +103,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--formats", type=_names, default=COT_FORMATS, help=f"comma-separated from {', '.join(COT_FORMATS)}"
     )
     cot.add_argument("--depths", type=_ints, default=(4, 8), help="xladder δ values (default 4,8)")
-    cot.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds per ladder / xladder cell (default 0,1,2)")
+    cot.add_argument(
+        "--seeds",
+        type=_ints,
+        default=(0, 1, 2),
+        help="seeds per ladder / xladder cell (--accuracy: per cell; default 0,1,2)",
+    )
     cot.add_argument("--train-steps", type=int, default=200, help="optimizer steps per run (default 200)")
-    cot.add_argument("--train-batch", type=int, default=16, help="examples per step (default 16)")
-    cot.add_argument("--eval-samples", type=int, default=300, help="held-out problems per run (default 300)")
+    cot.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help=f"examples per step (default {CotBenchSettings.batch_size}; --accuracy: finetune's default)",
+    )
+    cot.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help=f"held-out examples per run (default {CotBenchSettings.eval_samples}; --accuracy "
+        f"{AccuracyBenchSettings.eval_samples})",
+    )
     cot.add_argument(
         "--equal-time-format", default="none", help="format also run at equal training wall time ('' for none)"
     )
     cot.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA reference runs")
-    cot.add_argument("--runs-dir", default="runs/cot_bench", help="run folders (finished cells are not rerun)")
     cot.add_argument(
-        "--collect", action="store_true", help="write the tables from the finished cells in --runs-dir; train nothing"
+        "--runs-dir",
+        default=None,
+        help=f"run folders; finished cells are not rerun (default {CotBenchSettings.runs_dir}; --accuracy "
+        f"{AccuracyBenchSettings.runs_dir})",
+    )
+    cot.add_argument(
+        "--collect",
+        action="store_true",
+        help="write the tables from the finished cells in --runs-dir; train nothing (also --accuracy)",
+    )
+    acc = p.add_argument_group(
+        "--accuracy: held-out accuracy against training wall time and FLOPs on the embedded sentiment task "
+        "(fine-tuning runs; uses --methods, --models' first, --seq-lens' first, --dtype, --seeds, --train-batch, "
+        "--eval-samples, --runs-dir, --collect, --out-dir, --tag)"
+    )
+    acc.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="run the accuracy bench: ladder, ladder-cache, xladder and qlora at each --budgets, per seed; "
+        "accuracy_<tag>.csv/.md/.png with the fitted loss-vs-FLOPs slope per method",
+    )
+    acc.add_argument(
+        "--budgets",
+        type=_ints,
+        default=AccuracyBenchSettings.budgets,
+        help="optimizer steps of one pass over the data per cell (default "
+        f"{','.join(map(str, AccuracyBenchSettings.budgets))})",
+    )
+    acc.add_argument(
+        "--epochs",
+        type=int,
+        default=AccuracyBenchSettings.epochs,
+        help=f"ladder-cache's passes over the same examples (default {AccuracyBenchSettings.epochs})",
     )
 
 
@@ -108,7 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     return BenchSettings(
-        methods=args.methods,
+        methods=args.methods or METHODS,
         models=args.models or (("llama-1b", "llama-2-7b") if gpu else ("tiny-llama", "smollm2")),
         seq_lens=args.seq_lens or ((512, 1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048)),
         batch_sizes=args.batch_sizes,
@@ -130,30 +190,59 @@ def cot_settings_from_args(args: argparse.Namespace) -> CotBenchSettings:
         depths=args.depths,
         seeds=args.seeds,
         steps=args.train_steps,
-        batch_size=args.train_batch,
+        batch_size=args.train_batch or CotBenchSettings.batch_size,
         seq_len=(args.seq_lens or (CotBenchSettings.seq_len,))[0],
-        eval_samples=args.eval_samples,
+        eval_samples=args.eval_samples or CotBenchSettings.eval_samples,
         dtype=DTYPE_ALIASES[args.dtype],
         qlora=not args.no_qlora,
         equal_time_format=args.equal_time_format or None,
         out_dir=Path(args.out_dir),
-        runs_dir=Path(args.runs_dir),
+        runs_dir=Path(args.runs_dir or CotBenchSettings.runs_dir),
         tag=args.tag or "smollm2",
     )
 
 
+def accuracy_settings_from_args(args: argparse.Namespace) -> AccuracyBenchSettings:
+    return AccuracyBenchSettings(
+        model=(args.models or ("embedded",))[0],
+        methods=args.methods or ACCURACY_METHODS,
+        budgets=args.budgets,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        eval_samples=args.eval_samples or AccuracyBenchSettings.eval_samples,
+        batch_size=args.train_batch,
+        seq_len=(args.seq_lens or (None,))[0],
+        dtype=DTYPE_ALIASES[args.dtype],
+        out_dir=Path(args.out_dir),
+        runs_dir=Path(args.runs_dir or AccuracyBenchSettings.runs_dir),
+        tag=args.tag or AccuracyBenchSettings.tag,
+    )
+
+
+def _finetune_bench(name: str, args: argparse.Namespace, settings_of, run, write) -> int:
+    """`bench --cot` / `--accuracy`: its cells trained (or, with --collect, only the finished ones read), then its
+    result files written."""
+    try:
+        settings = settings_of(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    rows = run(settings, write=not args.collect, train=not args.collect)
+    if not rows:
+        raise ConfigError(f"bench --{name} --collect: no finished cell in {settings.runs_dir}")
+    for path in write(rows, settings.out_dir, settings.tag, settings.command):
+        print(path)
+    return 0
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.cot and args.accuracy:
+        raise ConfigError("bench: --cot and --accuracy are two benches; give one")
+    if args.accuracy:
+        return _finetune_bench(
+            "accuracy", args, accuracy_settings_from_args, run_accuracy_bench, write_accuracy_results
+        )
     if args.cot:
-        try:
-            settings = cot_settings_from_args(args)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        rows = run_cot_bench(settings, write=not args.collect, train=not args.collect)
-        if not rows:
-            raise ConfigError(f"bench --cot --collect: no finished cell in {settings.runs_dir}")
-        for path in write_cot_results(rows, settings.out_dir, settings.tag, settings.command):
-            print(path)
-        return 0
+        return _finetune_bench("cot", args, cot_settings_from_args, run_cot_bench, write_cot_results)
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
