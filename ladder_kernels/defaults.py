@@ -121,6 +121,9 @@ def default_xladder_depth(num_layers: int) -> int:
 STATE_CACHE_FOLDER = "states"
 DEFAULT_CACHE_MEMORY = "0"
 DEFAULT_STEPS = 100  # finetune --steps (optimizer steps of one epoch); plan --steps sizes the cache with it
+# finetune --epochs: passes over the --steps batches. A side network trains from the cache after the first pass
+# (the backbone runs once per example), so more passes cost little; QLoRA has no cache and runs its one pass.
+DEFAULT_EPOCHS = {"ladder": 3, "xladder": 3, "qlora": 1}
 
 
 # --- tasks ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`ladder-kernels bench --accuracy` (bench/bench_accuracy.py): held-out accuracy against training compute on the
 embedded sentiment task.
 
-Methods (`--methods`): ladder (the defaults), ladder-cache (Ladder with the backbone-state cache: `--epochs E`
+Methods (`--methods`): ladder (one pass, `--epochs 1`: the backbone every step), ladder-cache (Ladder with the
+backbone-state cache: `--epochs E`, default finetune's,
 passes over the same examples, the backbone run once per example), xladder and qlora, each at several training
 budgets and seeds. A budget is the optimizer steps of one pass over the data (FinetuneConfig.steps): every method
 sees the same batches at a budget, ladder-cache sees them E times (E x budget optimizer steps).
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ladder_kernels.defaults import ACCURACY_METHODS
+from ladder_kernels.defaults import ACCURACY_METHODS, DEFAULT_EPOCHS
 from ladder_kernels.planning.bench import command_line
 from ladder_kernels.planning.finetune_cells import (
     figure_png,
@@ -67,7 +68,7 @@ class AccuracyBenchSettings:
     model: str = "embedded"
     methods: tuple = ACCURACY_METHODS
     budgets: tuple = (25, 50, 100)  # optimizer steps of one pass over the data
-    epochs: int = 3  # ladder-cache's passes
+    epochs: int = DEFAULT_EPOCHS["ladder"]  # ladder-cache's passes
     seeds: tuple = (0, 1, 2)
     eval_samples: int = 1000
     batch_size: Optional[int] = None  # None: finetune's default

@@ -148,6 +148,7 @@ def cell_config(s: CotBenchSettings, cell: Cell) -> FinetuneConfig:
         seq_len=s.seq_len,
         batch_size=s.batch_size,
         steps=cell.steps,
+        epochs=1,  # equal optimizer steps on equal data for every method
         eval_samples=s.eval_samples,
         dtype=s.dtype,
         seed=cell.seed,

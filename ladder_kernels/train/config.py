@@ -12,6 +12,7 @@ import torch
 
 from ladder_kernels.defaults import (
     DEFAULT_CACHE_MEMORY,
+    DEFAULT_EPOCHS,
     DEFAULT_EVAL_SAMPLES,
     DEFAULT_LADDER_EVERY,
     DEFAULT_LR_RULE,
@@ -157,13 +158,15 @@ class FinetuneConfig:
     )
     seed: int = _opt(0, "seed of the side-network initialisation and of the training data order")
     output_dir: Optional[str] = _opt(None, "run folder (default: runs/<task>-<method>-<time>)")
-    epochs: int = _opt(
-        1,
-        "ladder, xladder: passes over the examples of --steps optimizer steps. With E > 1 the backbone runs once per "
+    epochs: Optional[int] = _opt(
+        None,
+        "passes over the examples of --steps optimizer steps. With E > 1 the backbone runs once per "
         "example before training and its outputs for the side network are cached (--ladder-storage format, in "
         "--cache-dir, reused by later runs on the same backbone and data); every epoch trains from that cache with no "
         "backbone forward, epochs after the first on the same examples reshuffled (each batch keeps its class mix). "
-        "The run takes --steps x --epochs optimizer steps",
+        "The run takes --steps x --epochs optimizer steps. Default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
+        + " (QLoRA takes only 1)",
     )
     cache_dir: Optional[str] = _opt(
         None,
@@ -199,12 +202,11 @@ class FinetuneConfig:
             ("reduction_factor", 1),
             ("checkpoint_every", 1),
             ("seed", 0),
-            ("epochs", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
-        for name in ("xladder_depth", "eval_samples", "ladder_every"):
+        for name in ("xladder_depth", "eval_samples", "ladder_every", "epochs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{flag(name)} must be an integer >= 1, got {value!r}")
@@ -235,7 +237,7 @@ class FinetuneConfig:
                 raise ConfigError(
                     f"--gpu-memory must be a size such as 12GB, 11.5GiB, 24000MiB or 'auto', got {self.gpu_memory!r}"
                 ) from None
-        if self.epochs > 1 and self.method == "qlora":
+        if self.epochs is not None and self.epochs > 1 and self.method == "qlora":
             raise ConfigError("--epochs applies to --method ladder and xladder (QLoRA runs its backbone every step)")
         try:
             parse_bytes(self.cache_memory)
@@ -291,8 +293,13 @@ class FinetuneConfig:
         return self.lr_rule if self.method != "qlora" else "uniform"
 
     @property
+    def epochs_in_effect(self) -> int:
+        """--epochs, or the method's default."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.method]
+
+    @property
     def total_steps(self) -> int:
-        return self.steps * self.epochs
+        return self.steps * self.epochs_in_effect
 
     @property
     def n_eval(self) -> int:

@@ -178,7 +178,8 @@ class TrainingRun:
         start_step, stop_reason = state["step"], None
         reset_peak_memory()
         session_start = time.perf_counter()
-        self.cache = state_cache.RunCache(self) if cfg.epochs > 1 else None  # the backbone's one pass, or a reuse
+        # the backbone's one pass, or a reuse
+        self.cache = state_cache.RunCache(self) if cfg.epochs_in_effect > 1 else None
         state["train_seconds"] += self.cache.built if self.cache else 0.0
         self.model.train()
         self.loss_watch = LossWatch(state["history"])
@@ -461,7 +462,7 @@ class TrainingRun:
             "eval_after": after,
             "steps": step,
             "steps_planned": cfg.total_steps,
-            "epochs": cfg.epochs,
+            "epochs": cfg.epochs_in_effect,
             "state_cache": self.cache.summary() if self.cache else None,
             "resumed_from_step": start_step if self.resume else None,
             "stopped_early": stop_reason,

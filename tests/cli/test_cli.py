@@ -37,6 +37,8 @@ def _tiny_args(tiny_model, data_file, out) -> list[str]:
         str(data_file),
         "--steps",
         "2",
+        "--epochs",
+        "1",
         "--batch-size",
         "4",
         "--seq-len",

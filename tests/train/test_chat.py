@@ -147,6 +147,7 @@ def test_chat_finetune_end_to_end_reports_exact_match(tiny_model, tmp_path, monk
         steps=3,
         lr=1e-2,
         lr_rule="uniform",
+        epochs=1,
         warmup_steps=1,
         reduction_factor=2,
         eval_samples=4,

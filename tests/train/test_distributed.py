@@ -253,6 +253,8 @@ def test_torchrun_finetune_matches_one_process(task, tmp_path, monkeypatch):
         "2",
         "--steps",
         "4",
+        "--epochs",
+        "1",
         "--lr",
         "1e-2",
         "--warmup-steps",
