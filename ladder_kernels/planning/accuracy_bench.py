@@ -188,7 +188,7 @@ class FlopCounter:
 
     def run(self, cfg: FinetuneConfig) -> int:
         ladder = None if cfg.method == "qlora" else ladder_config(cfg, self.config.num_hidden_layers, self.config)
-        return run_flops(self.shape, cfg.method, self.epoch(cfg), cfg.epochs, ladder)
+        return run_flops(self.shape, cfg.method, self.epoch(cfg), cfg.epochs_in_effect, ladder)
 
 
 # --- the cells -----------------------------------------------------------------------------------------------
