@@ -25,7 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ladder_kernels.defaults import DEFAULT_LADDER_EVERY, dtype_from_name  # noqa: E402
 from ladder_kernels.io import write_text_atomic  # noqa: E402
 from ladder_kernels.planning.bench import command_line, library_versions  # noqa: E402
-from ladder_kernels.planning.bench_report import csv_text  # noqa: E402
+from ladder_kernels.planning.bench_report import csv_text, long_rows  # noqa: E402
 
 PROMPT = "Tweet: what a lovely morning, the coffee shop on the corner finally reopened\nSentiment:"
 TARGET = 1.0  # ladder tokens/s over transformers' (issue 14: at least as fast)
@@ -98,22 +98,16 @@ def report(results: dict, prompt_len: int, new_tokens: int, dtype_name: str, com
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     versions = library_versions()
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    rows = [
-        dict(
-            method=name,
-            model="SmolLM2-135M-Instruct",
-            seq_len=prompt_len,
-            batch=1,
-            device="cpu",
-            metric=k,
-            value=v,
-            versions=versions,
-            timestamp=stamp,
-            command=command,
-        )
-        for name, metrics in results.items()
-        for k, v in {**metrics, "load_avg": load}.items()
-    ]
+    rows = long_rows(
+        {name: {**metrics, "load_avg": load} for name, metrics in results.items()},
+        model="SmolLM2-135M-Instruct",
+        seq_len=prompt_len,
+        batch=1,
+        device="cpu",
+        versions=versions,
+        timestamp=stamp,
+        command=command,
+    )
     ratio = results["ladder"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
     lines = [
         "# Generation speed, LadderModel vs transformers, CPU",

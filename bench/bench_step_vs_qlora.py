@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ladder_kernels.defaults import dtype_from_name
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.planning.bench import command_line, library_versions
-from ladder_kernels.planning.bench_report import csv_text
+from ladder_kernels.planning.bench_report import csv_text, long_rows
 from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.planning.methods import MethodTrainer
 
@@ -84,22 +84,16 @@ def measure(rounds: int, warmup: int, dtype: torch.dtype) -> dict[str, dict[str,
 def report(results: dict, command: str, dtype_name: str) -> tuple[str, str]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     versions = library_versions()
-    rows = [
-        dict(
-            method=m,
-            model=MODEL,
-            seq_len=SEQ_LEN,
-            batch=BATCH,
-            device="cpu",
-            metric=k,
-            value=v,
-            versions=versions,
-            timestamp=stamp,
-            command=command,
-        )
-        for m, metrics in results.items()
-        for k, v in metrics.items()
-    ]
+    rows = long_rows(
+        results,
+        model=MODEL,
+        seq_len=SEQ_LEN,
+        batch=BATCH,
+        device="cpu",
+        versions=versions,
+        timestamp=stamp,
+        command=command,
+    )
     ref = results["qlora"]
     lines = [
         "# One training step, Ladder vs QLoRA, CPU",

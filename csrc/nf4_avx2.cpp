@@ -4,8 +4,8 @@
 //
 // A small GEMM of its own rather than BLAS for 16-bit inputs (a bf16 BLAS is far slower on CPUs without native
 // bf16; this takes them without a 16-bit GEMM) and for fp32 with few rows; fp32 with many rows goes to MKL on
-// tiles dequantized by dequant_tile_avx2 (nf4_matmul.cpp, avx2_uses_blas), which reaches 2-3x this loop's speed. Per work item (a band of W's rows or
-// columns times a block of at most kMB rows of a):
+// tiles dequantized by dequant_tile_avx2 (nf4_matmul.cpp, avx2_uses_blas), which reaches 2-3x this loop's speed.
+// Per work item (a band of W's rows or columns times a block of at most kMB rows of a):
 //   forward     out[i, j] = sum_c a[i, c] W[j, c]: kFwdJT rows of W x kFwdKC columns are dequantized to fp32
 //               (rows contiguous), kFwdMR rows of a converted to fp32 beside them, and kFwdMR x kFwdNR dot
 //               products accumulate in 8-wide registers (summed horizontally once per chunk);

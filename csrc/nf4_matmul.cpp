@@ -460,7 +460,9 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   at::Tensor out = new_output(x.size(0), n, x);
   if (x.size(0) == 0) return out;
   AT_DISPATCH_V2(x.scalar_type(), "nf4_matmul_cpu", AT_WRAP([&] {
-    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(x.size(0))) return nf4_avx2<scalar_t>(x, w, /*grad_input=*/false, out);
+    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(x.size(0))) {
+      return nf4_avx2<scalar_t>(x, w, /*grad_input=*/false, out);
+    }
 #ifdef LADDER_NF4_X86
     if (isa == Isa::kAvx512 && x.size(0) <= fused_max_rows<scalar_t>()) {
       const at::Tensor x_f32 = x.to(at::kFloat).contiguous();
@@ -491,7 +493,9 @@ at::Tensor nf4_matmul_grad_input_cpu(const at::Tensor& g, const at::Tensor& pack
   at::Tensor out = new_output(g.size(0), k, g);
   if (g.size(0) == 0) return out;
   AT_DISPATCH_V2(g.scalar_type(), "nf4_matmul_grad_input_cpu", AT_WRAP([&] {
-    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(g.size(0))) return nf4_avx2<scalar_t>(g, w, /*grad_input=*/true, out);
+    if (isa == Isa::kAvx2 && !avx2_uses_blas<scalar_t>(g.size(0))) {
+      return nf4_avx2<scalar_t>(g, w, /*grad_input=*/true, out);
+    }
     nf4_gemm<scalar_t>(isa, blas_compatible(g), w, /*transpose_w=*/false, out);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;

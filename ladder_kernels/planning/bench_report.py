@@ -45,6 +45,12 @@ def csv_text(rows: list[dict], fields: tuple = CSV_FIELDS, lineterminator: str =
     return out.getvalue()
 
 
+def long_rows(results: dict[str, dict], **columns) -> list[dict]:
+    """CSV_FIELDS rows, one per method and metric, of results[method][metric] = value; `columns` are the fields every
+    row shares (model, seq_len, batch, device, versions, timestamp, command)."""
+    return [dict(method=m, **columns, metric=k, value=v) for m, metrics in results.items() for k, v in metrics.items()]
+
+
 def read_results(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
