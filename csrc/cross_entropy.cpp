@@ -2,7 +2,9 @@
 // per-row loss = logsumexp(c) - c[label], c = softcap * tanh(logits / softcap) (or logits), and, when a
 // gradient is wanted, d loss / d logits = softmax(c) - onehot (times 1 - tanh^2) written over the logits.
 // Parallel over rows; each thread keeps one fp32 row of exponentials so exp runs once per element.
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (autograd, nn, pybind) triples the build time.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -7,7 +7,9 @@
 // of dW; each thread dequantizes [rows x cols] tiles of the kept h into an fp32 scratch tile and
 // accumulates g_rows^T @ tile into its own columns of dW (no write races, no full fp32 copy of h).
 // int8 codes follow the rule in ops/downproj.py exactly (fp32: inv = 127 / absmax, round half away).
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (autograd, nn, pybind) triples the build time.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

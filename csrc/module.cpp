@@ -1,7 +1,8 @@
 // Python module entry point of ladder_kernels._C. The kernels register themselves as torch ops
 // (namespace ladder_cpu) from their own files through TORCH_LIBRARY_FRAGMENT; importing this module
-// is what loads them.
-#include <torch/extension.h>
+// is what loads them. pybind11 alone, not torch/extension.h: this file needs no ATen, and the build is
+// a third as long.
+#include <pybind11/pybind11.h>
 
 #include <string>
 

@@ -18,7 +18,9 @@
 //            few rows of x (decoding) skips the tiles: fused_rows_avx512 dequantizes in registers.
 // Extra memory: scratch of at most 1/64 of a fp32 copy of W (once W is larger than one tile), allocated on the
 // calling thread.
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (autograd, nn, pybind) triples the build time.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>

@@ -44,9 +44,13 @@ def _evaluate_classification(model, tokenizer, dataset, examples, seq_len, batch
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         chunk = order[start : start + batch_size]
         batch = collate([(prompts[i], prompts[i]) for i in chunk], tokenizer.pad_token_id)
-        logits = model(**_model_input(batch, dev)).logits
         last = batch["attention_mask"].sum(1) - 1
-        scores = logits[torch.arange(len(chunk)), last.to(logits.device)][:, label_ids.to(logits.device)]
+        # logits for the last positions only, as few as hold every row's last token (the rows' lengths are close):
+        # lm_head over every position would cost more than the backbone on a large vocabulary
+        keep = int(batch["input_ids"].shape[1] - last.min())
+        logits = model(**_model_input(batch, dev), logits_to_keep=keep).logits
+        where = (last - (batch["input_ids"].shape[1] - keep)).to(logits.device)
+        scores = logits[torch.arange(len(chunk)), where][:, label_ids.to(logits.device)]
         for i, k in zip(chunk, scores.argmax(-1).tolist()):
             predicted[i] = dataset.labels[k]
     correct = sum(p == dataset.label_of(ex) for p, ex in zip(predicted, examples))

@@ -10,7 +10,14 @@ import torch
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
-from ladder_kernels.train.data import Dataset, arith_problem, encode_prompts
+from ladder_kernels.train.data import (
+    Dataset,
+    Example,
+    arith_problem,
+    encode_prompts,
+    label_first_tokens,
+    sentiment_prompt,
+)
 from ladder_kernels.train.evaluate import _cut, answer_end, evaluate, greedy_answers, greedy_complete
 from tests.helpers import tiny_backbone, tiny_tokenizer
 
@@ -84,3 +91,31 @@ def test_generation_eval_reports_tokens_and_wall_time(model_and_tokenizer):
     assert result["n"] == 3 and 0 <= result["accuracy"] <= 1
     assert result["mean_generated_tokens"] == pytest.approx(sum(limits) / 3)  # never stops: all limits used
     assert result["eval_seconds"] > 0
+
+
+@pytest.mark.parametrize("kind", ["ladder", "peft"])
+def test_classification_scores_each_rows_last_token(model_and_tokenizer, kind):
+    """Batches of ragged lengths score every row at its own last token (the logits of the last positions only):
+    labelling each example with what its full-logits forward alone predicts gives accuracy 1, any other label 0."""
+    ladder, tokenizer = model_and_tokenizer
+    model = ladder
+    if kind == "peft":
+        peft = pytest.importorskip("peft")
+        torch.manual_seed(4)
+        base = tiny_backbone("llama", num_layers=2, vocab_size=len(tokenizer))
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    labels = ("negative", "neutral", "positive")
+    label_ids = torch.tensor(label_first_tokens(tokenizer, labels))
+    rng = random.Random(11)
+    texts = [" ".join(rng.choice("abcdefgh") * rng.randint(1, 4) for _ in range(rng.randint(1, 12))) for _ in range(9)]
+    prompts = [sentiment_prompt(t, labels) for t in texts]
+    alone = []
+    for p in prompts:
+        ids = torch.tensor([tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            alone.append(labels[int(model(input_ids=ids).logits[0, -1, label_ids].argmax())])
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 4 and len(set(alone)) > 1
+    for shift, expected in ((0, 1.0), (1, 0.0)):
+        examples = [Example(p, " " + labels[(labels.index(a) + shift) % 3]) for p, a in zip(prompts, alone)]
+        dataset = Dataset("sentiment", (), tuple(examples), labels, "test")
+        assert evaluate(model, tokenizer, dataset, examples, 96, 4, "")["accuracy"] == expected

@@ -91,6 +91,31 @@ def test_replayed_states_give_the_backbones_losses_and_gradients(tmp_path, dtype
     assert not torch.equal(_loss_and_grads(model, batch, wrong)[0], _loss_and_grads(model, batch)[0])
 
 
+def test_the_caching_pass_groups_examples_by_length_and_keeps_every_one(tmp_path):
+    """by_length: each example once, micro-batches of the training size, shortest first (less padding than the
+    training batches); a cache built from those batches replays every training batch within bf16 rounding."""
+    rows = _rows()
+    shares = [list(range(s, s + MICRO)) for s in range(0, N_ROWS, MICRO)] + [[0, 5]]  # a repeat, a short share
+    grouped = state_cache.by_length(shares, lambda idx: [rows[i] for i in idx])
+    assert sorted(i for g in grouped for i in g) == list(range(N_ROWS))
+    assert [len(g) for g in grouped] == [MICRO] * (N_ROWS // MICRO)
+    lengths = [len(rows[i][0]) for g in grouped for i in g]
+    assert lengths == sorted(lengths)
+    padded = lambda batches: sum(len(b) * max(len(rows[i][0]) for i in b) for b in batches)  # noqa: E731
+    assert padded(grouped) < padded(shares[:-1])
+    model = _model(torch.float32, "bf16")
+    cfg = SimpleNamespace(seq_len=32, batch_size=MICRO, ladder_storage="bf16")
+    sig = signature(model, cfg, [rows[i][0] for i in range(N_ROWS)], 0, 1, torch.float32)
+    path = tmp_path / state_cache.cache_name(sig)
+    build_cache(path, sig, model, grouped, lambda idx: [rows[i] for i in idx], 0, show_progress=False)
+    cache = StateCache(path, sig)
+    for share in shares[:-1]:
+        batch = collate([rows[i] for i in share], 0)
+        ref_loss, ref_grads = _loss_and_grads(model, batch)
+        loss, grads = _loss_and_grads(model, batch, cache.states(share, batch["input_ids"].shape[1], "cpu"))
+        assert max([rel_err(loss, ref_loss)] + [rel_err(grads[k], ref_grads[k]) for k in grads]) <= 2e-2
+
+
 def test_memory_budget_holds_examples_and_gives_the_same_states(tmp_path):
     model = _model(torch.float32, "int8")
     cache, rows, shares = _cache(tmp_path, model, torch.float32, "int8")
