@@ -81,6 +81,9 @@ VARIANTS = {
     "50_batches_4_passes": Variant(batches=50, passes=4),
     "50_batches_6_passes": Variant(batches=50, passes=6),
     "100_batches_2_passes": Variant(passes=2),
+    "3_passes_warmup30": Variant(passes=3, warmup_steps=30),
+    "3_passes_warmup60": Variant(passes=3, warmup_steps=60),
+    "3_passes_relative0.01": Variant(passes=3, lr_rule="relative", lr=0.01),
     "3_steps_per_batch": Variant(repeat=3),
     "lr1e-3": Variant(lr_rule="uniform", lr=1e-3),
     "relative0.01": Variant(lr_rule="relative", lr=0.01),
@@ -103,9 +106,11 @@ def backbone_features(
     """Per row, [len(layers) + 1, T, D] in the backbone's dtype: for each entry of `layers` the output of that
     backbone layer (-1: the input of layer 0), then the final normed hidden state (what LadderModel's hooks see)."""
     inner, blocks = model.backbone.model, model.backbone.model.layers
-    out = []
+    out: list = [None] * len(rows)
+    by_length = sorted(range(len(rows)), key=lambda j: len(rows[j]))  # little padding (as the state cache runs)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = rows[start : start + batch_size]
+        members = by_length[start : start + batch_size]
+        chunk = [rows[j] for j in members]
         ids, mask = _pad(chunk, pad_id)
         seen: dict[int, torch.Tensor] = {}
         keep = lambda m, a, o, i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o)  # noqa: E731
@@ -123,7 +128,8 @@ def backbone_features(
             for hook in hooks:
                 hook.remove()
         stack = torch.stack([seen[i] for i in layers] + [final])
-        out += [stack[:, j, : len(r)].clone() for j, r in enumerate(chunk)]
+        for j, (member, r) in enumerate(zip(members, chunk)):
+            out[member] = stack[:, j, : len(r)].clone()
     return out
 
 
@@ -282,6 +288,7 @@ class Sweep:
         return {
             "accuracy": self.accuracy(model),
             "final_loss": statistics.fmean(history[-20:]),
+            "largest_spike": largest_spike(history),
             "seconds": time.perf_counter() - start,
         }
 
@@ -299,6 +306,14 @@ class Sweep:
         return correct / len(self.heldout)
 
 
+def largest_spike(history: Sequence[float], first: int = 5) -> float:
+    """The highest loss after the first `first` steps over their mean (the side-network issue's stability bar:
+    at most 1.5)."""
+    if len(history) <= first:
+        return 0.0
+    return max(history[first:]) / statistics.fmean(history[:first])
+
+
 # --- report ----------------------------------------------------------------------------------------------
 def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, command: str, seconds: float) -> str:
     lines = [
@@ -308,11 +323,12 @@ def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, com
         "",
         f"Held-out accuracy on {n_eval} examples after {cfg.steps} steps (x passes x repeat); order 0 is `finetune "
         f"--seed {cfg.seed}`'s "
-        "data order, the others permute the same examples within each class. Sweep wall time "
+        "data order, the others permute the same examples within each class. Largest spike: the highest training "
+        "loss after the first 5 steps over their mean, the worst order. Sweep wall time "
         f"{seconds / 60:.1f} min, torch threads: {torch.get_num_threads()}.",
         "",
-        "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | change | accuracy mean ± sd | min | max | per order | final loss (mean) | largest spike (max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         accs = [r["accuracy"] for r in runs]
@@ -321,7 +337,8 @@ def report(results: dict[str, list[dict]], cfg: FinetuneConfig, n_eval: int, com
         lines.append(
             f"| {name} | `{json.dumps(change) if change != '-' else '-'}` | {statistics.fmean(accs):.1%} ± {sd:.1%} | "
             f"{min(accs):.1%} | {max(accs):.1%} | {', '.join(f'{a:.1%}' for a in accs)} | "
-            f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |"
+            f"{statistics.fmean(r['final_loss'] for r in runs):.3f} | "
+            f"{max(r.get('largest_spike', 0.0) for r in runs):.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

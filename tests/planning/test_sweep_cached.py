@@ -143,3 +143,25 @@ def test_unknown_variant_is_refused(capsys):
     with pytest.raises(SystemExit):
         sweep_cached.main(["--variants", "nope"])
     assert "--variants: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_largest_spike_is_the_worst_later_loss_over_the_first_five():
+    assert sweep_cached.largest_spike([5.0, 3.0, 4.0, 4.0, 4.0, 10.0, 2.0, 6.0]) == pytest.approx(2.5)
+    assert sweep_cached.largest_spike([4.0, 4.0, 4.0, 4.0, 4.0, 1.0]) == pytest.approx(0.25)
+    assert sweep_cached.largest_spike([4.0, 4.0]) == 0.0  # too short to say
+
+
+def test_features_come_back_in_the_rows_order():
+    """backbone_features runs the rows grouped by length; each row's features are its own, in the input order."""
+    from ladder_kernels.nn.config import LadderConfig
+    from ladder_kernels.nn.ladder import LadderModel
+    from tests.helpers import tiny_backbone
+
+    torch.manual_seed(0)
+    model = LadderModel(tiny_backbone(num_layers=3), LadderConfig(reduction_factor=2, backbone_quant="none"))
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (9, 3, 14, 5, 3, 11)]
+    feats = sweep_cached.backbone_features(model, rows, 0, [-1, 1], batch_size=2)
+    for r, f in zip(rows, feats):
+        alone = sweep_cached.backbone_features(model, [r], 0, [-1, 1], batch_size=1)[0]
+        assert f.shape == alone.shape and rel_err(f, alone) < 1e-5
