@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.defaults import DEFAULT_LR_RULE, default_lr
+from ladder_kernels.defaults import DEFAULT_LR_RULE, default_lr, default_warmup
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
 from ladder_kernels.nn.side import BRANCH, side_wiring
@@ -269,7 +269,7 @@ class Sweep:
             [{"params": [named[n]], "lr": rate * scale(n)} for n, rate in rates.items()], lr=lr, weight_decay=0.0
         )
         batches = [b for b in self.epochs(order, variant) for _ in range(variant.repeat)]
-        warmup = self.cfg.warmup_steps if variant.warmup_steps is None else variant.warmup_steps
+        warmup = default_warmup(len(batches)) if variant.warmup_steps is None else variant.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, len(batches)))
         model.train()
         history = []

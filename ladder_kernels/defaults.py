@@ -124,6 +124,16 @@ DEFAULT_STEPS = 100  # finetune --steps (optimizer steps of one epoch); plan --s
 # finetune --epochs: passes over the --steps batches. A side network trains from the cache after the first pass
 # (the backbone runs once per example), so more passes cost little; QLoRA has no cache and runs its one pass.
 DEFAULT_EPOCHS = {"ladder": 3, "xladder": 3, "qlora": 1}
+# finetune --warmup-steps when not given: this fraction of the run's optimizer steps (QLoRA's 100: 10, as before;
+# Ladder's 300: 30). Chosen by bench/sweep_cached.py on two backbones (bench/results/ladder_sweep_*_warmup.md): on
+# Gemma-3-270M 10 warm-up steps of 300 let the loss jump to 8.9x its first steps' mean right after the warm-up, 30
+# kept it under 1.2x and gave 2 points more accuracy.
+DEFAULT_WARMUP_FRACTION = 0.1
+
+
+def default_warmup(total_steps: int) -> int:
+    """Warm-up steps of a run of `total_steps` optimizer steps when none are given."""
+    return round(DEFAULT_WARMUP_FRACTION * total_steps)
 
 
 # --- tasks ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ladder_kernels.defaults import (
     DEFAULT_LADDER_EVERY,
     DEFAULT_LR_RULE,
     DEFAULT_STEPS,
+    DEFAULT_WARMUP_FRACTION,
     DTYPES,
     FINETUNE_METHODS,
     LADDER_METHODS,
@@ -30,6 +31,7 @@ from ladder_kernels.defaults import (
     LrRule,
     Task,
     default_lr,
+    default_warmup,
     default_xladder_depth,
     literal_fields,
 )
@@ -106,7 +108,11 @@ class FinetuneConfig:
     ladder_norm: LadderNorm = _opt(
         "none", "ladder, xladder: rms divides each ladder input by its root mean square (scale-free side inputs)"
     )
-    warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay")
+    warmup_steps: Optional[int] = _opt(
+        None,
+        f"linear warm-up steps before the cosine decay (default: {DEFAULT_WARMUP_FRACTION:.0%} of the run's optimizer "
+        "steps, --steps x --epochs)",
+    )
     reduction_factor: int = _opt(8, "r: side network width = hidden size / r (ladder, xladder)")
     ladder_every: Optional[int] = _opt(
         None,
@@ -198,7 +204,6 @@ class FinetuneConfig:
             ("grad_accum", 1),
             ("steps", 1),
             ("steps_per_batch", 1),
-            ("warmup_steps", 0),
             ("reduction_factor", 1),
             ("checkpoint_every", 1),
             ("seed", 0),
@@ -206,6 +211,10 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ConfigError(f"{flag('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
         for name in ("xladder_depth", "eval_samples", "ladder_every", "epochs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -300,6 +309,11 @@ class FinetuneConfig:
     @property
     def total_steps(self) -> int:
         return self.steps * self.epochs_in_effect
+
+    @property
+    def warmup_in_effect(self) -> int:
+        """--warmup-steps, or the default fraction of the run's optimizer steps."""
+        return self.warmup_steps if self.warmup_steps is not None else default_warmup(self.total_steps)
 
     @property
     def n_eval(self) -> int:

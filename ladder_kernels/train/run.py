@@ -166,7 +166,7 @@ class TrainingRun:
             )
         groups = param_groups(self.model, cfg.learning_rate, cfg.lr_rule_in_effect)
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        schedule = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
+        schedule = warmup_cosine(cfg.warmup_in_effect, cfg.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.stream = BatchStream(self.dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         self._encoded: dict[int, tuple[list[int], list[int]]] = getattr(self, "_encoded", {})

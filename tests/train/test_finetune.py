@@ -356,6 +356,7 @@ def test_output_dir_holding_a_run_is_refused_untouched(trained_run, tiny_model, 
         ({"epochs": 0}, "--epochs must be an integer >= 1"),
         ({"epochs": 2, "method": "qlora"}, "--epochs applies to --method ladder and xladder"),
         ({"cache_memory": "lots"}, "--cache-memory must be a size such as 512MB"),
+        ({"warmup_steps": -1}, "--warmup-steps must be an integer >= 0"),
     ],
 )
 def test_bad_options_name_the_flag(tiny_model, keyword_data, tmp_path, change, needle):
@@ -426,6 +427,18 @@ def test_embedded_model_is_found_in_its_package():
 
     path = embedded_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_warmup_defaults_to_a_tenth_of_the_runs_steps():
+    from ladder_kernels.train.config import FinetuneConfig
+    from ladder_kernels.train.run import warmup_cosine
+
+    assert FinetuneConfig().warmup_in_effect == 30  # ladder: 100 steps x 3 epochs
+    assert FinetuneConfig(method="qlora").warmup_in_effect == 10  # one pass of 100
+    assert FinetuneConfig(steps=40, epochs=1).warmup_in_effect == 4
+    assert FinetuneConfig(warmup_steps=0).warmup_in_effect == 0  # given: kept
+    factors = [warmup_cosine(FinetuneConfig().warmup_in_effect, 300)(s) for s in range(300)]
+    assert factors.index(max(factors)) == 30 and all(a < b for a, b in zip(factors[:30], factors[1:31]))
 
 
 def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
