@@ -3,24 +3,21 @@
 The backbone is frozen, so what it hands the side network for an example never changes. Before training, a
 caching pass runs the backbone once over epoch 1's examples (those `BatchStream` draws for --steps optimizer
 steps, regrouped into micro-batches of similar length: `by_length`) and stores, per example and for real tokens
-only, every
-tensor the side network reads (LadderModel.forward's `backbone_states`: the branch point, each ladder layer and the
-final normed hidden state) in the --ladder-storage format: bf16, or int8 rows with one fp32 absmax scale per row
-(ops/downproj.quantize_rows_int8, the same rounding as the int8 ladder storage). Every epoch, the first included,
-then trains from the cache with no backbone forward, so a run's result does not depend on whether its cache was
-built or reused. Epoch 1 keeps BatchStream's batches; epoch e > 1 permutes the same examples with a seeded
-permutation per epoch, within each class (and each process's share), so every batch keeps its class mix.
+only, every tensor the side network reads (LadderModel.forward's `backbone_states`: the branch point, each ladder
+layer and the final normed hidden state) in the --ladder-storage format: bf16, or int8 rows with an fp32 absmax
+scale per row (ops/downproj.quantize_rows_int8, the same rounding as the int8 ladder storage). Every epoch, the
+first included, then trains from the cache with no backbone forward, so a run's result does not depend on whether
+its cache was built or reused. Epoch 1 keeps BatchStream's batches; epoch e > 1 permutes the same examples with a
+seeded permutation per epoch, within each class (and each process's share), so every batch keeps its class mix.
 
-Exactness: a micro-batch replayed as the caching pass ran it gives the backbone's own bits with a bf16 backbone
-and bf16 storage; a training batch (other rows beside each example than in the caching pass) gives them up to the
-backbone's float rounding, within bf16 / int8 rounding of the stored values otherwise.
+Exactness: a micro-batch replayed as cached gives the backbone's own bits (bf16 backbone and storage); a training
+batch gives them up to float rounding, within bf16 / int8 rounding of the stored values otherwise.
 
 The file (one per signature, in --cache-dir): magic, the examples' blocks (64-byte aligned), a JSON header
 (signature, per example: training-set index, tokens, offset, crc32), the header's length and crc32, magic. It is
 written to a temporary file and renamed when complete, so a crash or a full disk never leaves a partial cache;
-it is read per example with positional reads (os.preadv), not memory-mapped: pages come from the OS page cache
-(as fast from epoch 2 on, and not counted in the process's RSS). --cache-memory keeps up to that many bytes of
-examples in process memory as well.
+it is read per example with os.preadv, not memory-mapped: pages come from the OS page cache (not counted in the
+process's RSS); --cache-memory keeps up to that many bytes of examples in process memory as well.
 
 Data-parallel runs: each process caches its own share (the signature holds rank and world size) and epochs > 1
 permute examples only among the positions of the same process, so no process reads another's file.
@@ -414,12 +411,11 @@ def _encode(states: dict, keys: list, row: int, n: int, storage: str) -> bytes:
 
 
 def by_length(shares: Sequence[Sequence[int]], rows) -> list[list[int]]:
-    """The examples of `shares`, each once, in micro-batches of the same size grouped by token count (shortest
-    first): the caching pass then runs little padding (on the embedded task 29% of the tokens of the training
-    batches are padding). A real token's states do not depend on the other rows of its batch, up to float rounding."""
+    """The examples of `shares`, each once, in micro-batches of the same size, shortest first: little padding (29%
+    of the training batches' tokens on the embedded task). A token's states do not depend on the other rows."""
     unique = list(dict.fromkeys(i for share in shares for i in share))
     lengths = {i: len(ids) for i, (ids, _) in zip(unique, rows(unique))}
-    ordered = sorted(unique, key=lambda i: lengths[i])  # stable: ties keep the training order
+    ordered = sorted(unique, key=lengths.__getitem__)  # stable: ties keep the training order
     size = max((len(share) for share in shares), default=1)
     return [ordered[s : s + size] for s in range(0, len(ordered), size)]
 
