@@ -211,14 +211,16 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
-        if self.warmup_steps is not None and (
-            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
-        ):
-            raise ConfigError(f"{flag('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
-        for name in ("xladder_depth", "eval_samples", "ladder_every", "epochs"):
+        for name, minimum in (
+            ("xladder_depth", 1),
+            ("eval_samples", 1),
+            ("ladder_every", 1),
+            ("epochs", 1),
+            ("warmup_steps", 0),
+        ):  # None: the default in effect
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
         if not isinstance(self.skip_nonfinite, bool):
             raise ConfigError(f"--skip-nonfinite must be true or false, got {self.skip_nonfinite!r}")
         if isinstance(self.balance, bool) or not isinstance(self.balance, (int, float)) or not 0 <= self.balance <= 1:
