@@ -215,13 +215,13 @@ def _row(cell: Cell, summary: dict, flops: int, run_dir: Path) -> dict:
 
 def run_cell(s: AccuracyBenchSettings, cell: Cell, zero_shot: dict, counter: FlopCounter) -> dict:
     """One finetune run (or its summary read back). Ladder, ladder-cache and xLadder all start at the backbone
-    (the output mix starts at it), so their zero-shot evaluation is done once (`zero_shot`)."""
+    (the output mix starts at it), and every QLoRA cell at the same quantized backbone (LoRA's B starts at 0), so
+    the zero-shot evaluation is done once per family (`zero_shot`)."""
     cfg = cell_config(s, cell)
-    shares = cell.method != "qlora"
-    summary = finetune_cell(cfg, zero_shot.get("side") if shares else None, "bench --accuracy")
+    family = "qlora" if cell.method == "qlora" else "side"
+    summary = finetune_cell(cfg, zero_shot.get(family), "bench --accuracy")
     shutil.rmtree(Path(cfg.output_dir) / CACHE_FOLDER, ignore_errors=True)  # the cache has served its run
-    if shares:
-        zero_shot.setdefault("side", summary["eval_before"])
+    zero_shot.setdefault(family, summary["eval_before"])
     return _row(cell, summary, counter.run(cfg), Path(cfg.output_dir))
 
 
