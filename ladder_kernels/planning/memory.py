@@ -217,11 +217,25 @@ def process_peak_rss_bytes() -> int:
     return max(peak if sys.platform == "darwin" else peak * 1024, process_rss_bytes())
 
 
+def _release_free_heap() -> None:
+    """Hands glibc's free heap pages back to the OS (malloc_trim), so that RSS counts live memory only: freed
+    tensors under the mmap threshold stay in the heap, and a run after another in one process (the accuracy
+    bench's cells) would otherwise start its peak from the earlier run's high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM) via clear_refs."""
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM) via clear_refs, from
+    the live memory of the moment (free heap pages returned to the OS first)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

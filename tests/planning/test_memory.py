@@ -1,8 +1,16 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ladder_kernels.planning.memory import PeakMemoryTracker, process_peak_rss_bytes, process_rss_bytes
+from ladder_kernels.planning.memory import (
+    PeakMemoryTracker,
+    peak_memory_bytes,
+    process_peak_rss_bytes,
+    process_rss_bytes,
+    reset_peak_memory,
+)
 
 
 def _mlp_training_step():
@@ -89,6 +97,19 @@ def test_process_peak_rss_sees_a_large_allocation():
     block = torch.ones(32 * 2**20)  # 128 MiB, written so that its pages are resident
     assert process_peak_rss_bytes() >= before + block.nbytes * 0.95
     assert process_rss_bytes() > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
+def test_reset_peak_starts_from_live_memory_after_a_freed_heap():
+    """Tensors freed into the middle of glibc's heap (below the mmap threshold, between live ones) keep RSS high; a
+    reset peak must not count them, or every run after a large one in the same process reports the large one's."""
+    torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # a freed 16 MiB mmap raises glibc's mmap threshold
+    blocks = [torch.empty(4 << 20, dtype=torch.uint8).fill_(i) for i in range(100)]  # 400 MiB, on the heap
+    del blocks[::2]  # 200 MiB freed between live blocks: free() cannot hand it back
+    retained = process_rss_bytes()
+    reset_peak_memory()
+    assert peak_memory_bytes() < retained - 150 * 2**20
+    assert sum(int(b[0]) for b in blocks) == sum(range(1, 100, 2))  # the live half is intact
 
 
 def test_categories_split_the_peak():
