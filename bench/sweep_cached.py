@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ladder_kernels.defaults import DEFAULT_LR_RULE, default_lr, default_warmup
+from ladder_kernels.defaults import DEFAULT_LR_RULE, DEFAULT_STEPS, default_lr, default_warmup
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.ladder import LadderModel, positions_from_mask  # noqa: E402
 from ladder_kernels.nn.side import BRANCH, side_wiring
@@ -349,7 +349,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--orders", type=int, default=4, help="data orders per variant (>= 1)")
     parser.add_argument("--eval-samples", type=int, default=1000, help="held-out examples (>= 1)")
     parser.add_argument("--out", default="bench/results/ladder_sweep_sentiment", help="writes OUT.md and OUT.json")
-    for name in ("model", "data", "steps", "batch_size", "seq_len", "seed", "dtype"):
+    # the batches every variant draws from: QLoRA's default run's (a variant may take the first N, `batches`)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS["qlora"], help="batches of one pass (>= 1)")
+    for name in ("model", "data", "batch_size", "seq_len", "seed", "dtype"):
         f = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == name)
         parser.add_argument(
             "--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"]
@@ -359,8 +361,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         parser.error(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(VARIANTS)}")
-    if args.orders < 1 or args.eval_samples < 1:
-        parser.error("--orders and --eval-samples must be >= 1")
+    if args.orders < 1 or args.eval_samples < 1 or args.steps < 1:
+        parser.error("--orders, --eval-samples and --steps must be >= 1")
     cfg = FinetuneConfig(
         model=args.model,
         data=args.data,

@@ -120,10 +120,13 @@ def default_xladder_depth(num_layers: int) -> int:
 # cache, as fast from the second epoch on and not counted in the process's RSS (Ladder's memory target).
 STATE_CACHE_FOLDER = "states"
 DEFAULT_CACHE_MEMORY = "0"
-DEFAULT_STEPS = 100  # finetune --steps (optimizer steps of one epoch); plan --steps sizes the cache with it
-# finetune --epochs: passes over the --steps batches. A side network trains from the cache after the first pass
-# (the backbone runs once per example), so more passes cost little; QLoRA has no cache and runs its one pass.
-DEFAULT_EPOCHS = {"ladder": 3, "xladder": 3, "qlora": 1}
+# finetune --steps (optimizer steps of one epoch) and --epochs (passes over those batches), per method. A side
+# network trains from the cache after the first pass (the backbone runs once per example), so more passes cost
+# little, and the backbone's one pass is most of a Ladder run's time: Ladder reads 50 batches 6 times (300 steps,
+# 1600 examples), which on SmolLM2 scored within 1 point of 100 batches x 3 passes at half the backbone time
+# (bench/results/ladder_sweep_*_demo_data.md, two backbones). QLoRA has no cache and makes one pass of 100 steps.
+DEFAULT_STEPS = {"ladder": 50, "xladder": 50, "qlora": 100}
+DEFAULT_EPOCHS = {"ladder": 6, "xladder": 6, "qlora": 1}
 # finetune --warmup-steps when not given: this fraction of the run's optimizer steps (QLoRA's 100: 10, as before;
 # Ladder's 300: 30). Chosen by bench/sweep_cached.py on two backbones (bench/results/ladder_sweep_*_warmup.md): on
 # Gemma-3-270M 10 warm-up steps of 300 let the loss jump to 8.9x its first steps' mean right after the warm-up, 30

@@ -68,9 +68,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
+        default=DEFAULT_STEPS["ladder"],
         help="finetune --steps: the backbone-state cache of `finetune --epochs` holds steps x batch-size examples "
-        f"(default {DEFAULT_STEPS})",
+        f"(default {DEFAULT_STEPS['ladder']}, as finetune's for ladder and xladder)",
     )
     p.add_argument("--no-max-context", action="store_true", help="skip the longest-context search (faster)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")

@@ -170,7 +170,7 @@ class FlopCounter:
         dataset = self._datasets[key]
         stream = BatchStream(dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, cfg.balance)
         steps = []
-        for step in range(cfg.steps):
+        for step in range(cfg.steps_in_effect):
             indices = stream.indices(step // cfg.steps_per_batch)
             micro = []
             for m in range(cfg.grad_accum):

@@ -83,9 +83,10 @@ class FinetuneConfig:
         "example), so a run gives one process's results with any N",
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    steps: int = _opt(
-        DEFAULT_STEPS,
-        "optimizer steps of one epoch (the run takes --steps x --epochs; the learning-rate schedule spans them all)",
+    steps: Optional[int] = _opt(
+        None,
+        "optimizer steps of one epoch (the run takes --steps x --epochs; the learning-rate schedule spans them all). "
+        "Default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()),
     )
     steps_per_batch: int = _opt(
         1,
@@ -202,7 +203,6 @@ class FinetuneConfig:
             ("seq_len", 8),
             ("batch_size", 1),
             ("grad_accum", 1),
-            ("steps", 1),
             ("steps_per_batch", 1),
             ("reduction_factor", 1),
             ("checkpoint_every", 1),
@@ -212,6 +212,7 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
         for name, minimum in (
+            ("steps", 1),
             ("xladder_depth", 1),
             ("eval_samples", 1),
             ("ladder_every", 1),
@@ -303,6 +304,22 @@ class FinetuneConfig:
         """--lr-rule for a side network; QLoRA's LoRA weights always take one absolute rate."""
         return self.lr_rule if self.method != "qlora" else "uniform"
 
+    def in_effect(self) -> "FinetuneConfig":
+        """This configuration with the method's defaults written in (steps, epochs, warm-up, learning rate): what a
+        run saves, so that resuming it after a default changed continues the same run."""
+        return dataclasses.replace(
+            self,
+            steps=self.steps_in_effect,
+            epochs=self.epochs_in_effect,
+            warmup_steps=self.warmup_in_effect,
+            lr=self.learning_rate,
+        )
+
+    @property
+    def steps_in_effect(self) -> int:
+        """--steps, or the method's default."""
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.method]
+
     @property
     def epochs_in_effect(self) -> int:
         """--epochs, or the method's default."""
@@ -310,7 +327,7 @@ class FinetuneConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.steps * self.epochs_in_effect
+        return self.steps_in_effect * self.epochs_in_effect
 
     @property
     def warmup_in_effect(self) -> int:

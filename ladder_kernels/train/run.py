@@ -254,7 +254,11 @@ class TrainingRun:
             write_text_atomic(
                 self.out / RUN_CONFIG,
                 json.dumps(
-                    {"config": dataclasses.asdict(self.cfg), "command": self.command, "model_dir": str(self.model_dir)},
+                    {
+                        "config": dataclasses.asdict(self.cfg.in_effect()),
+                        "command": self.command,
+                        "model_dir": str(self.model_dir),
+                    },
                     indent=2,
                 )
                 + "\n",

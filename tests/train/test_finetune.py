@@ -323,6 +323,35 @@ def test_time_budget_stops_checkpoints_and_resume_finishes(tiny_model, keyword_d
     assert finished["steps"] == 50 and finished["stopped_early"] is None
 
 
+def test_a_resumed_run_keeps_the_defaults_it_started_with(tiny_model, keyword_data, tmp_path, monkeypatch):
+    """A run saves its configuration with the method's defaults written in: resumed after DEFAULT_STEPS and
+    DEFAULT_EPOCHS change, it still finishes the run it started (and so the same cache and schedule)."""
+    from ladder_kernels import defaults
+
+    out = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model,
+        keyword_data,
+        out,
+        steps=None,
+        epochs=None,
+        lr=None,
+        warmup_steps=None,
+        max_minutes=1e-9,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    monkeypatch.setitem(defaults.DEFAULT_STEPS, "ladder", 3)
+    monkeypatch.setitem(defaults.DEFAULT_EPOCHS, "ladder", 2)
+    assert TrainingRun(cfg).run()["steps"] == 1  # stopped by --max-minutes after its first step
+    monkeypatch.setitem(defaults.DEFAULT_STEPS, "ladder", 5)
+    monkeypatch.setitem(defaults.DEFAULT_EPOCHS, "ladder", 4)
+    resumed = resume_config(out, {"max_minutes": 60.0})
+    assert (resumed.steps, resumed.epochs, resumed.warmup_steps) == (3, 2, 1)
+    assert resumed.lr == FinetuneConfig(lr_rule="uniform").learning_rate
+    finished = TrainingRun(resumed, resume=True).run()
+    assert finished["steps"] == 6 and finished["steps_planned"] == 6 and finished["epochs"] == 2
+
+
 def test_resume_refuses_changed_options_and_finished_runs(trained_run, tmp_path):
     out, _ = trained_run
     with pytest.raises(RunDirError, match=r"--lr 0.5 differs from the run"):
@@ -433,8 +462,9 @@ def test_warmup_defaults_to_a_tenth_of_the_runs_steps():
     from ladder_kernels.train.config import FinetuneConfig
     from ladder_kernels.train.run import warmup_cosine
 
-    assert FinetuneConfig().warmup_in_effect == 30  # ladder: 100 steps x 3 epochs
-    assert FinetuneConfig(method="qlora").warmup_in_effect == 10  # one pass of 100
+    assert FinetuneConfig().total_steps == 300 and FinetuneConfig().warmup_in_effect == 30  # ladder: 50 x 6 epochs
+    assert FinetuneConfig(method="qlora").total_steps == 100  # one pass of 100
+    assert FinetuneConfig(method="qlora").warmup_in_effect == 10
     assert FinetuneConfig(steps=40, epochs=1).warmup_in_effect == 4
     assert FinetuneConfig(warmup_steps=0).warmup_in_effect == 0  # given: kept
     factors = [warmup_cosine(FinetuneConfig().warmup_in_effect, 300)(s) for s in range(300)]
