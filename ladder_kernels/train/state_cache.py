@@ -468,7 +468,7 @@ class RunCache:
     def __init__(self, run):
         cfg = run.cfg
         self.steps_per_epoch, self.steps_per_batch = cfg.steps_in_effect, cfg.steps_per_batch
-        self.batches = -(-cfg.steps_in_effect // cfg.steps_per_batch)  # per epoch
+        self.batches = -(-self.steps_per_epoch // self.steps_per_batch)  # per epoch
         dataset = run.dataset
         classes = [dataset.label_of(ex) for ex in dataset.train] if dataset.is_classification else None
         self.order = EpochOrder(run.stream, self.batches, cfg.batch_size, run.world_size, classes, cfg.seed)
