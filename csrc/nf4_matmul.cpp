@@ -16,8 +16,8 @@
 //            small buffer and multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column
 //            slice of the output; avx512 dequantizes with 16-wide table lookups, and a forward pass with only a
 //            few rows of x (decoding) skips the tiles: fused_rows_avx512 dequantizes in registers.
-// Extra memory: scratch of at most 1/64 of a fp32 copy of W (once W is larger than one tile), allocated on the
-// calling thread.
+// Extra memory: the tiles, 1/64 of a fp32 copy of W over all threads but at least 192 KiB a thread (kMinTileBytes),
+// allocated on the calling thread; BLAS adds its own per-call workspace, as it does for a dense product.
 // ATen and the op registry only: torch/extension.h (autograd, nn, pybind) triples the build time.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -57,8 +57,8 @@ namespace {
 constexpr int64_t kTileBytes = 2 << 20;
 // ... and at least this many (192 KiB: 96 columns of a 512-long fp32 chunk), whatever the weight's size: on a
 // small weight (SmolLM2's 576 x 1536) 1/64 of it made 16-wide tiles, where BLAS ran at half the dense speed.
-// A weight of 2048 x 2048 or more never needs the floor at 2 threads; below that scratch is at most
-// threads x 192 KiB.
+// So scratch is threads x 192 KiB up to a weight of 6.3 M entries at 2 threads (2048 x 2048: 384 KiB, 1/43 of
+// its fp32 copy), and 1/64 of it above.
 constexpr int64_t kMinTileBytes = 192 << 10;
 constexpr int64_t kReduceChunk = 512;
 // Narrower tiles make BLAS inefficient; a small weight is still split (down to 16) so every thread gets one.

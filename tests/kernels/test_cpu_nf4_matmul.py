@@ -178,13 +178,22 @@ def _allocated_peak(fn) -> tuple[int, int]:
 def test_extra_memory_is_under_a_32nd_of_a_fp32_weight(direction, m):
     """A double-quantized 2048 x 2048 weight: no decoded absmax, no dequantized copy; scratch within 1/32 of the
     weight in fp32 (16 MiB), on every code path, measured two ways (tensors the op makes, as the memory planner
-    sees them, and the allocator's own events, which see the C++ scratch)."""
+    sees them, and the allocator's own events, which see the C++ scratch). The allocator's count is taken beyond
+    the workspace torch.mm itself allocates for the dense product of the same shapes and dtype: a 16-bit BLAS
+    (oneDNN on CPUs with AVX-512) packs the activations into 130-390 KiB of its own on every call, whatever the
+    weight, and the op's tiles pay it as the dense product does."""
     from ladder_kernels import nf4_matmul
 
     q = quantize_nf4(torch.randn(2048, 2048) * 0.02, blocksize=64, double_quant=True)
+    dense = dequantize_nf4(q, torch.bfloat16)
     limit = 2048 * 2048 * 4 // 32
     x = torch.randn(m, 2048, dtype=torch.bfloat16, requires_grad=direction == "grad_input")
     g = torch.randn(m, 2048, dtype=torch.bfloat16)
+    with torch.no_grad():
+        dense_fn = (lambda: x @ dense.t()) if direction == "forward" else (lambda: g @ dense)  # noqa: E731
+        dense_fn()  # BLAS's first call may set up state of its own
+        dense_peak, dense_out = _allocated_peak(dense_fn)
+    blas_workspace = dense_peak - dense_out
     for isa in runnable_isas():
         with forced_isa(isa):
             if direction == "forward":
@@ -197,5 +206,6 @@ def test_extra_memory_is_under_a_32nd_of_a_fp32_weight(direction, m):
                     out = fn()
                 tracked = tracker.peak_bytes - out.untyped_storage().nbytes()
                 peak, out_bytes = _allocated_peak(fn)
-            assert tracked < limit and peak - out_bytes < limit, (isa, tracked, peak - out_bytes, limit)
+            extra = peak - out_bytes - blas_workspace
+            assert tracked < limit and extra < limit, (isa, tracked, extra, blas_workspace, limit)
             assert peak >= out_bytes > 0  # the profiler did see the allocations
