@@ -123,8 +123,10 @@ DEFAULT_CACHE_MEMORY = "0"
 # finetune --steps (optimizer steps of one epoch) and --epochs (passes over those batches), per method. A side
 # network trains from the cache after the first pass (the backbone runs once per example), so more passes cost
 # little, and the backbone's one pass is most of a Ladder run's time: Ladder reads 50 batches 6 times (300 steps,
-# 1600 examples), 0.9-1.0 points under 100 batches x 3 passes on SmolLM2 and Gemma-3-270M at half the backbone
-# time (bench/results/ladder_sweep_*_demo_data.md). QLoRA has no cache and makes one pass of 100 steps.
+# 1600 examples) at half the backbone time of 100 batches x 3 passes, for 0.9-1.0 points on SmolLM2 and
+# Gemma-3-270M in the cached sweep (4 data orders, bench/results/ladder_sweep_*_demo_data.md) and 2.8 points in
+# full SmolLM2 runs (3 seeds, sd ~2: bench/results/finetune_defaults_avx512.md). QLoRA has no cache and makes one
+# pass of 100 steps.
 DEFAULT_STEPS = {"ladder": 50, "xladder": 50, "qlora": 100}
 DEFAULT_EPOCHS = {"ladder": 6, "xladder": 6, "qlora": 1}
 # finetune --warmup-steps when not given: this fraction of the run's optimizer steps (QLoRA's 100: 10, as before;
