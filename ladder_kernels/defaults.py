@@ -39,9 +39,12 @@ def default_lr(method: str, lr_rule: str = "uniform") -> float:
 
 # --- dtypes -----------------------------------------------------------------------------------------------
 DTypeName = Literal["float32", "bfloat16", "float16"]
-# "auto": bfloat16 on a CUDA device, float32 on CPU: a CPU without native bf16 (no AVX-512-BF16/AMX, most desktop
-# and many server CPUs) runs bf16 matmuls tens of times slower than fp32 (measured: 80x on an AMD EPYC here), and
-# one choice for every CPU keeps `make demo`'s result the same on any machine.
+# --dtype "auto": bfloat16 on a CUDA device, float32 on CPU: a CPU without native bf16 (no AVX-512-BF16/AMX) runs
+# bf16 matmuls tens of times slower than fp32 (measured: 80x on an AMD EPYC with AVX2 only), and on one with it an
+# all-bf16 Ladder run learns worse (SmolLM2 2 points lower, Gemma-3-270M's loss spiking to 2.2x: bench/results/
+# finetune_bf16_cpu.md). --matmul-dtype "auto" then multiplies only the backbone's NF4 layers in bf16 where the CPU
+# has native bf16 (backends.cpu_has_native_bf16; ~3x fp32's speed), everything else in fp32. So `make demo`'s
+# result is the same on every machine of one kind, and differs (within seed noise) between bf16 and fp32 CPUs.
 FinetuneDType = Literal["auto", "float32", "bfloat16"]
 ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +70,9 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 CpuIsa = Literal["auto", "avx512", "avx2", "scalar"]
 CPU_ISAS: tuple[str, ...] = get_args(CpuIsa)
 CPU_ISA_ENV = "LADDER_KERNELS_CPU_ISA"
+# "0" or "1": whether --matmul-dtype auto takes this CPU for one with native bf16 (default: what the CPU says).
+# The tests set "0", so they compute alike on every CI machine.
+CPU_BF16_ENV = "LADDER_KERNELS_CPU_BF16"
 POISON_OUTPUTS_ENV = "LADDER_KERNELS_POISON_OUTPUTS"  # "1": the C++ kernels' outputs start as NaN (tests)
 LadderStorage = Literal["bf16", "int8"]
 LADDER_STORAGES: tuple[str, ...] = get_args(LadderStorage)
@@ -122,13 +128,12 @@ STATE_CACHE_FOLDER = "states"
 DEFAULT_CACHE_MEMORY = "0"
 # finetune --steps (optimizer steps of one epoch) and --epochs (passes over those batches), per method. A side
 # network trains from the cache after the first pass (the backbone runs once per example), so more passes cost
-# little, and the backbone's one pass is most of a Ladder run's time: Ladder reads 50 batches 6 times (300 steps,
-# 1600 examples) at half the backbone time of 100 batches x 3 passes, for 0.9-1.0 points on SmolLM2 and
-# Gemma-3-270M in the cached sweep (4 data orders, bench/results/ladder_sweep_*_demo_data.md) and 2.8 points in
-# full SmolLM2 runs (3 seeds, sd ~2: bench/results/finetune_defaults_avx512.md). QLoRA has no cache and makes one
-# pass of 100 steps.
-DEFAULT_STEPS = {"ladder": 50, "xladder": 50, "qlora": 100}
-DEFAULT_EPOCHS = {"ladder": 6, "xladder": 6, "qlora": 1}
+# little: Ladder reads QLoRA's 100 batches 3 times (300 steps, 3200 examples). Half the data read twice as often
+# (50 x 6) halves the backbone's pass but cost 2.8 points on SmolLM2 (3 seeds, sd ~2, fp32:
+# bench/results/finetune_defaults_avx512.md); bf16 4-bit matmuls on CPUs that have them (--matmul-dtype auto) make
+# the pass short enough for 100 x 3 (bench/results/finetune_bf16_cpu.md). QLoRA has no cache: one pass of 100 steps.
+DEFAULT_STEPS = {"ladder": 100, "xladder": 100, "qlora": 100}
+DEFAULT_EPOCHS = {"ladder": 3, "xladder": 3, "qlora": 1}
 # finetune --warmup-steps when not given: this fraction of the run's optimizer steps (QLoRA's 100: 10, as before;
 # Ladder's 300: 30). Chosen by bench/sweep_cached.py on two backbones (bench/results/ladder_sweep_*_warmup.md): on
 # Gemma-3-270M 10 warm-up steps of 300 let the loss jump to 8.9x its first steps' mean right after the warm-up, 30

@@ -7,6 +7,9 @@ import shutil
 
 if not os.environ.get("TRITON_INTERPRET") and not shutil.which("nvidia-smi"):
     os.environ["TRITON_INTERPRET"] = "1"
+# finetune's --matmul-dtype auto is fp32 on every CI machine, whether or not its CPU has native bf16 (subprocesses
+# inherit it)
+os.environ.setdefault("LADDER_KERNELS_CPU_BF16", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -18,8 +18,9 @@ SUBCOMMANDS = ("finetune", "generate", "evaluate", "plan", "bench")
 ENV_HELP = """environment:
   The command sets OMP_WAIT_POLICY=PASSIVE before torch is imported when you have not set it: idle OpenMP
   threads then sleep instead of spinning, which keeps a training step several times faster on a CPU shared
-  with other work (about 15% slower on an idle one; OMP_WAIT_POLICY=ACTIVE restores spinning). Your own value
-  is kept. Here:
+  with other work (on an idle one, ~15% slower for the backbone's large matmuls and 1.2-1.8x for the side
+  network's many small ops, as in a step from the backbone-state cache; OMP_WAIT_POLICY=ACTIVE restores
+  spinning). Your own value is kept. Here:
 """
 
 

@@ -163,7 +163,8 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        return nf4_matmul(x, self.nf4_weight, self.bias, backend=self.backend).to(in_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nf4_matmul(x, self.nf4_weight, bias, backend=self.backend).to(in_dtype)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
@@ -222,6 +223,16 @@ def quantize_model_(
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     return model
+
+
+def set_matmul_dtype_(model: nn.Module, dtype: Optional[torch.dtype]) -> int:
+    """Make every NF4Linear in `model` multiply in `dtype` (None: its input's dtype), its output still in the
+    input's: e.g. an fp32 backbone whose 4-bit matmuls run in bf16 on a CPU with native bf16, where the rest (norms,
+    attention, residual stream) stays fp32. Returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    for layer in layers:
+        layer.compute_dtype = dtype
+    return len(layers)
 
 
 def _patched_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:

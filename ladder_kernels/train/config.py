@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ladder_kernels.backends import cpu_has_native_bf16
 from ladder_kernels.defaults import (
     DEFAULT_CACHE_MEMORY,
     DEFAULT_EPOCHS,
@@ -141,7 +142,13 @@ class FinetuneConfig:
     dtype: FinetuneDType = _opt(
         "auto",
         "compute dtype of the backbone: auto is bfloat16 on a CUDA device and float32 on CPU (bf16 matmuls are many "
-        "times slower than fp32 on CPUs without native bf16)",
+        "times slower than fp32 on CPUs without native bf16; see --matmul-dtype for those with it)",
+    )
+    matmul_dtype: FinetuneDType = _opt(
+        "auto",
+        "dtype of the backbone's 4-bit matmuls (ladder, xladder; activations, side network and loss stay in "
+        "--dtype): auto is bfloat16 for an fp32 run on a CPU with native bf16 (AVX-512-BF16 or AMX, where bf16 "
+        "matmuls are ~3x fp32's speed), else --dtype",
     )
     balance: float = _opt(
         0.5,
@@ -288,6 +295,17 @@ class FinetuneConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
+    def matmul_dtype_name(self) -> str:
+        """--matmul-dtype with 'auto' resolved: bfloat16 for an fp32 Ladder run on a CPU with native bf16, else
+        the compute dtype (QLoRA always computes in --dtype)."""
+        if self.method == "qlora":
+            return self.dtype_name
+        if self.matmul_dtype != "auto":
+            return self.matmul_dtype
+        native = self.dtype_name == "float32" and not torch.cuda.is_available() and cpu_has_native_bf16()
+        return "bfloat16" if native else self.dtype_name
 
     @property
     def torch_dtype(self) -> torch.dtype:

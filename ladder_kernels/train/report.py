@@ -28,11 +28,12 @@ def summary_table(s: dict) -> str:
     gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
     metric = s.get("metric") or ("accuracy" if s["task"] == "sentiment" else "exact match")
     processes = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
+    matmul = f", 4-bit matmuls in {s['matmul_dtype']}" if s.get("matmul_dtype", s["dtype"]) != s["dtype"] else ""
     rows = [
         (
             "method",
-            f"{s['method']} ({s['dtype']}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}{processes}, "
-            f"seq-len {s['seq_len']}, balance {s['config']['balance']:g})",
+            f"{s['method']} ({s['dtype']}{matmul}, lr {s['lr']:g}, batch {s['batch_size']}x{s['grad_accum']}"
+            f"{processes}, seq-len {s['seq_len']}, balance {s['config']['balance']:g})",
         ),
         ("model / task", f"{Path(s['model_dir']).name} / {s['task']} ({s['data']}, {s['train_examples']} train)"),
         (f"held-out {metric} before (zero-shot)", f"{s['accuracy_before']:.1%} on {s['eval_examples']}"),

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ladder_kernels.defaults import DTYPES
 from ladder_kernels.errors import ConfigError, ModelError, RunDirError, TrainingError
 from ladder_kernels.io import write_text_atomic
 from ladder_kernels.nn.step_sizes import param_groups
@@ -84,12 +85,15 @@ def build_model(cfg: FinetuneConfig, model_dir: Path):
         except (ValueError, KeyError, OSError) as exc:
             raise ModelError(f"--model: cannot build a QLoRA model from {model_dir}: {exc}") from None
     from ladder_kernels.nn.ladder import LadderModel
+    from ladder_kernels.nn.nf4_linear import set_matmul_dtype_
 
     backbone = load_backbone(model_dir, dtype).to(distributed.device())
     try:
-        return LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers, backbone.config))
+        model = LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers, backbone.config))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ModelError(f"--model: Ladder cannot wrap {type(backbone).__name__}: {exc}") from None
+    set_matmul_dtype_(model.backbone, DTYPES[cfg.matmul_dtype_name])
+    return model
 
 
 class TrainingRun:
@@ -477,6 +481,7 @@ class TrainingRun:
             "seq_len": cfg.seq_len,
             "lr": cfg.learning_rate,
             "dtype": cfg.dtype_name,
+            "matmul_dtype": cfg.matmul_dtype_name,
             "train_seconds": seconds,
             "seconds_per_step": seconds / max(1, step),
             "tokens_per_second": state["tokens"] / seconds if seconds else 0.0,

@@ -90,6 +90,7 @@ def save_adapter(model, cfg: FinetuneConfig, dataset: Dataset, target: Path) -> 
             "model": cfg.model if cfg.model in NAMED_MODELS else str(Path(cfg.model).resolve()),
             "method": cfg.method,
             "dtype": cfg.dtype_name,
+            "matmul_dtype": cfg.matmul_dtype_name,
             "task": cfg.task,
             "labels": dataset.labels,
             "chat": dataset.chat,
@@ -126,9 +127,11 @@ def load_finetuned(path: str | Path):
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
     else:
         from ladder_kernels.nn.ladder import LadderModel
+        from ladder_kernels.nn.nf4_linear import set_matmul_dtype_
 
         try:
             model = LadderModel.from_pretrained(load_backbone(model_dir, dtype), folder)
         except (ValueError, OSError) as exc:
             raise ModelError(f"--adapter: cannot load the side network in {folder}: {exc}") from None
+        set_matmul_dtype_(model.backbone, DTYPES[info.get("matmul_dtype", info["dtype"])])  # as it was trained
     return model.eval(), tokenizer, info

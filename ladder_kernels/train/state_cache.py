@@ -137,6 +137,7 @@ def signature(model, cfg, ids: Sequence[Sequence[int]], rank: int, world: int, d
         "ladder_sources": [int(s) for s in model.side.ladder_sources],
         "storage": cfg.ladder_storage,
         "dtype": str(dtype).removeprefix("torch."),
+        "matmul_dtype": cfg.matmul_dtype_name,
         "rank": rank,
         "world_size": world,
     }
@@ -180,8 +181,7 @@ class StateCache:
             os.close(self.fd)
             self.fd = None
 
-    def __del__(self):
-        self.close()
+    __del__ = close
 
     @property
     def bytes_per_example(self) -> float:

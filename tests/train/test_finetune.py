@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ladder_kernels.backends import cpu_has_native_bf16
+from ladder_kernels.defaults import CPU_BF16_ENV
 from ladder_kernels.errors import ConfigError, RunDirError, TrainingError
 from ladder_kernels.train.checkpoint import load_checkpoint
 from ladder_kernels.train.config import FinetuneConfig
@@ -462,13 +464,56 @@ def test_warmup_defaults_to_a_tenth_of_the_runs_steps():
     from ladder_kernels.train.config import FinetuneConfig
     from ladder_kernels.train.run import warmup_cosine
 
-    assert FinetuneConfig().total_steps == 300 and FinetuneConfig().warmup_in_effect == 30  # ladder: 50 x 6 epochs
+    assert FinetuneConfig().total_steps == 300 and FinetuneConfig().warmup_in_effect == 30  # ladder: 100 x 3 epochs
     assert FinetuneConfig(method="qlora").total_steps == 100  # one pass of 100
     assert FinetuneConfig(method="qlora").warmup_in_effect == 10
     assert FinetuneConfig(steps=40, epochs=1).warmup_in_effect == 4
     assert FinetuneConfig(warmup_steps=0).warmup_in_effect == 0  # given: kept
     factors = [warmup_cosine(FinetuneConfig().warmup_in_effect, 300)(s) for s in range(300)]
     assert factors.index(max(factors)) == 30 and all(a < b for a, b in zip(factors[:30], factors[1:31]))
+
+
+@pytest.mark.parametrize("native, expected", [("1", "bfloat16"), ("0", "float32")])
+def test_auto_matmul_dtype_is_bf16_on_a_cpu_with_native_bf16(native, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(CPU_BF16_ENV, native)
+    cfg = FinetuneConfig()
+    assert (cfg.dtype_name, cfg.matmul_dtype_name) == ("float32", expected)
+    assert FinetuneConfig(method="xladder").matmul_dtype_name == expected
+    assert FinetuneConfig(method="qlora").matmul_dtype_name == "float32"  # QLoRA computes in --dtype
+    assert FinetuneConfig(matmul_dtype="float32").matmul_dtype_name == "float32"  # given: kept
+    assert FinetuneConfig(dtype="bfloat16").matmul_dtype_name == "bfloat16"
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{CPU_BF16_ENV} must be 0 or 1"):
+        FinetuneConfig().matmul_dtype_name
+
+
+def test_bf16_matmuls_in_an_fp32_run_train_and_reload_as_trained(tiny_model, keyword_data, tmp_path, monkeypatch):
+    """--matmul-dtype bfloat16: the backbone's NF4 layers multiply in bf16 (their outputs, the side network and the
+    loss stay fp32), the cache is keyed by it, and `evaluate` reloads the adapter with the same matmuls."""
+    from ladder_kernels.nn.nf4_linear import NF4Linear
+    from ladder_kernels.train.run_dir import load_finetuned
+
+    kw = dict(steps=3, epochs=2, eval_samples=8, cache_dir=str(tmp_path / "cache"))
+    run = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "bf16", matmul_dtype="bfloat16", **kw))
+    layers = [m for m in run.model.backbone.modules() if isinstance(m, NF4Linear)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    summary = run.run()
+    assert (summary["dtype"], summary["matmul_dtype"]) == ("float32", "bfloat16") and math.isfinite(
+        summary["final_loss"]
+    )
+    assert "4-bit matmuls in bfloat16" in (tmp_path / "bf16" / "summary.md").read_text()
+    model, _, _ = load_finetuned(tmp_path / "bf16")
+    assert {m.compute_dtype for m in model.backbone.modules() if isinstance(m, NF4Linear)} == {torch.bfloat16}
+    fp32 = TrainingRun(_cfg(tiny_model, keyword_data, tmp_path / "fp32", matmul_dtype="float32", **kw)).run()
+    assert fp32["state_cache"]["path"] != summary["state_cache"]["path"]  # not read from the bf16 run's cache
+    assert fp32["loss_history"] != summary["loss_history"]
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags(monkeypatch):
+    flags = re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split()
+    monkeypatch.delenv(CPU_BF16_ENV)
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags)), flags
 
 
 def test_smoothed_loss_tracks_a_constant_and_lags_a_step():
