@@ -26,9 +26,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ladder_kernels.defaults import DTYPES
+from ladder_kernels.defaults import dtype_from_name
 from ladder_kernels.errors import ConfigError, ModelError, RunDirError, TrainingError
 from ladder_kernels.io import write_text_atomic
+from ladder_kernels.nn.ladder import LadderModel
+from ladder_kernels.nn.nf4_linear import set_matmul_dtype_
 from ladder_kernels.nn.step_sizes import param_groups
 from ladder_kernels.planning.memory import peak_memory_bytes, reset_peak_memory
 from ladder_kernels.planning.planner import load_config
@@ -76,23 +78,19 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def build_model(cfg: FinetuneConfig, model_dir: Path):
     """The trainable model of `cfg.method` over the backbone in `model_dir`."""
-    dtype = cfg.torch_dtype
     if cfg.method == "qlora":
         from ladder_kernels.planning.methods import make_qlora_model
 
         try:
-            return make_qlora_model(model_dir, compute_dtype=dtype, device=distributed.device())
+            return make_qlora_model(model_dir, compute_dtype=cfg.torch_dtype, device=distributed.device())
         except (ValueError, KeyError, OSError) as exc:
             raise ModelError(f"--model: cannot build a QLoRA model from {model_dir}: {exc}") from None
-    from ladder_kernels.nn.ladder import LadderModel
-    from ladder_kernels.nn.nf4_linear import set_matmul_dtype_
-
-    backbone = load_backbone(model_dir, dtype).to(distributed.device())
+    backbone = load_backbone(model_dir, cfg.torch_dtype).to(distributed.device())
     try:
         model = LadderModel(backbone, ladder_config(cfg, backbone.config.num_hidden_layers, backbone.config))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ModelError(f"--model: Ladder cannot wrap {type(backbone).__name__}: {exc}") from None
-    set_matmul_dtype_(model.backbone, DTYPES[cfg.matmul_dtype_name])
+    set_matmul_dtype_(model.backbone, dtype_from_name(cfg.matmul_dtype_name))
     return model
 
 

@@ -44,6 +44,7 @@ import torch
 from ladder_kernels.defaults import STATE_CACHE_FOLDER
 from ladder_kernels.errors import TrainingError
 from ladder_kernels.nn.ladder import positions_from_mask
+from ladder_kernels.nn.nf4_linear import NF4Linear as NF4
 from ladder_kernels.nn.side import BRANCH
 from ladder_kernels.ops.downproj import dequantize_rows_int8, quantize_rows_int8
 from ladder_kernels.planning.planner import state_cache_bytes_per_token
@@ -51,8 +52,7 @@ from ladder_kernels.train.data import collate
 
 FORMAT_VERSION = 1
 MAGIC = b"LKSTATE1"
-FOOTER = struct.Struct("<QI8s")  # header length, header crc32, magic
-ALIGN = 64
+FOOTER, ALIGN = struct.Struct("<QI8s"), 64  # footer: header length, header crc32, magic; blocks 64-byte aligned
 WEIGHT_SAMPLE = 4096  # elements hashed per backbone tensor (strided over the whole tensor)
 
 
@@ -137,7 +137,7 @@ def signature(model, cfg, ids: Sequence[Sequence[int]], rank: int, world: int, d
         "ladder_sources": [int(s) for s in model.side.ladder_sources],
         "storage": cfg.ladder_storage,
         "dtype": str(dtype).removeprefix("torch."),
-        "matmul_dtype": cfg.matmul_dtype_name,
+        "matmul_dtype": sorted({str(m.compute_dtype or dtype) for m in model.backbone.modules() if isinstance(m, NF4)}),
         "rank": rank,
         "world_size": world,
     }
