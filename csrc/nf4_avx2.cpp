@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t kMB = 64;  // rows of a per work item: the W panel is dequantized once per kMB rows
 constexpr int64_t kFwdMR = 4, kFwdNR = 3, kFwdJT = 96, kFwdKC = 256;
 constexpr int64_t kGradMR = 6, kGradCT = 128, kGradJC = 256;
+constexpr int64_t kFusedMaxRows = 4;  // rows of a the fused forward takes (avx2_fused_rows)
 constexpr int64_t kPrefetchRows = 8;  // a band of W jumps k/2 bytes per row: fetch this many rows ahead
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -251,6 +252,76 @@ LADDER_AVX2 void grad_input_item(const Nf4Weight& w, const T* a, int64_t m, int6
   write_out(acc, kGradCT, mb, ct, out + m0 * w.k + c0, w.k);
 }
 
+// Decode-sized forward (avx2_fused_rows): out[i, j] = sum over W's blocks b of absmax_b * sum_{c in b} a[i, c] code[q_jc],
+// W's codes looked up straight into registers and consumed at once, so W is streamed as 4-bit bytes and nothing
+// is written between lookup and FMA (the panel path's store and reload of a dequantized W made M = 1 as slow as a
+// dense bf16 GEMV). The absmax is applied once per block, so the 16-entry table is the same for the whole call and
+// vpshufb looks up 32 values at once, one byte plane of the fp32 code per shuffle (vpermps, which the panel path
+// needs for a per-block scaled table, is the slow part there). The price: W's values are not rounded to T first
+// (the fp32 products are, if anything, closer to the exact ones).
+// 16 packed bytes hold 32 values; the high nibbles (even columns) go to the low 128-bit lane, the low nibbles (odd
+// columns) to the high one, and the byte-plane unpacks keep lanes apart, so x is stored beforehand in the order
+// the four 8-wide vectors come out (x_split, see split_index). Needs k and the blocksize to be multiples of 32, so
+// every block run of a row starts a 32-column group.
+constexpr int64_t kFusedGroup = 32;
+
+// Where column c of x goes in x_split: in its 32-column group, vector v = (c % 32) / 8 holds columns 8v + 2t
+// (low lane, t = 0..3) then 8v + 2t + 1 (high lane).
+inline int64_t split_index(int64_t c) {
+  const int64_t g = c % kFusedGroup, v = g / 8, lane = g % 2, t = (g % 8) / 2;
+  return c - g + 8 * v + 4 * lane + t;
+}
+
+template <int MR>
+LADDER_AVX2 void fused_rows(const Nf4Weight& w, const float* x_split, int64_t j0, int64_t j1, float* out_f32) {
+  alignas(16) uint8_t planes[4][16];  // byte b of code[v] at planes[b][v]
+  for (int v = 0; v < 16; ++v) {
+    uint8_t bytes[4];
+    std::memcpy(bytes, w.code + v, 4);
+    for (int b = 0; b < 4; ++b) planes[b][v] = bytes[b];
+  }
+  __m256i plane[4];
+  for (int b = 0; b < 4; ++b) plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[b])));
+  const __m128i low_nibble = _mm_set1_epi8(0xF);
+  const int64_t k = w.k;
+  for (int64_t j = j0; j < j1; ++j) {
+    __m256 total[MR];
+    for (int i = 0; i < MR; ++i) total[i] = _mm256_setzero_ps();
+    for (int64_t start = j * k, end = start + k; start < end;) {
+      const int64_t block = start / w.blocksize;
+      const int64_t len = std::min(end, (block + 1) * w.blocksize) - start;
+      __m256 acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      const uint8_t* src = w.packed + (start >> 1);
+      const float* xc = x_split + (start - j * k);
+      for (int64_t done = 0; done < len; done += kFusedGroup, src += 16, xc += kFusedGroup) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibble), low = _mm_and_si128(packed, low_nibble);
+        const __m256i index = _mm256_inserti128_si256(_mm256_castsi128_si256(high), low, 1);
+        const __m256i b0 = _mm256_shuffle_epi8(plane[0], index), b1 = _mm256_shuffle_epi8(plane[1], index);
+        const __m256i b2 = _mm256_shuffle_epi8(plane[2], index), b3 = _mm256_shuffle_epi8(plane[3], index);
+        const __m256i h01 = _mm256_unpacklo_epi8(b0, b1), h23 = _mm256_unpacklo_epi8(b2, b3);
+        const __m256i l01 = _mm256_unpackhi_epi8(b0, b1), l23 = _mm256_unpackhi_epi8(b2, b3);
+        const __m256 v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+        const __m256 v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+        const __m256 v2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+        const __m256 v3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+        for (int i = 0; i < MR; ++i) {
+          const float* xi = xc + i * k;
+          acc[i][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xi), acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xi + 8), acc[i][1]);
+          acc[i][0] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xi + 16), acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xi + 24), acc[i][1]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(w.scale(block));
+      for (int i = 0; i < MR; ++i) total[i] = _mm256_fmadd_ps(_mm256_add_ps(acc[i][0], acc[i][1]), scale, total[i]);
+      start += len;
+    }
+    for (int i = 0; i < MR; ++i) out_f32[i * w.n + j] = hsum(total[i]);
+  }
+}
+
 int64_t n_tiles(const Nf4Weight& w, bool grad_input) {
   return grad_input ? (w.k + kGradCT - 1) / kGradCT : (w.n + kFwdJT - 1) / kFwdJT;
 }
@@ -302,6 +373,31 @@ void nf4_grad_input_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0
   run_items<T, true>(w, a, m, a_s0, a_s1, out, workspace, plan);
 }
 
+bool avx2_fused_rows(const Nf4Weight& w, int64_t m) {
+  return m <= kFusedMaxRows && w.k % kFusedGroup == 0 && w.blocksize % kFusedGroup == 0;
+}
+
+template <typename T>
+void nf4_forward_rows_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0, int64_t a_s1, T* out,
+                           float* workspace) {
+  for (int64_t i = 0; i < m; ++i) {  // x in fused_rows' order
+    for (int64_t c = 0; c < w.k; ++c) workspace[i * w.k + split_index(c)] = static_cast<float>(a[i * a_s0 + c * a_s1]);
+  }
+  float* out_f32 = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : workspace + m * w.k;
+  // grain: enough rows of W per task that a task streams a few hundred KiB of it
+  at::parallel_for(0, w.n, std::max<int64_t>(1, (512 << 10) / w.k), [&](int64_t j0, int64_t j1) {
+    switch (m) {
+      case 1: fused_rows<1>(w, workspace, j0, j1, out_f32); break;
+      case 2: fused_rows<2>(w, workspace, j0, j1, out_f32); break;
+      case 3: fused_rows<3>(w, workspace, j0, j1, out_f32); break;
+      default: fused_rows<4>(w, workspace, j0, j1, out_f32); break;
+    }
+  });
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t e = 0; e < m * w.n; ++e) out[e] = static_cast<T>(out_f32[e]);
+  }
+}
+
 void dequant_tile_avx2(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* dst) {
   dequant_panel<float>(w, row0, rows, col0, cols, dst, cols);
 }
@@ -310,7 +406,8 @@ void dequant_tile_avx2(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t c
   template void nf4_forward_avx2<T>(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*,          \
                                     const Avx2Plan&);                                                           \
   template void nf4_grad_input_avx2<T>(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*,       \
-                                       const Avx2Plan&);
+                                       const Avx2Plan&);                                                        \
+  template void nf4_forward_rows_avx2<T>(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*);
 LADDER_INSTANTIATE(float)
 LADDER_INSTANTIATE(c10::BFloat16)
 LADDER_INSTANTIATE(c10::Half)
@@ -322,6 +419,14 @@ LADDER_INSTANTIATE(c10::Half)
 
 namespace ladder_nf4 {
 bool cpu_has_avx2() { return false; }
+bool avx2_fused_rows(const Nf4Weight&, int64_t) { return false; }
+template <typename T>
+void nf4_forward_rows_avx2(const Nf4Weight&, const T*, int64_t, int64_t, int64_t, T*, float*) {}
+template void nf4_forward_rows_avx2<float>(const Nf4Weight&, const float*, int64_t, int64_t, int64_t, float*, float*);
+template void nf4_forward_rows_avx2<c10::BFloat16>(const Nf4Weight&, const c10::BFloat16*, int64_t, int64_t, int64_t,
+                                                   c10::BFloat16*, float*);
+template void nf4_forward_rows_avx2<c10::Half>(const Nf4Weight&, const c10::Half*, int64_t, int64_t, int64_t,
+                                               c10::Half*, float*);
 void dequant_tile_avx2(const Nf4Weight&, int64_t, int64_t, int64_t, int64_t, float*) {}
 Avx2Plan avx2_plan(const Nf4Weight&, int64_t, bool, int64_t) { return {1, 0}; }
 template <typename T>

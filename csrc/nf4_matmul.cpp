@@ -431,6 +431,11 @@ void nf4_gemm(Isa isa, const at::Tensor& a, const Nf4Weight& w, bool transpose_w
 // out = a @ W^T or a @ W through the AVX2 kernels (nf4_avx2.cpp), scratch allocated here.
 template <typename T>
 void nf4_avx2(const at::Tensor& a, const Nf4Weight& w, bool grad_input, at::Tensor& out) {
+  if (!grad_input && ladder_nf4::avx2_fused_rows(w, a.size(0))) {
+    const at::Tensor workspace = at::empty({a.size(0) * (w.k + w.n)}, a.options().dtype(at::kFloat));
+    return ladder_nf4::nf4_forward_rows_avx2<T>(w, a.data_ptr<T>(), a.size(0), a.stride(0), a.stride(1),
+                                                out.data_ptr<T>(), workspace.data_ptr<float>());
+  }
   const ladder_nf4::Avx2Plan plan = ladder_nf4::avx2_plan(w, a.size(0), grad_input, at::get_num_threads());
   const at::Tensor workspace = at::empty({plan.workers * plan.floats_per_worker}, a.options().dtype(at::kFloat));
   const T* a_ptr = a.data_ptr<T>();

@@ -56,4 +56,13 @@ template <typename T>
 void nf4_grad_input_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0, int64_t a_s1, T* out,
                          float* workspace, const Avx2Plan& plan);
 
+// Decode-sized forward (few rows of a: m <= 4, k and blocksize multiples of 32): W's codes are looked up into
+// registers and consumed at once, never written out; the absmax is applied per block to the fp32 partial sums, so
+// unlike the kernels above W's values are not rounded to T. Whether a call fits, and the kernel; workspace holds
+// m * (k + n) floats (a reordered to fp32, and the fp32 sums for 16-bit T).
+bool avx2_fused_rows(const Nf4Weight& w, int64_t m);
+template <typename T>
+void nf4_forward_rows_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0, int64_t a_s1, T* out,
+                           float* workspace);
+
 }  // namespace ladder_nf4

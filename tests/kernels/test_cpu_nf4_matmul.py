@@ -32,6 +32,11 @@ CASES = [
     (66, 37, 97, 64, True),
     (130, 193, 40, 64, False),
     (70, 300, 1100, 64, True),  # fp32 on AVX2 goes to BLAS tiles here: several tiles and 512-long reduce chunks
+    # AVX2's fused decode path (M <= 4, K and blocksize multiples of 32): 1-4 rows, blocks straddling rows
+    (2, 37, 160, 64, True),
+    (4, 129, 1024, 64, False),
+    (3, 1, 96, 64, True),
+    (1, 33, 224, 32, True),
 ]
 
 
