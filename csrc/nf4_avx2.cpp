@@ -393,9 +393,7 @@ void nf4_forward_rows_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_
       default: fused_rows<4>(w, workspace, j0, j1, out_f32); break;
     }
   });
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t e = 0; e < m * w.n; ++e) out[e] = static_cast<T>(out_f32[e]);
-  }
+  if constexpr (!std::is_same_v<T, float>) write_out(out_f32, w.n, m, w.n, out, w.n);
 }
 
 void dequant_tile_avx2(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* dst) {

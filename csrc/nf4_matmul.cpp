@@ -11,6 +11,8 @@
 // environment variable LADDER_KERNELS_CPU_ISA names (for tests: every path against the same reference).
 //   avx2     16-bit x, or fp32 x with few rows: csrc/nf4_avx2.cpp, a register-blocked GEMM of its own on in-cache
 //            dequantized panels of W; fp32 x with many rows (avx2_uses_blas): the tiled product below.
+//            A forward pass with at most 4 rows of x (decoding; K and blocksize multiples of 32) takes
+//            avx2_fused_rows instead: W's codes are looked up into registers, no panel is written.
 //   avx512 and scalar: one tiled product, out[:, p0:p1] (+)= a[:, r0:r1] @ tile, where each thread dequantizes a
 //            tile of W (forward: W[p0:p1, r0:r1] read transposed; grad_input: W[r0:r1, p0:p1]) into its own
 //            small buffer and multiplies it with BLAS (at::mm_out / addmm_) straight into its disjoint column
