@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 # torch goes first and alone, pinned, so that a machine without CUDA takes the CPU wheel it keeps on disk
 # and never a multi-GB CUDA build; everything else is then resolved against it.
-$(STAMP): requirements.txt requirements-assets.txt pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "torch==2.13.0"

@@ -257,65 +257,94 @@ LADDER_AVX2 void grad_input_item(const Nf4Weight& w, const T* a, int64_t m, int6
 // is written between lookup and FMA (the panel path's store and reload of a dequantized W made M = 1 as slow as a
 // dense bf16 GEMV). The absmax is applied once per block, so the 16-entry table is the same for the whole call and
 // vpshufb looks up 32 values at once, one byte plane of the fp32 code per shuffle (vpermps, which the panel path
-// needs for a per-block scaled table, is the slow part there). The price: W's values are not rounded to T first
-// (the fp32 products are, if anything, closer to the exact ones).
+// needs for a per-block scaled table, is the slow part there). The price: for fp32 and fp16 W's values are not
+// rounded to T first (the fp32 products are, if anything, closer to the exact ones).
 // 16 packed bytes hold 32 values; the high nibbles (even columns) go to the low 128-bit lane, the low nibbles (odd
-// columns) to the high one, and the byte-plane unpacks keep lanes apart, so x is stored beforehand in the order
-// the four 8-wide vectors come out (x_split, see split_index). Needs k and the blocksize to be multiples of 32, so
-// every block run of a row starts a 32-column group.
+// columns) to the high one, and the unpacks keep lanes apart, so x is stored beforehand in the order the four 8-wide
+// vectors come out (x_split, see split_index). Needs k and the blocksize to be multiples of 32, so every block run
+// of a row starts a 32-column group.
+// For bf16 inputs the table is the code rounded to bf16 and only its two high byte planes are looked up (2 shuffles
+// and 2 unpacks per 32 values instead of 4 and 8: the shuffle port is the bottleneck), so W's values carry one bf16
+// rounding, as on the other paths, but of the code rather than of code * absmax.
 constexpr int64_t kFusedGroup = 32;
 
-// Where column c of x goes in x_split: in its 32-column group, vector v = (c % 32) / 8 holds columns 8v + 2t
-// (low lane, t = 0..3) then 8v + 2t + 1 (high lane).
+template <typename T>
+constexpr bool kTwoPlanes = std::is_same_v<T, c10::BFloat16>;
+
+// Where column c of x goes in x_split. Byte p of a 16-byte group holds columns 2p (lane 0) and 2p + 1 (lane 1);
+// element t of lane L of vector v sits at 8v + 4L + t. Four planes: vector v holds bytes 4v..4v+3 in order; two
+// planes: bytes 8 * (v / 2) + 2t + v % 2 (the shift and the mask split even and odd 16-bit elements).
+template <typename T>
 inline int64_t split_index(int64_t c) {
-  const int64_t g = c % kFusedGroup, v = g / 8, lane = g % 2, t = (g % 8) / 2;
+  const int64_t g = c % kFusedGroup, lane = g % 2, p = g / 2;
+  const int64_t v = kTwoPlanes<T> ? 2 * (p / 8) + p % 2 : p / 4, t = kTwoPlanes<T> ? (p % 8) / 2 : p % 4;
   return c - g + 8 * v + 4 * lane + t;
 }
 
-template <int MR>
+template <typename T, int MR>
 LADDER_AVX2 void fused_rows(const Nf4Weight& w, const float* x_split, int64_t j0, int64_t j1, float* out_f32) {
-  alignas(16) uint8_t planes[4][16];  // byte b of code[v] at planes[b][v]
+  alignas(16) uint8_t planes[4][16];  // byte b of code[v] (rounded to bf16 for two planes) at planes[b][v]
   for (int v = 0; v < 16; ++v) {
+    const float value = kTwoPlanes<T> ? round_to<T>(w.code[v]) : w.code[v];
     uint8_t bytes[4];
-    std::memcpy(bytes, w.code + v, 4);
+    std::memcpy(bytes, &value, 4);
     for (int b = 0; b < 4; ++b) planes[b][v] = bytes[b];
   }
   __m256i plane[4];
   for (int b = 0; b < 4; ++b) plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[b])));
   const __m128i low_nibble = _mm_set1_epi8(0xF);
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t k = w.k;
   for (int64_t j = j0; j < j1; ++j) {
     __m256 total[MR];
     for (int i = 0; i < MR; ++i) total[i] = _mm256_setzero_ps();
-    for (int64_t start = j * k, end = start + k; start < end;) {
-      const int64_t block = start / w.blocksize;
+    // the block index advances by one per run: one division per row, not per block (it showed in the profile)
+    for (int64_t start = j * k, end = start + k, block = start / w.blocksize; start < end; ++block) {
       const int64_t len = std::min(end, (block + 1) * w.blocksize) - start;
-      __m256 acc[MR][2];
-      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      // one accumulator per vector where registers allow: chains of dependent FMAs (4 cycles each) held M = 1 back
+      constexpr int kAcc = MR <= 2 ? 4 : 2;
+      __m256 acc[MR][kAcc];
+      for (int i = 0; i < MR; ++i) {
+        for (int a = 0; a < kAcc; ++a) acc[i][a] = _mm256_setzero_ps();
+      }
       const uint8_t* src = w.packed + (start >> 1);
       const float* xc = x_split + (start - j * k);
       for (int64_t done = 0; done < len; done += kFusedGroup, src += 16, xc += kFusedGroup) {
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
         const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibble), low = _mm_and_si128(packed, low_nibble);
         const __m256i index = _mm256_inserti128_si256(_mm256_castsi128_si256(high), low, 1);
-        const __m256i b0 = _mm256_shuffle_epi8(plane[0], index), b1 = _mm256_shuffle_epi8(plane[1], index);
-        const __m256i b2 = _mm256_shuffle_epi8(plane[2], index), b3 = _mm256_shuffle_epi8(plane[3], index);
-        const __m256i h01 = _mm256_unpacklo_epi8(b0, b1), h23 = _mm256_unpacklo_epi8(b2, b3);
-        const __m256i l01 = _mm256_unpackhi_epi8(b0, b1), l23 = _mm256_unpackhi_epi8(b2, b3);
-        const __m256 v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
-        const __m256 v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
-        const __m256 v2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
-        const __m256 v3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+        __m256 v0, v1, v2, v3;
+        if constexpr (kTwoPlanes<T>) {
+          const __m256i b2 = _mm256_shuffle_epi8(plane[2], index), b3 = _mm256_shuffle_epi8(plane[3], index);
+          const __m256i first = _mm256_unpacklo_epi8(b2, b3), second = _mm256_unpackhi_epi8(b2, b3);
+          v0 = _mm256_castsi256_ps(_mm256_slli_epi32(first, 16));
+          v1 = _mm256_castsi256_ps(_mm256_and_si256(first, high_half));
+          v2 = _mm256_castsi256_ps(_mm256_slli_epi32(second, 16));
+          v3 = _mm256_castsi256_ps(_mm256_and_si256(second, high_half));
+        } else {
+          const __m256i b0 = _mm256_shuffle_epi8(plane[0], index), b1 = _mm256_shuffle_epi8(plane[1], index);
+          const __m256i b2 = _mm256_shuffle_epi8(plane[2], index), b3 = _mm256_shuffle_epi8(plane[3], index);
+          const __m256i h01 = _mm256_unpacklo_epi8(b0, b1), h23 = _mm256_unpacklo_epi8(b2, b3);
+          const __m256i l01 = _mm256_unpackhi_epi8(b0, b1), l23 = _mm256_unpackhi_epi8(b2, b3);
+          v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+          v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+          v2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+          v3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+        }
         for (int i = 0; i < MR; ++i) {
           const float* xi = xc + i * k;
           acc[i][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xi), acc[i][0]);
           acc[i][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xi + 8), acc[i][1]);
-          acc[i][0] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xi + 16), acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xi + 24), acc[i][1]);
+          acc[i][2 % kAcc] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xi + 16), acc[i][2 % kAcc]);
+          acc[i][3 % kAcc] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xi + 24), acc[i][3 % kAcc]);
         }
       }
       const __m256 scale = _mm256_set1_ps(w.scale(block));
-      for (int i = 0; i < MR; ++i) total[i] = _mm256_fmadd_ps(_mm256_add_ps(acc[i][0], acc[i][1]), scale, total[i]);
+      for (int i = 0; i < MR; ++i) {
+        __m256 sum = _mm256_add_ps(acc[i][0], acc[i][1]);
+        if constexpr (kAcc == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[i][2], acc[i][3]));
+        total[i] = _mm256_fmadd_ps(sum, scale, total[i]);
+      }
       start += len;
     }
     for (int i = 0; i < MR; ++i) out_f32[i * w.n + j] = hsum(total[i]);
@@ -381,16 +410,16 @@ template <typename T>
 void nf4_forward_rows_avx2(const Nf4Weight& w, const T* a, int64_t m, int64_t a_s0, int64_t a_s1, T* out,
                            float* workspace) {
   for (int64_t i = 0; i < m; ++i) {  // x in fused_rows' order
-    for (int64_t c = 0; c < w.k; ++c) workspace[i * w.k + split_index(c)] = static_cast<float>(a[i * a_s0 + c * a_s1]);
+    for (int64_t c = 0; c < w.k; ++c) workspace[i * w.k + split_index<T>(c)] = static_cast<float>(a[i * a_s0 + c * a_s1]);
   }
   float* out_f32 = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : workspace + m * w.k;
   // grain: enough rows of W per task that a task streams a few hundred KiB of it
   at::parallel_for(0, w.n, std::max<int64_t>(1, (512 << 10) / w.k), [&](int64_t j0, int64_t j1) {
     switch (m) {
-      case 1: fused_rows<1>(w, workspace, j0, j1, out_f32); break;
-      case 2: fused_rows<2>(w, workspace, j0, j1, out_f32); break;
-      case 3: fused_rows<3>(w, workspace, j0, j1, out_f32); break;
-      default: fused_rows<4>(w, workspace, j0, j1, out_f32); break;
+      case 1: fused_rows<T, 1>(w, workspace, j0, j1, out_f32); break;
+      case 2: fused_rows<T, 2>(w, workspace, j0, j1, out_f32); break;
+      case 3: fused_rows<T, 3>(w, workspace, j0, j1, out_f32); break;
+      default: fused_rows<T, 4>(w, workspace, j0, j1, out_f32); break;
     }
   });
   if constexpr (!std::is_same_v<T, float>) write_out(out_f32, w.n, m, w.n, out, w.n);

@@ -1,5 +1,7 @@
 """nf4_matmul on every backend against a float64 reference: forward, gradients, odd shapes, dtypes."""
 
+import importlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -8,6 +10,8 @@ from ladder_kernels import NF4Weight, nf4_matmul, quantize_nf4
 from ladder_kernels.defaults import POISON_OUTPUTS_ENV
 from ladder_kernels.quant import dequantize_nf4
 from tests.helpers import rel_err, require_backend
+
+nf4_matmul_module = importlib.import_module("ladder_kernels.ops.nf4_matmul")  # the package re-exports the function
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
 BACKENDS = ["torch", "cpu", "triton"]
@@ -158,6 +162,27 @@ def test_fake_tensor_shapes():
         x = mode.from_tensor(torch.randn(2, 9, 64))
         out = nf4_matmul(x, q, backend="torch")
         assert out.shape == (2, 9, 48) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_call_without_autograd_skips_the_op_dispatch_and_agrees(backend, monkeypatch):
+    """Without autograd the kernel is called directly (the custom op's dispatch costs more than a decode-sized
+    matmul): the same values, and with autograd the op (and its backward) still runs."""
+    require_backend(backend)
+    q, bias = make_weight(40, 96), torch.randn(40)
+    x = torch.randn(3, 96, requires_grad=True)
+    with_grad = nf4_matmul(x, q, bias, backend=backend)
+    with torch.no_grad():
+        without = nf4_matmul(x, q, bias, backend=backend)
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_grad.detach(), without)
+    calls = []
+    real_op = nf4_matmul_module._nf4_matmul_op
+    monkeypatch.setattr(nf4_matmul_module, "_nf4_matmul_op", lambda *a: calls.append(1) or real_op(*a))
+    nf4_matmul(x.detach(), q, bias, backend=backend)
+    assert calls == []
+    nf4_matmul(x, q, bias, backend=backend).sum().backward()
+    assert calls == [1] and rel_err(x.grad, torch.ones(3, 40).double() @ dequantize_nf4(q, torch.float64)) < 1e-5
 
 
 def test_weight_never_gets_gradient_and_is_unchanged():
