@@ -49,6 +49,9 @@ def _check_storage_dtype(storage_dtype) -> None:
         raise ValueError(f"storage_dtype {storage_dtype} is not supported for the NF4 bytes; use one of {names}")
 
 
+_WEIGHT_BUFFERS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
+
 class NF4Linear(nn.Module):
     """y = x @ dequant(W).T + b with W frozen in NF4 (held as buffers, not Parameters: it never trains).
 
@@ -105,6 +108,7 @@ class NF4Linear(nn.Module):
         data = self.packed_bytes.reshape(-1)
         # a fresh copy, zero-padded to whole elements (view(dtype) needs that, and an aligned start)
         data = torch.cat([data, data.new_zeros((-data.numel()) % storage_dtype.itemsize)])
+        self.__dict__.pop("_nf4_weight_cache", None)
         del self.packed  # drop the buffer (or a previous Parameter) so the name can be registered again
         self.packed = nn.Parameter(data.view(storage_dtype), requires_grad=False)
         return self
@@ -112,6 +116,7 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() would convert the stored bytes as numbers and corrupt them: when a cast
         # changed their dtype, redo the move on the uint8 bytes (fn only moves non-floating tensors).
+        self.__dict__.pop("_nf4_weight_cache", None)  # it holds the tensors from before the move
         packed = self._parameters.get("packed")
         old = packed.detach() if packed is not None else None
         super()._apply(fn, recurse)
@@ -121,6 +126,18 @@ class NF4Linear(nn.Module):
 
     @property
     def nf4_weight(self) -> NF4Weight:
+        """The weight as an NF4Weight over this layer's tensors. Built once and reused while those tensors are the
+        same objects (building and validating one cost more than a decode-sized matmul); rebuilt every call when
+        the bytes are a shardable Parameter, which FSDP2 swaps."""
+        parts = tuple(self._buffers[name] for name in _WEIGHT_BUFFERS) if self.storage_dtype is None else None
+        cached = self.__dict__.get("_nf4_weight_cache")
+        if parts is not None and cached is not None and all(a is b for a, b in zip(parts, cached[0])):
+            return cached[1]
+        weight = self._build_nf4_weight()
+        self.__dict__["_nf4_weight_cache"] = None if parts is None else (parts, weight)
+        return weight
+
+    def _build_nf4_weight(self) -> NF4Weight:
         return NF4Weight(
             packed=self.packed_bytes,
             absmax=self.absmax,

@@ -48,6 +48,23 @@ def test_nf4_linear_state_dict_round_trip():
     assert torch.equal(q(x), q2(x))
 
 
+def test_nf4_weight_is_reused_until_the_layer_tensors_change():
+    lin = NF4Linear.from_linear(nn.Linear(96, 40))
+    first = lin.nf4_weight
+    assert lin.nf4_weight is first  # built once while the tensors are the same objects
+    x = torch.randn(3, 96)
+    before = lin(x)
+    lin.load_state_dict(NF4Linear.from_linear(nn.Linear(96, 40)).state_dict())  # copied in place: still read
+    assert lin.nf4_weight is first and rel_err(lin(x), before) > 1e-2
+    lin.absmax = lin.absmax.clone()  # a new tensor object: a new weight
+    assert lin.nf4_weight is not first and lin.nf4_weight.absmax is lin.absmax
+    moved = lin.nf4_weight
+    lin._apply(torch.clone)  # how .to(device) moves the tensors: nothing stale kept
+    assert lin.nf4_weight is not moved and lin.nf4_weight.packed is lin.packed
+    shardable = NF4Linear.from_linear(nn.Linear(96, 40)).make_shardable_()
+    assert shardable.nf4_weight is not shardable.nf4_weight  # FSDP2 swaps the bytes: rebuilt every call
+
+
 def test_quantize_model_replaces_linears_and_keeps_outputs_close():
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 11))
