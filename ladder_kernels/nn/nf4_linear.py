@@ -129,13 +129,13 @@ class NF4Linear(nn.Module):
         """The weight as an NF4Weight over this layer's tensors. Built once and reused while those tensors are the
         same objects (building and validating one cost more than a decode-sized matmul); rebuilt every call when
         the bytes are a shardable Parameter, which FSDP2 swaps."""
-        parts = tuple(self._buffers[name] for name in _WEIGHT_BUFFERS) if self.storage_dtype is None else None
+        if self.storage_dtype is not None:
+            return self._build_nf4_weight()
+        parts = tuple(self._buffers[name] for name in _WEIGHT_BUFFERS)
         cached = self.__dict__.get("_nf4_weight_cache")
-        if parts is not None and cached is not None and all(a is b for a, b in zip(parts, cached[0])):
-            return cached[1]
-        weight = self._build_nf4_weight()
-        self.__dict__["_nf4_weight_cache"] = None if parts is None else (parts, weight)
-        return weight
+        if cached is None or any(a is not b for a, b in zip(parts, cached[0])):
+            cached = self.__dict__["_nf4_weight_cache"] = (parts, self._build_nf4_weight())
+        return cached[1]
 
     def _build_nf4_weight(self) -> NF4Weight:
         return NF4Weight(
