@@ -19,6 +19,7 @@ import os
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ladder_kernels.defaults import BACKENDS, CPU_BF16_ENV
 
@@ -116,30 +117,50 @@ def backend_info() -> dict:
     return info
 
 
+def is_plain_call(*tensors) -> bool:
+    """Whether an op called on `tensors` (None entries allowed) needs none of its torch.library custom op: no
+    autograd, no tracing, no fake tensors or dispatch modes. Then the op may call its kernel directly; the custom
+    op's dispatch costs about 35 us a call, most of a decode-sized matmul (8 ms per generated SmolLM2 token)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return (
+        all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in present)  # no subclass (DTensor, fakes)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 # torch.compile: a pure function of constants (what is installed and loaded is fixed for the process); dynamo
 # runs it while tracing and keeps the result, rather than tracing the cached file-system checks it makes
 @torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device, backend: str | None, op: str, kernel_name: str) -> str:
     """The backend an op call on `device` takes: `backend` if given (checked), else the fastest usable one for
-    kernel `kernel_name`."""
+    kernel `kernel_name`. Memoised (it ran ~14 us a call, a fifth of a decode-sized matmul); TRITON_INTERPRET is
+    part of the key because tests switch it."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+    return _resolve_backend(device.type, backend, op, kernel_name, triton_interpreting())
+
+
+@functools.cache
+def _resolve_backend(device_type: str, backend: str | None, op: str, kernel_name: str, interpreting: bool) -> str:
     if backend is None:
-        if device.type == "cuda":
+        if device_type == "cuda":
             return "triton" if _triton_import_error() is None else "torch"
-        if device.type == "cpu":
+        if device_type == "cpu":
             return "cpu" if _cpu().has_kernel(kernel_name) else "torch"
         return "torch"
     if backend == "triton":
         if _triton_import_error() is not None:
             raise RuntimeError(f"{op}: backend='triton' unavailable: {_triton_import_error()}")
-        if device.type == "cpu" and not triton_interpreting():
+        if device_type == "cpu" and not interpreting:
             raise ValueError(
-                f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}"
+                f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device_type}"
             )
     if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"{op}: backend='cpu' needs CPU tensors, got device {device}")
+        if device_type != "cpu":
+            raise ValueError(f"{op}: backend='cpu' needs CPU tensors, got device {device_type}")
         try:
             _cpu().load_kernel(kernel_name)
         except RuntimeError as exc:

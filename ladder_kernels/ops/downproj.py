@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ladder_kernels.backends import kernel, register_reference, resolve_backend
+from ladder_kernels.backends import is_plain_call, kernel, register_reference, resolve_backend
 from ladder_kernels.defaults import LADDER_STORAGES
 from ladder_kernels.kernels.contracts import (
     ROW_ABSMAX_FLOOR,
@@ -87,6 +87,10 @@ def reference_backward(
 def _downproj_op(
     h: Tensor, weight: Tensor, bias: Optional[Tensor], storage: str, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(h, weight, bias, storage, backend)
+
+
+def _forward(h, weight, bias, storage, backend):
     d, D = weight.shape
     z, h_saved, h_scale = kernel("downproj", backend)(h.reshape(-1, D), weight, bias, storage)
     return z.reshape(*h.shape[:-1], d), h_saved, h_scale
@@ -197,5 +201,6 @@ def downproj(
     backend = resolve_backend(h.device, backend, "downproj", "downproj")
     params_need_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     op_storage = storage if torch.is_grad_enabled() and params_need_grad else "none"
-    z, _, _ = _downproj_op(h, weight, bias, op_storage, backend)
+    op = _forward if is_plain_call(h, weight, bias) else _downproj_op  # generation: one call per side layer
+    z, _, _ = op(h, weight, bias, op_storage, backend)
     return z

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ladder_kernels.backends import kernel, register_reference, resolve_backend
+from ladder_kernels.backends import is_plain_call, kernel, register_reference, resolve_backend
 from ladder_kernels.quant.nf4 import NF4Weight, dequantize_packed
 
 
@@ -88,18 +88,6 @@ def _forward(
     stats = (absmax, code, nested_absmax, nested_code, offset)
     out = kernel("nf4_matmul", backend)(x2d, packed, *stats, out_features, in_features, blocksize, bias)
     return out.reshape(*x.shape[:-1], out_features)
-
-
-def _is_plain_call(x: Tensor, bias: Optional[Tensor]) -> bool:
-    """No autograd, no tracing, no fake tensors: the custom op's dispatch (about 35 us a call, most of a decode-sized
-    matmul and 8 ms per generated token of SmolLM2) can be skipped and the kernel called as it is."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    return (
-        not needs_grad
-        and type(x) is Tensor
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
 
 
 @_nf4_matmul_op.register_fake
@@ -199,5 +187,5 @@ def nf4_matmul(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     stats = (absmax, q.code, nested_absmax, nested_code, offset)
-    op = _forward if _is_plain_call(x, bias) else _nf4_matmul_op
+    op = _forward if is_plain_call(x, bias) else _nf4_matmul_op
     return op(x, q.packed, *stats, n, k, q.blocksize, bias, backend)

@@ -204,3 +204,24 @@ def test_nothing_kept_when_no_gradient_needs_h(backend, monkeypatch):
     assert torch.equal(z_eval, z_train) and torch.equal(z_frozen, z_train)
     _, saved, scale = torch.ops.ladder.downproj(h, w.detach(), b.detach(), "none", backend)
     assert saved.numel() == 0 and scale.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_call_without_autograd_skips_the_op_dispatch_and_agrees(backend, monkeypatch):
+    """Without autograd (generation: one call per side layer per token) the kernel is called directly: the same
+    values; with trainable weights, or a tensor subclass such as a fake tensor, the custom op still runs."""
+    require_backend(backend)
+    h = torch.randn(3, 45)
+    w, b = params(11, 45)
+    calls = []
+    real_op = dp_module._downproj_op
+    monkeypatch.setattr(dp_module, "_downproj_op", lambda *a: calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        direct = downproj(h, w, b, backend=backend)
+    assert calls == [] and direct.grad_fn is None
+    trained = downproj(h, w, b, backend=backend)
+    assert calls == [1] and trained.grad_fn is not None and torch.equal(trained.detach(), direct)
+    assert rel_err(direct, reference(h, w, b, torch.ones(3, 11))[0]) < 1e-5
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = downproj(mode.from_tensor(h), mode.from_tensor(w), None, backend=backend)
+    assert calls == [1, 1] and fake.shape == (3, 11)
