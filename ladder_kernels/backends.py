@@ -117,18 +117,18 @@ def backend_info() -> dict:
     return info
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def is_plain_call(*tensors) -> bool:
     """Whether an op called on `tensors` (None entries allowed) needs none of its torch.library custom op: no
     autograd, no tracing, no fake tensors or dispatch modes. Then the op may call its kernel directly; the custom
     op's dispatch costs about 35 us a call, most of a decode-sized matmul (8 ms per generated SmolLM2 token)."""
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return (
-        all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in present)  # no subclass (DTensor, fakes)
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
+    needs_grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and ((needs_grad and t.requires_grad) or type(t) not in _PLAIN_TENSOR_TYPES):
+            return False  # needs autograd, or a subclass (DTensor, fake tensors) that must see the op
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
 # torch.compile: a pure function of constants (what is installed and loaded is fixed for the process); dynamo
@@ -136,11 +136,11 @@ def is_plain_call(*tensors) -> bool:
 @torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device, backend: str | None, op: str, kernel_name: str) -> str:
     """The backend an op call on `device` takes: `backend` if given (checked), else the fastest usable one for
-    kernel `kernel_name`. Memoised (it ran ~14 us a call, a fifth of a decode-sized matmul); TRITON_INTERPRET is
-    part of the key because tests switch it."""
+    kernel `kernel_name`. Memoised (it ran ~14 us a call, a fifth of a decode-sized matmul); whether
+    TRITON_INTERPRET is set (tests switch it) is part of the key where it matters, with backend "triton"."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
-    return _resolve_backend(device.type, backend, op, kernel_name, triton_interpreting())
+    return _resolve_backend(device.type, backend, op, kernel_name, backend == "triton" and triton_interpreting())
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ladder_kernels.ops.nf4_matmul import nf4_matmul
+from ladder_kernels.ops.nf4_matmul import PreparedNF4Matmul, nf4_matmul
 from ladder_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
 
@@ -50,6 +50,7 @@ def _check_storage_dtype(storage_dtype) -> None:
 
 
 _WEIGHT_BUFFERS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+_CACHE_INPUTS = frozenset((*_WEIGHT_BUFFERS, "bias", "backend"))  # nf4_weight and matmul are built from these
 
 
 class NF4Linear(nn.Module):
@@ -108,7 +109,7 @@ class NF4Linear(nn.Module):
         data = self.packed_bytes.reshape(-1)
         # a fresh copy, zero-padded to whole elements (view(dtype) needs that, and an aligned start)
         data = torch.cat([data, data.new_zeros((-data.numel()) % storage_dtype.itemsize)])
-        self.__dict__.pop("_nf4_weight_cache", None)
+        self._drop_caches()
         del self.packed  # drop the buffer (or a previous Parameter) so the name can be registered again
         self.packed = nn.Parameter(data.view(storage_dtype), requires_grad=False)
         return self
@@ -116,7 +117,7 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() would convert the stored bytes as numbers and corrupt them: when a cast
         # changed their dtype, redo the move on the uint8 bytes (fn only moves non-floating tensors).
-        self.__dict__.pop("_nf4_weight_cache", None)  # it holds the tensors from before the move
+        self._drop_caches()  # they hold the tensors from before the move
         packed = self._parameters.get("packed")
         old = packed.detach() if packed is not None else None
         super()._apply(fn, recurse)
@@ -126,16 +127,34 @@ class NF4Linear(nn.Module):
 
     @property
     def nf4_weight(self) -> NF4Weight:
-        """The weight as an NF4Weight over this layer's tensors. Built once and reused while those tensors are the
-        same objects (building and validating one cost more than a decode-sized matmul); rebuilt every call when
-        the bytes are a shardable Parameter, which FSDP2 swaps."""
+        """The weight as an NF4Weight over this layer's tensors. Built once (building and validating one cost more
+        than a decode-sized matmul) and dropped when a tensor is replaced (__setattr__, _apply); rebuilt every call
+        when the bytes are a shardable Parameter, which FSDP2 swaps."""
         if self.storage_dtype is not None:
             return self._build_nf4_weight()
-        parts = tuple(self._buffers[name] for name in _WEIGHT_BUFFERS)
         cached = self.__dict__.get("_nf4_weight_cache")
-        if cached is None or any(a is not b for a, b in zip(parts, cached[0])):
-            cached = self.__dict__["_nf4_weight_cache"] = (parts, self._build_nf4_weight())
-        return cached[1]
+        if cached is None:
+            cached = self.__dict__["_nf4_weight_cache"] = self._build_nf4_weight()
+        return cached
+
+    def __setattr__(self, name, value):
+        if name in _CACHE_INPUTS:  # a replaced tensor or backend: what was built from the old one goes
+            self._drop_caches()
+        super().__setattr__(name, value)
+
+    def _drop_caches(self) -> None:
+        self.__dict__.pop("_nf4_weight_cache", None)
+        self.__dict__.pop("_matmul_cache", None)
+
+    @property
+    def matmul(self) -> PreparedNF4Matmul:
+        """nf4_matmul over this layer's weight, bias and backend, prepared once (and dropped with nf4_weight)."""
+        cached = self.__dict__.get("_matmul_cache")
+        if cached is None:
+            cached = PreparedNF4Matmul(self.nf4_weight, self.bias, self.backend)
+            if self.storage_dtype is None:
+                self.__dict__["_matmul_cache"] = cached
+        return cached
 
     def _build_nf4_weight(self) -> NF4Weight:
         return NF4Weight(
@@ -180,8 +199,8 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nf4_matmul(x, self.nf4_weight, bias, backend=self.backend).to(in_dtype)
+        out = self.matmul(x)
+        return out if out.dtype == in_dtype else out.to(in_dtype)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""

@@ -142,12 +142,15 @@ _nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- public entry point --------------------------------------------------------------------------------
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def check_nf4_matmul_args(x: Tensor, q: NF4Weight, bias: Optional[Tensor]) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"nf4_matmul: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(q, NF4Weight):
         raise TypeError(f"nf4_matmul: q must be an NF4Weight, got {type(q).__name__}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in _X_DTYPES:
         raise TypeError(f"nf4_matmul: x must be float32, bfloat16 or float16, got {x.dtype}")
     n, k = q.shape
     if x.dim() == 0 or x.shape[-1] != k:
@@ -189,3 +192,38 @@ def nf4_matmul(
     stats = (absmax, q.code, nested_absmax, nested_code, offset)
     op = _forward if is_plain_call(x, bias) else _nf4_matmul_op
     return op(x, q.packed, *stats, n, k, q.blocksize, bias, backend)
+
+
+class PreparedNF4Matmul:
+    """`nf4_matmul(x, q, bias, backend)` with q, bias and backend fixed, for a layer that calls it over and over:
+    q's kernel arguments are gathered once, and a call that needs no autograd, tracing or cast goes straight to
+    the kernel. Generating with SmolLM2 makes 210 such calls a token; the checks and argument gathering of each
+    cost about as much as the kernel itself at its 576-wide matrices. Any other call takes nf4_matmul, checks
+    and all."""
+
+    def __init__(self, q: NF4Weight, bias: Optional[Tensor] = None, backend: Optional[str] = None):
+        if not isinstance(q, NF4Weight):
+            raise TypeError(f"PreparedNF4Matmul: q must be an NF4Weight, got {type(q).__name__}")
+        n, k = q.shape
+        if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (n,) or bias.device != q.device):
+            raise ValueError(f"PreparedNF4Matmul: bias must be a tensor of shape ({n},) on {q.device}, got {bias!r}")
+        self.q, self.bias, self.backend = q, bias, backend
+        absmax, nested_absmax, nested_code, offset = q.absmax_args()
+        self._args = (q.packed, absmax, q.code, nested_absmax, nested_code, offset, n, k, q.blocksize)
+        self._device = q.device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bias = self.bias
+        direct = (
+            type(x) is Tensor
+            and x.dtype in _X_DTYPES
+            and x.dim() > 0
+            and x.shape[-1] == self._args[7]
+            and x.device == self._device
+            and (bias is None or bias.dtype == x.dtype)
+            and is_plain_call(x, bias)
+        )
+        if not direct:
+            return nf4_matmul(x, self.q, bias, self.backend)
+        backend = resolve_backend(x.device, self.backend, "nf4_matmul", "nf4_matmul")
+        return _forward(x, *self._args, bias, backend)

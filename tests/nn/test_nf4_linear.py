@@ -63,6 +63,24 @@ def test_nf4_weight_is_reused_until_the_layer_tensors_change():
     assert lin.nf4_weight is not moved and lin.nf4_weight.packed is lin.packed
     shardable = NF4Linear.from_linear(nn.Linear(96, 40)).make_shardable_()
     assert shardable.nf4_weight is not shardable.nf4_weight  # FSDP2 swaps the bytes: rebuilt every call
+    assert shardable.matmul is not shardable.matmul
+
+
+def test_prepared_matmul_follows_a_replaced_bias_or_backend():
+    lin = NF4Linear.from_linear(nn.Linear(96, 40))
+    x = torch.randn(5, 96)
+    w64 = dequantize_nf4(lin.nf4_weight, torch.float64)
+    first = lin.matmul
+    assert lin.matmul is first
+    lin.bias = nn.Parameter(torch.randn(40), requires_grad=False)
+    assert lin.matmul is not first and lin.matmul.bias is lin.bias
+    with torch.no_grad():
+        assert rel_err(lin(x), x.double() @ w64.t() + lin.bias.double()) < 1e-5
+    lin.backend = "torch"
+    assert lin.matmul.backend == "torch" and rel_err(lin(x), x.double() @ w64.t() + lin.bias.double()) < 1e-5
+    lin.bias = None
+    with torch.no_grad():
+        assert rel_err(lin(x), x.double() @ w64.t()) < 1e-5
 
 
 def test_quantize_model_replaces_linears_and_keeps_outputs_close():

@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ladder_kernels import NF4Weight, nf4_matmul, quantize_nf4
 from ladder_kernels.defaults import POISON_OUTPUTS_ENV
+from ladder_kernels.ops.nf4_matmul import PreparedNF4Matmul
 from ladder_kernels.quant import dequantize_nf4
 from tests.helpers import rel_err, require_backend
 
@@ -208,3 +209,28 @@ def test_bad_input():
     meta_x = torch.randn(3, 64, device="meta")
     with pytest.raises(ValueError, match="meta"):
         nf4_matmul(meta_x, q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_prepared_matmul_equals_nf4_matmul_on_every_path(backend):
+    """PreparedNF4Matmul: the direct kernel call (no autograd, matching dtypes) and the fallback through
+    nf4_matmul (autograd, a bias in another dtype, bad input) give nf4_matmul's results and errors."""
+    require_backend(backend)
+    q, bias = make_weight(40, 96), torch.randn(40)
+    prepared = PreparedNF4Matmul(q, bias, backend)
+    w64 = dequantize_nf4(q, torch.float64)
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    with torch.no_grad():
+        direct = prepared(x)
+    assert torch.equal(direct, nf4_matmul(x.detach(), q, bias, backend))
+    assert rel_err(direct, x.double() @ w64.t() + bias.double()) < 1e-5
+    prepared(x).sum().backward()
+    assert rel_err(x.grad, torch.ones(2, 3, 40).double() @ w64) < 1e-5
+    xb = torch.randn(7, 96).bfloat16()  # bias fp32, x bf16: cast on the way, as nf4_matmul does
+    assert torch.equal(prepared(xb), nf4_matmul(xb, q, bias, backend))
+    with pytest.raises(ValueError, match="in_features 96"):
+        prepared(torch.randn(3, 95))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        prepared(torch.randn(3, 96).double())
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(40,\)"):
+        PreparedNF4Matmul(q, torch.randn(39))
