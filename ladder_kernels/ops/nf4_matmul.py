@@ -206,7 +206,8 @@ class PreparedNF4Matmul:
             raise TypeError(f"PreparedNF4Matmul: q must be an NF4Weight, got {type(q).__name__}")
         n, k = q.shape
         if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (n,) or bias.device != q.device):
-            raise ValueError(f"PreparedNF4Matmul: bias must be a tensor of shape ({n},) on {q.device}, got {bias!r}")
+            got = f"shape {tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"PreparedNF4Matmul: bias must be a tensor of shape ({n},) on {q.device}, got {got}")
         self.q, self.bias, self.backend = q, bias, backend
         absmax, nested_absmax, nested_code, offset = q.absmax_args()
         self._args = (q.packed, absmax, q.code, nested_absmax, nested_code, offset, n, k, q.blocksize)
