@@ -142,15 +142,12 @@ _nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- public entry point --------------------------------------------------------------------------------
-_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def check_nf4_matmul_args(x: Tensor, q: NF4Weight, bias: Optional[Tensor]) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"nf4_matmul: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(q, NF4Weight):
         raise TypeError(f"nf4_matmul: q must be an NF4Weight, got {type(q).__name__}")
-    if x.dtype not in _X_DTYPES:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"nf4_matmul: x must be float32, bfloat16 or float16, got {x.dtype}")
     n, k = q.shape
     if x.dim() == 0 or x.shape[-1] != k:
@@ -211,20 +208,11 @@ class PreparedNF4Matmul:
         self.q, self.bias, self.backend = q, bias, backend
         absmax, nested_absmax, nested_code, offset = q.absmax_args()
         self._args = (q.packed, absmax, q.code, nested_absmax, nested_code, offset, n, k, q.blocksize)
-        self._device = q.device
 
     def __call__(self, x: Tensor) -> Tensor:
         bias = self.bias
-        direct = (
-            type(x) is Tensor
-            and x.dtype in _X_DTYPES
-            and x.dim() > 0
-            and x.shape[-1] == self._args[7]
-            and x.device == self._device
-            and (bias is None or bias.dtype == x.dtype)
-            and is_plain_call(x, bias)
-        )
-        if not direct:
-            return nf4_matmul(x, self.q, bias, self.backend)
+        check_nf4_matmul_args(x, self.q, bias)
+        if (bias is not None and bias.dtype != x.dtype) or not is_plain_call(x, bias):
+            return nf4_matmul(x, self.q, bias, self.backend)  # casts the bias, or goes through the custom op
         backend = resolve_backend(x.device, self.backend, "nf4_matmul", "nf4_matmul")
         return _forward(x, *self._args, bias, backend)
