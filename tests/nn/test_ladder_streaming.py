@@ -9,6 +9,7 @@ import torch
 
 from ladder_kernels.nn.config import LadderConfig
 from ladder_kernels.nn.ladder import LadderModel
+from ladder_kernels.nn.side import side_compute_dtype
 from ladder_kernels.planning.memory import PeakMemoryTracker
 from tests.helpers import tiny_backbone
 
@@ -44,12 +45,14 @@ def ladder_step_bytes(num_layers, dtype, storage, quant, checkpointing):
         loss.backward()
     step_peak = mem.peak_bytes
     del loss
-    # The side network alone on the same shapes: its own activations, to separate them from the ladder inputs.
+    # The side network alone on the same shapes: its own activations, to separate them from the ladder inputs. Its
+    # inputs come in the dtype it computes in (fp32 for 16-bit on this CPU), as the model's converted ladder outputs do.
     side = model.side
     with torch.no_grad():
         h_final = torch.randn(B, T, D, dtype=dtype)
+    side_dtype = side_compute_dtype(dtype, h_final.device)
     with PeakMemoryTracker() as mem:
-        zs = [torch.randn(B, T, side.shape.width, dtype=dtype) for _ in side.projections()]
+        zs = [torch.randn(B, T, side.shape.width, dtype=side_dtype) for _ in side.projections()]
         out = side.mix(side(zs[0], zs[1:], torch.arange(T)[None]), h_final)
         side_kept = mem.current_bytes
     del out
