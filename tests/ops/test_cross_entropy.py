@@ -121,6 +121,28 @@ def test_row_kernel_in_place_matches_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V,scale", [(5, 3.0), (13, 3.0), (3001, 3.0), (1003, 40.0)])
+def test_row_kernel_matches_float64_over_dtypes_and_logit_ranges(backend, dtype, V, scale):
+    """Vocabularies shorter than and not a multiple of a vector, and logits spread so far (scale 40) that most
+    exponentials underflow fp32: loss and gradient against float64 softmax - onehot. The gradient is written over
+    the logits, so an entry the kernel misses keeps a logit and fails the comparison."""
+    require_backend(backend)
+    logits = (torch.randn(6, V, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, V, (6,))
+    labels[3] = -100
+    z = logits.double()
+    loss_ref = torch.logsumexp(z, 1) - z.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    grad_ref = torch.softmax(z, 1) - F.one_hot(labels.clamp(min=0), V).double()
+    loss_ref[3], grad_ref[3] = 0, 0
+    got = logits.clone()
+    loss = kernel("cross_entropy_rows", backend)(got, labels, -100, 0.0, True)
+    assert loss.dtype == torch.float32 and rel_err(loss, loss_ref) < 1e-6
+    assert got.dtype == dtype and rel_err(got, grad_ref) < {torch.float32: 1e-6}.get(dtype, 5e-3)
+    assert (got[3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_labels_ignored_gives_zero_loss_and_grad(backend):
     require_backend(backend)
     hidden, weight, _ = make_inputs(7, 24, 1000, torch.float32)
