@@ -16,43 +16,15 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define LADDER_CE_X86 1
-#endif
+#include "vec_math.h"
 
 namespace {
 
-#ifdef LADDER_CE_X86
-#define LADDER_CE_AVX2 __attribute__((target("avx2,fma")))
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-// exp(x) for x <= 0 (logits minus their max), Cephes' expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7
-// polynomial, 2^n from the exponent bits; within 2 ulp of std::exp. x below -87.3 gives 2^-126 (not 0 or a
-// denormal): a term at most 1e-38 of a sum that is at least 1.
-LADDER_CE_AVX2 inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-}
+#ifdef LADDER_VEC_X86
+using ladder_vec::exp_nonpositive;
 
 // c[v] = exp(c[v] - max_c) in place; returns their sum, accumulated in double as the scalar loop does.
-LADDER_CE_AVX2 double exp_and_sum_avx2(float* c, int64_t vocab, float max_c) {
+LADDER_AVX2 double exp_and_sum_avx2(float* c, int64_t vocab, float max_c) {
   const __m256 shift = _mm256_set1_ps(max_c);
   __m256d acc_low = _mm256_setzero_pd(), acc_high = _mm256_setzero_pd();
   int64_t v = 0;
@@ -73,34 +45,32 @@ LADDER_CE_AVX2 double exp_and_sum_avx2(float* c, int64_t vocab, float max_c) {
 }
 
 // The max of c[0 : vocab].
-LADDER_CE_AVX2 float max_avx2(const float* c, int64_t vocab) {
+LADDER_AVX2 float max_avx2(const float* c, int64_t vocab) {
   __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t v = 0;
   for (; v + 8 <= vocab; v += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(c + v));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m8);
-  float m = *std::max_element(lanes, lanes + 8);
+  float m = ladder_vec::horizontal_max(m8);
   for (; v < vocab; ++v) m = std::max(m, c[v]);
   return m;
 }
 
 // The same loops as the portable ones below, compiled for AVX2 (GCC vectorizes the conversions there).
 template <typename T>
-LADDER_CE_AVX2 void to_float_avx2(const T* x, float* c, int64_t vocab) {
+LADDER_AVX2 void to_float_avx2(const T* x, float* c, int64_t vocab) {
   for (int64_t v = 0; v < vocab; ++v) c[v] = static_cast<float>(x[v]);
 }
 
 template <typename T>
-LADDER_CE_AVX2 void scaled_to_avx2(const float* c, float scale, T* x, int64_t vocab) {
+LADDER_AVX2 void scaled_to_avx2(const float* c, float scale, T* x, int64_t vocab) {
   for (int64_t v = 0; v < vocab; ++v) x[v] = static_cast<T>(c[v] * scale);
 }
 #endif
 
 // c = x in fp32; returns max(c).
 template <typename T>
-float to_float_and_max(const T* x, float* c, int64_t vocab) {
-#ifdef LADDER_CE_X86
-  if (cpu_has_avx2_fma()) {
+float to_float_and_max([[maybe_unused]] bool avx2, const T* x, float* c, int64_t vocab) {
+#ifdef LADDER_VEC_X86
+  if (avx2) {
     to_float_avx2(x, c, vocab);
     return max_avx2(c, vocab);
   }
@@ -115,17 +85,17 @@ float to_float_and_max(const T* x, float* c, int64_t vocab) {
 
 // x = T(c * scale).
 template <typename T>
-void scaled_to(const float* c, float scale, T* x, int64_t vocab) {
-#ifdef LADDER_CE_X86
-  if (cpu_has_avx2_fma()) return scaled_to_avx2(c, scale, x, vocab);
+void scaled_to([[maybe_unused]] bool avx2, const float* c, float scale, T* x, int64_t vocab) {
+#ifdef LADDER_VEC_X86
+  if (avx2) return scaled_to_avx2(c, scale, x, vocab);
 #endif
   for (int64_t v = 0; v < vocab; ++v) x[v] = static_cast<T>(c[v] * scale);
 }
 
 // c[v] = exp(c[v] - max_c) in place; returns their sum.
-double exp_and_sum(float* c, int64_t vocab, float max_c) {
-#ifdef LADDER_CE_X86
-  if (cpu_has_avx2_fma()) return exp_and_sum_avx2(c, vocab, max_c);
+double exp_and_sum([[maybe_unused]] bool avx2, float* c, int64_t vocab, float max_c) {
+#ifdef LADDER_VEC_X86
+  if (avx2) return exp_and_sum_avx2(c, vocab, max_c);
 #endif
   double sum = 0.0;  // a V-long sum: double keeps it exact to fp32
   for (int64_t v = 0; v < vocab; ++v) {
@@ -139,6 +109,7 @@ template <typename scalar_t>
 void ce_rows_kernel(scalar_t* logits, const int64_t* labels, float* losses, int64_t rows, int64_t vocab,
                     int64_t row_stride, int64_t ignore_index, float softcap, bool compute_grad) {
   const bool capped = softcap > 0.f;
+  const bool avx2 = ladder_vec::use_avx2();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row_buf(vocab);  // capped logits, then their exponentials
     float* c = row_buf.data();
@@ -157,15 +128,15 @@ void ce_rows_kernel(scalar_t* logits, const int64_t* labels, float* losses, int6
           max_c = std::max(max_c, c[v]);
         }
       } else {
-        max_c = to_float_and_max(x, c, vocab);
+        max_c = to_float_and_max(avx2, x, c, vocab);
       }
       const float c_label = c[label];
-      const double sum = exp_and_sum(c, vocab, max_c);
+      const double sum = exp_and_sum(avx2, c, vocab, max_c);
       losses[r] = static_cast<float>(max_c + std::log(sum) - c_label);
       if (!compute_grad) continue;
       const float inv_sum = static_cast<float>(1.0 / sum);
       if (!capped) {  // softmax - onehot: the label's entry once more, after the rest
-        scaled_to(c, inv_sum, x, vocab);
+        scaled_to(avx2, c, inv_sum, x, vocab);
         x[label] = static_cast<scalar_t>(c[label] * inv_sum - 1.f);
         continue;
       }

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "nf4_weight.h"
+#include "outputs.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -300,13 +301,10 @@ void dequant_tile(Isa isa, const Nf4Weight& w, int64_t row0, int64_t rows, int64
   dequant_tile_scalar(w, row0, rows, col0, cols, dst);
 }
 
-// Tests set LADDER_KERNELS_POISON_OUTPUTS=1 (defaults.POISON_OUTPUTS_ENV): outputs start as NaN, so an element a
-// kernel forgets to write cannot pass by luck (at::empty would hand back whatever the memory held).
+// Contiguous, and NaN first when tests ask (outputs.h).
 at::Tensor new_output(int64_t rows, int64_t cols, const at::Tensor& like) {
-  at::Tensor out = at::empty({rows, cols}, like.options().memory_format(at::MemoryFormat::Contiguous));
-  const char* poison = std::getenv("LADDER_KERNELS_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(std::numeric_limits<float>::quiet_NaN());
-  return out;
+  return ladder_out::poisoned_if_asked(
+      at::empty({rows, cols}, like.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
 // --- argument checks ------------------------------------------------------------------------------------

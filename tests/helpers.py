@@ -1,7 +1,8 @@
 """What the tests share, in one module (import it as `from tests.helpers import ...`):
 
 - comparisons: rel_err (float64 relative error), poison_ (NaN-fill outputs before a kernel writes them),
-  require_backend (a backend switched off on purpose skips; one that should work and does not fails);
+  forced_isa (which loops the C++ kernels take), require_backend (a backend switched off on purpose skips; one
+  that should work and does not fails);
 - tiny random-weight decoder-only backbones of several families, built from configs (no downloads):
   Qwen2's q/k/v biases, Mistral's sliding window, Gemma's embedding scaling and (1 + w) norms, Gemma3's sandwich
   norms, q/k norms, mixed sliding/full layers and logit softcap;
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -32,6 +34,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so any element a kernel forgets to write shows up."""
     return t.fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str):
+    """The C++ kernels read CPU_ISA_ENV on every call: "scalar" runs their portable loops, "auto" the CPU's best."""
+    from ladder_kernels.defaults import CPU_ISA_ENV
+
+    old = os.environ.get(CPU_ISA_ENV)
+    os.environ[CPU_ISA_ENV] = isa
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CPU_ISA_ENV, None)
+        else:
+            os.environ[CPU_ISA_ENV] = old
 
 
 CPU_BACKENDS = ["torch", "cpu", "triton"]

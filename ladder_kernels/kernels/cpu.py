@@ -25,6 +25,8 @@ KERNELS = {
     "downproj": "downproj",
     "downproj_backward": "downproj_backward",
     "cross_entropy_rows": "cross_entropy_rows_",
+    "causal_attention": "causal_attention",
+    "causal_attention_backward": "causal_attention_backward",
 }
 _PACKAGE = Path(__file__).resolve().parent.parent
 CSRC_DIRS = (_PACKAGE.parent / "csrc", _PACKAGE / "csrc")  # a source checkout, an installed wheel

@@ -11,7 +11,8 @@ Wiring (one `SideNetwork`, whatever the backbone family):
 
 Side parameters are float32 master weights, cast to the compute dtype where used (bf16 compute works; on a CPU
 without native bf16 the side stream runs in fp32, see side_compute_dtype). Blocks: RMSNorm, RoPE attention through
-scaled_dot_product_attention with the side's own KV cache, a gated MLP (SwiGLU, or the backbone's gate activation,
+scaled_dot_product_attention with the side's own KV cache (causal calls over a whole sequence on CPU go through
+ops.causal_attention, made for these small heads), a gated MLP (SwiGLU, or the backbone's gate activation,
 e.g. Gemma's tanh-GELU). q, k, v (and the MLP's gate and up) are one matmul each: a generated token runs every
 block at M=1, where the cost is the number of ops, not their FLOPs.
 """
@@ -28,9 +29,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from ladder_kernels.backends import cpu_has_native_bf16
+from ladder_kernels.backends import cpu_has_native_bf16, resolve_backend
 from ladder_kernels.nn.backbone import BackboneSpec
 from ladder_kernels.nn.config import LadderConfig
+from ladder_kernels.ops.causal_attention import causal_attention
 from ladder_kernels.ops.downproj import downproj
 
 BRANCH = "branch"  # SideNetwork.project's source for the branch point (the others are ladder numbers)
@@ -99,6 +101,19 @@ class SideKVCache:
         return k, v
 
 
+# ops.causal_attention against SDPA's CPU flash, forward + backward over 1024 tokens: 0.47x the time at head_dim 8,
+# 1.65x at 16 (bench/results/side_attention_cpu.md), so it takes the small heads only.
+CPU_CAUSAL_ATTENTION_MAX_HEAD_DIM = 8
+
+
+def _has_cpu_causal_attention(device: torch.device, head_dim: int) -> bool:
+    return (
+        device.type == "cpu"
+        and head_dim <= CPU_CAUSAL_ATTENTION_MAX_HEAD_DIM
+        and resolve_backend(device, None, "side attention", "causal_attention") == "cpu"
+    )
+
+
 class SideAttention(nn.Module):
     """Multi-head (grouped-query) attention with RoPE. inv_freq is per kv head: a pruned init keeps each head's
     own rotary pairs, so each head keeps the frequencies those pairs had in the backbone."""
@@ -138,6 +153,9 @@ class SideAttention(nn.Module):
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
         if cache is not None:
             k, v = cache.update(index, k, v)
+        if mask is None and t > 1 and k.shape[2] == t and _has_cpu_causal_attention(q.device, self.head_dim):
+            out = causal_attention(q, k, v)  # fp32 inside
+            return _linear(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
         dtype = q.dtype
         if q.device.type == "cpu" and dtype != torch.float32:
             # CPU flash attention is several times slower in 16-bit than in fp32 (measured, torch 2.13); the

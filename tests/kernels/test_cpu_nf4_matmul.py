@@ -5,9 +5,6 @@ kernel writes them (POISON_OUTPUTS_ENV), and the extra memory of a call."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
@@ -17,7 +14,7 @@ from ladder_kernels.defaults import CPU_ISA_ENV, CPU_ISAS, POISON_OUTPUTS_ENV
 from ladder_kernels.kernels import cpu
 from ladder_kernels.planning.memory import PeakMemoryTracker
 from ladder_kernels.quant import dequantize_nf4
-from tests.helpers import REPO, rel_err, require_backend
+from tests.helpers import REPO, forced_isa, rel_err, require_backend
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -53,26 +50,13 @@ def runnable_isas() -> list[str]:
     return found
 
 
-@contextlib.contextmanager
-def forced_isa(isa: str):
-    """The C++ kernels read CPU_ISA_ENV on every call."""
-    old = os.environ.get(CPU_ISA_ENV)
-    os.environ[CPU_ISA_ENV] = isa
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(CPU_ISA_ENV, None)
-        else:
-            os.environ[CPU_ISA_ENV] = old
-
-
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """The C++ ops fill their outputs with NaN before the kernel writes them (POISON_OUTPUTS_ENV), so an element a
     kernel forgets to write cannot pass by luck."""
-    source = (REPO / "csrc" / "nf4_matmul.cpp").read_text()
-    assert f'"{POISON_OUTPUTS_ENV}"' in source and f'"{CPU_ISA_ENV}"' in source  # the names the C++ reads
+    # the names the C++ reads
+    assert f'"{POISON_OUTPUTS_ENV}"' in (REPO / "csrc" / "outputs.h").read_text()
+    assert f'"{CPU_ISA_ENV}"' in (REPO / "csrc" / "nf4_matmul.cpp").read_text()
     monkeypatch.setenv(POISON_OUTPUTS_ENV, "1")
     yield
 
