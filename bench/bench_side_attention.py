@@ -28,8 +28,9 @@ from ladder_kernels.io import write_text_atomic  # noqa: E402
 from ladder_kernels.ops.causal_attention import causal_attention  # noqa: E402
 from ladder_kernels.planning.bench import command_line, library_versions  # noqa: E402
 
-# (heads, kv_heads, T, head_dim): the step bench's side (width 64 = 8 heads of 8), a GQA side, a longer sequence
-SHAPES = [(8, 8, 1024, 8), (8, 2, 1024, 16), (8, 8, 2048, 8)]
+# (heads, kv_heads, T, head_dim): the step bench's side (width 64 = 8 heads of 8), a GQA side (a 7B backbone at r = 8
+# has head_dim 16), wider heads, a longer sequence
+SHAPES = [(8, 8, 1024, 8), (8, 2, 1024, 16), (8, 8, 1024, 32), (8, 8, 2048, 8)]
 
 
 def sdpa(dtype):

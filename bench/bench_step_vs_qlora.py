@@ -135,6 +135,7 @@ def main(argv=None) -> int:
         help="compute dtype (default bf16; fp32 writes step_vs_qlora_cpu_fp32.*: CPUs without AVX-512 BF16 run bf16 "
         "GEMMs far slower)",
     )
+    parser.add_argument("--tag", default="cpu", help="output name: step_vs_qlora_<tag>[_fp32].csv / .md (default cpu)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     csv_body, markdown = report(measure(args.rounds, args.warmup, dtype_from_name(args.dtype)), command, args.dtype)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = "step_vs_qlora_cpu" + ("" if args.dtype == "bf16" else f"_{args.dtype}")
+    name = f"step_vs_qlora_{args.tag}" + ("" if args.dtype == "bf16" else f"_{args.dtype}")
     write_text_atomic(out / f"{name}.csv", csv_body)
     write_text_atomic(out / f"{name}.md", markdown)
     print(markdown)

@@ -35,8 +35,8 @@ at::Tensor transposed_padded(const at::Tensor& x) {
   return out;
 }
 
-// What one row needs: q_i (scaled by `scale`), the head's transposed keys and values, n = i + 1 visible keys,
-// and two padded(n)-long scratch rows.
+// What a row needs: q_i (scaled by `scale`), the head's transposed keys and values, n = i + 1 visible keys,
+// and scratch rows of tp floats (kRowsAtOnce of each).
 struct Row {
   const float* q;  // [hd], already times scale
   const float* kt;  // [hd, tp]
@@ -88,90 +88,140 @@ void backward_row_scalar(const Row& r, const float* dout, float delta, float lse
   }
 }
 
-// ---- AVX2 rows: the same, 8 keys a time; lanes past n get p = ds = 0 (their k, v are padding or future keys) ----
+// ---- AVX2 rows: the same, 8 keys a time, R consecutive rows at once so that each load of k, v, dk, dv serves R
+// rows (one row at a time was bound by those loads: 2.4x the time at head_dim 16 for twice the work). Row r of
+// the R has q + r hd, n + r keys and scratch p + r tp, ds + r tp; lanes past its n get p = ds = 0 (their k, v are
+// padding or later keys).
 #ifdef LADDER_VEC_X86
-LADDER_AVX2 inline __m256 lanes_below(int64_t count) {  // lane l all-ones where l < count
+LADDER_AVX2 inline __m256 lanes_below(int64_t count) {  // lane l all-ones where l < count (none if count <= 0)
   return _mm256_castsi256_ps(
       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-LADDER_AVX2 inline __m256 scores8(const Row& r, int64_t j) {
-  __m256 s = _mm256_setzero_ps();
-  for (int64_t d = 0; d < r.hd; ++d) s = _mm256_fmadd_ps(_mm256_set1_ps(r.q[d]), _mm256_loadu_ps(r.kt + d * r.tp + j), s);
-  return s;
-}
-
-LADDER_AVX2 float forward_row_avx2(const Row& r, float* out) {
-  const int64_t full = r.n / kLanes * kLanes, np = padded(r.n);
+template <int R>
+LADDER_AVX2 void forward_rows_avx2(const Row& r, float* out, float* lse) {
+  const int64_t np = padded(r.n + R - 1);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 m8 = ninf;
+  __m256 m8[R], sum8[R];
+  float sum[R];
+  for (int i = 0; i < R; ++i) m8[i] = ninf, sum8[i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < np; j += kLanes) {
-    __m256 s = scores8(r, j);
-    if (j >= full) s = _mm256_blendv_ps(ninf, s, lanes_below(r.n - j));
-    _mm256_storeu_ps(r.p + j, s);
-    m8 = _mm256_max_ps(m8, s);
+    __m256 s[R];
+    for (int i = 0; i < R; ++i) s[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < r.hd; ++d) {
+      const __m256 kd = _mm256_loadu_ps(r.kt + d * r.tp + j);
+      for (int i = 0; i < R; ++i) s[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.q[i * r.hd + d]), kd, s[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      if (j + kLanes > r.n + i) s[i] = _mm256_blendv_ps(ninf, s[i], lanes_below(r.n + i - j));
+      _mm256_storeu_ps(r.p + i * r.tp + j, s[i]);
+      m8[i] = _mm256_max_ps(m8[i], s[i]);
+    }
   }
-  const __m256 m = _mm256_set1_ps(ladder_vec::horizontal_max(m8));
-  __m256 sum8 = _mm256_setzero_ps();
-  for (int64_t j = 0; j < np; j += kLanes) {
-    __m256 e = ladder_vec::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(r.p + j), m));
-    if (j >= full) e = _mm256_and_ps(e, lanes_below(r.n - j));
-    _mm256_storeu_ps(r.p + j, e);
-    sum8 = _mm256_add_ps(sum8, e);
+  for (int i = 0; i < R; ++i) {
+    const __m256 m = _mm256_set1_ps(ladder_vec::horizontal_max(m8[i]));
+    float* p = r.p + i * r.tp;
+    for (int64_t j = 0; j < np; j += kLanes) {
+      __m256 e = ladder_vec::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), m));
+      if (j + kLanes > r.n + i) e = _mm256_and_ps(e, lanes_below(r.n + i - j));
+      _mm256_storeu_ps(p + j, e);
+      sum8[i] = _mm256_add_ps(sum8[i], e);
+    }
+    sum[i] = ladder_vec::horizontal_sum(sum8[i]);
+    lse[i] = _mm256_cvtss_f32(m) + std::log(sum[i]);
   }
-  const float sum = ladder_vec::horizontal_sum(sum8);
   for (int64_t d = 0; d < r.hd; ++d) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < np; j += kLanes)
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(r.p + j), _mm256_loadu_ps(r.vt + d * r.tp + j), acc);
-    out[d] = ladder_vec::horizontal_sum(acc) / sum;
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < np; j += kLanes) {
+      const __m256 vd = _mm256_loadu_ps(r.vt + d * r.tp + j);
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(r.p + i * r.tp + j), vd, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) out[i * r.hd + d] = ladder_vec::horizontal_sum(acc[i]) / sum[i];
   }
-  return _mm256_cvtss_f32(m) + std::log(sum);
 }
 
-LADDER_AVX2 void backward_row_avx2(const Row& r, const float* dout, float delta, float lse, float scale, float* dq,
-                                   float* dkt, float* dvt) {
-  const int64_t full = r.n / kLanes * kLanes, np = padded(r.n);
-  const __m256 lse8 = _mm256_set1_ps(lse), delta8 = _mm256_set1_ps(delta);
+template <int R>
+LADDER_AVX2 void backward_rows_avx2(const Row& r, const float* dout, const float* delta, const float* lse, float scale,
+                                    float* dq, float* dkt, float* dvt) {
+  const int64_t np = padded(r.n + R - 1);
   for (int64_t j = 0; j < np; j += kLanes) {
-    __m256 dp = _mm256_setzero_ps();
-    for (int64_t d = 0; d < r.hd; ++d)
-      dp = _mm256_fmadd_ps(_mm256_set1_ps(dout[d]), _mm256_loadu_ps(r.vt + d * r.tp + j), dp);
-    __m256 p = ladder_vec::exp_nonpositive(_mm256_sub_ps(scores8(r, j), lse8));
-    if (j >= full) p = _mm256_and_ps(p, lanes_below(r.n - j));
-    _mm256_storeu_ps(r.p + j, p);
-    _mm256_storeu_ps(r.ds + j, _mm256_mul_ps(p, _mm256_sub_ps(dp, delta8)));
+    __m256 s[R], dp[R];
+    for (int i = 0; i < R; ++i) s[i] = dp[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < r.hd; ++d) {
+      const __m256 kd = _mm256_loadu_ps(r.kt + d * r.tp + j), vd = _mm256_loadu_ps(r.vt + d * r.tp + j);
+      for (int i = 0; i < R; ++i) {
+        s[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.q[i * r.hd + d]), kd, s[i]);
+        dp[i] = _mm256_fmadd_ps(_mm256_set1_ps(dout[i * r.hd + d]), vd, dp[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      __m256 p = ladder_vec::exp_nonpositive(_mm256_sub_ps(s[i], _mm256_set1_ps(lse[i])));
+      if (j + kLanes > r.n + i) p = _mm256_and_ps(p, lanes_below(r.n + i - j));
+      _mm256_storeu_ps(r.p + i * r.tp + j, p);
+      _mm256_storeu_ps(r.ds + i * r.tp + j, _mm256_mul_ps(p, _mm256_sub_ps(dp[i], _mm256_set1_ps(delta[i]))));
+    }
   }
   for (int64_t d = 0; d < r.hd; ++d) {
-    const __m256 qd = _mm256_set1_ps(r.q[d]), dod = _mm256_set1_ps(dout[d]);
+    __m256 qd[R], dod[R], acc[R];
+    for (int i = 0; i < R; ++i) {
+      qd[i] = _mm256_set1_ps(r.q[i * r.hd + d]);
+      dod[i] = _mm256_set1_ps(dout[i * r.hd + d]);
+      acc[i] = _mm256_setzero_ps();
+    }
     const float* kt = r.kt + d * r.tp;
     float* dk = dkt + d * r.tp;
     float* dv = dvt + d * r.tp;
-    __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < np; j += kLanes) {
-      const __m256 ds = _mm256_loadu_ps(r.ds + j);
-      acc = _mm256_fmadd_ps(ds, _mm256_loadu_ps(kt + j), acc);
-      _mm256_storeu_ps(dk + j, _mm256_fmadd_ps(ds, qd, _mm256_loadu_ps(dk + j)));
-      _mm256_storeu_ps(dv + j, _mm256_fmadd_ps(_mm256_loadu_ps(r.p + j), dod, _mm256_loadu_ps(dv + j)));
+      const __m256 kd = _mm256_loadu_ps(kt + j);
+      __m256 dk8 = _mm256_loadu_ps(dk + j), dv8 = _mm256_loadu_ps(dv + j);
+      for (int i = 0; i < R; ++i) {
+        const __m256 ds = _mm256_loadu_ps(r.ds + i * r.tp + j);
+        acc[i] = _mm256_fmadd_ps(ds, kd, acc[i]);
+        dk8 = _mm256_fmadd_ps(ds, qd[i], dk8);
+        dv8 = _mm256_fmadd_ps(_mm256_loadu_ps(r.p + i * r.tp + j), dod[i], dv8);
+      }
+      _mm256_storeu_ps(dk + j, dk8);
+      _mm256_storeu_ps(dv + j, dv8);
     }
-    dq[d] = ladder_vec::horizontal_sum(acc) * scale;
+    for (int i = 0; i < R; ++i) dq[i * r.hd + d] = ladder_vec::horizontal_sum(acc[i]) * scale;
   }
 }
 #endif
 
-float forward_row([[maybe_unused]] bool avx2, const Row& r, float* out) {
+constexpr int kRowsAtOnce = 4;  // 4 rows: 2 x 4 accumulators + broadcasts fit AVX2's 16 registers
+
+// `count` consecutive rows from `r` (row i: q + i hd, n + i keys), writing out + i hd and lse[i].
+void forward_rows([[maybe_unused]] bool avx2, Row r, int64_t count, float* out, float* lse) {
+  for (int64_t i = 0; i < count;) {
+    int64_t step = 1;
 #ifdef LADDER_VEC_X86
-  if (avx2) return forward_row_avx2(r, out);
+    if (avx2) {
+      step = i + kRowsAtOnce <= count ? kRowsAtOnce : 1;
+      if (step == kRowsAtOnce) forward_rows_avx2<kRowsAtOnce>(r, out, lse);
+      else forward_rows_avx2<1>(r, out, lse);
+    } else
 #endif
-  return forward_row_scalar(r, out);
+      *lse = forward_row_scalar(r, out);
+    i += step, r.q += step * r.hd, r.n += step, out += step * r.hd, lse += step;
+  }
 }
 
-void backward_row([[maybe_unused]] bool avx2, const Row& r, const float* dout, float delta, float lse, float scale, float* dq, float* dkt,
-                  float* dvt) {
+// The same for the backward: dq + i hd written, dkt and dvt summed into.
+void backward_rows([[maybe_unused]] bool avx2, Row r, int64_t count, const float* dout, const float* delta, const float* lse,
+                   float scale, float* dq, float* dkt, float* dvt) {
+  for (int64_t i = 0; i < count;) {
+    int64_t step = 1;
 #ifdef LADDER_VEC_X86
-  if (avx2) return backward_row_avx2(r, dout, delta, lse, scale, dq, dkt, dvt);
+    if (avx2) {
+      step = i + kRowsAtOnce <= count ? kRowsAtOnce : 1;
+      if (step == kRowsAtOnce) backward_rows_avx2<kRowsAtOnce>(r, dout, delta, lse, scale, dq, dkt, dvt);
+      else backward_rows_avx2<1>(r, dout, delta, lse, scale, dq, dkt, dvt);
+    } else
 #endif
-  backward_row_scalar(r, dout, delta, lse, scale, dq, dkt, dvt);
+      backward_row_scalar(r, dout, *delta, *lse, scale, dq, dkt, dvt);
+    i += step, r.q += step * r.hd, r.n += step, dout += step * r.hd, delta += step, lse += step, dq += step * r.hd;
+  }
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -196,14 +246,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const a
   float *outp = out.data_ptr<float>(), *lsep = lse.data_ptr<float>();
   const bool avx2 = ladder_vec::use_avx2();
   at::parallel_for(0, B * H, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(tp);
+    std::vector<float> p(kRowsAtOnce * tp);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t kv_unit = (u / H) * KV + (u % H) / (H / KV);
-      for (int64_t i = 0; i < T; ++i) {
-        const Row r{qp + (u * T + i) * hd, ktp + kv_unit * hd * tp, vtp + kv_unit * hd * tp, hd, tp, i + 1,
-                    p.data(), nullptr};
-        lsep[u * T + i] = forward_row(avx2, r, outp + (u * T + i) * hd);
-      }
+      const Row r{qp + u * T * hd, ktp + kv_unit * hd * tp, vtp + kv_unit * hd * tp, hd, tp, 1, p.data(), nullptr};
+      forward_rows(avx2, r, T, outp + u * T * hd, lsep + u * T);
     }
   });
   return {out, lse};
@@ -231,17 +278,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   float *dqp = dq.data_ptr<float>(), *dktp = dkt.data_ptr<float>(), *dvtp = dvt.data_ptr<float>();
   const bool avx2 = ladder_vec::use_avx2();
   at::parallel_for(0, B * KV, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(tp), ds(tp);
+    std::vector<float> p(kRowsAtOnce * tp), ds(kRowsAtOnce * tp);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t kv_off = u * hd * tp;
       for (int64_t h = (u % KV) * group; h < (u % KV + 1) * group; ++h) {
-        const int64_t qu = (u / KV) * H + h;
-        for (int64_t i = 0; i < T; ++i) {
-          const int64_t row = qu * T + i;
-          const Row r{qp + row * hd, ktp + kv_off, vtp + kv_off, hd, tp, i + 1, p.data(), ds.data()};
-          backward_row(avx2, r, dop + row * hd, deltap[row], lsep[row], static_cast<float>(scale), dqp + row * hd,
-                       dktp + kv_off, dvtp + kv_off);
-        }
+        const int64_t row = ((u / KV) * H + h) * T;  // the head's first row
+        const Row r{qp + row * hd, ktp + kv_off, vtp + kv_off, hd, tp, 1, p.data(), ds.data()};
+        backward_rows(avx2, r, T, dop + row * hd, deltap + row, lsep + row, static_cast<float>(scale),
+                      dqp + row * hd, dktp + kv_off, dvtp + kv_off);
       }
     }
   });

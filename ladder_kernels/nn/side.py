@@ -101,9 +101,9 @@ class SideKVCache:
         return k, v
 
 
-# ops.causal_attention against SDPA's CPU flash, forward + backward over 1024 tokens: 0.47x the time at head_dim 8,
-# 1.65x at 16 (bench/results/side_attention_cpu.md), so it takes the small heads only.
-CPU_CAUSAL_ATTENTION_MAX_HEAD_DIM = 8
+# ops.causal_attention against SDPA's CPU flash, forward + backward over 1024 tokens: 0.34x the time at head_dim 8,
+# 0.87x at 16, 1.17x at 32 (bench/results/side_attention_cpu.md), so it takes the small heads only.
+CPU_CAUSAL_ATTENTION_MAX_HEAD_DIM = 16
 
 
 def _has_cpu_causal_attention(device: torch.device, head_dim: int) -> bool:

@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 from ladder_kernels.backends import kernel, register_reference, resolve_backend
 
@@ -80,6 +81,18 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, scale, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+# FlopCounterMode counts these as the planner's model does (planning/flops.py): every q x k pair as SDPA's formula
+# does, the backward as twice the forward (the scores it recomputes are not counted); tests compare the two.
+@register_flop_formula(torch.ops.ladder.causal_attention)
+def _forward_flops(q_shape, k_shape, v_shape, *_args, **_kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.ladder.causal_attention_backward)
+def _backward_flops(grad_out_shape, q_shape, k_shape, v_shape, *_args, **_kwargs) -> int:
+    return 2 * sdpa_flop_count(q_shape, k_shape, v_shape)
 
 
 def _setup_context(ctx, inputs, output):
