@@ -153,6 +153,10 @@ DEFAULT_EVAL_SAMPLES = {"sentiment": 300, "arith": 100}
 # `arith` answer formats: every step, only the last step, or the answer alone; each ends "The answer is N."
 CoTFormat = Literal["full", "short", "none"]
 COT_FORMATS: tuple[str, ...] = get_args(CoTFormat)
+# `arith` problem sets: `standard` (2-3 operations on numbers up to 40, products included) or `easy` (exactly 2
+# operations, amounts up to 9, answers under 60): a budget where a small side network learns the task on a CPU.
+ArithLevel = Literal["standard", "easy"]
+ARITH_LEVELS: tuple[str, ...] = get_args(ArithLevel)
 # `bench --accuracy`: the methods it trains; ladder-cache is Ladder with the backbone-state cache (--epochs E over
 # the same examples).
 AccuracyMethod = Literal["ladder", "ladder-cache", "xladder", "qlora"]

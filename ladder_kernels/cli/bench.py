@@ -12,6 +12,7 @@ import torch
 
 from ladder_kernels.defaults import (
     ACCURACY_METHODS,
+    ARITH_LEVELS,
     BENCH_STEPS,
     BENCH_WARMUP,
     COT_FORMATS,
@@ -102,6 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cot.add_argument(
         "--formats", type=_names, default=COT_FORMATS, help=f"comma-separated from {', '.join(COT_FORMATS)}"
     )
+    cot.add_argument(
+        "--arith-level",
+        choices=ARITH_LEVELS,
+        default=CotBenchSettings.level,
+        help=f"the arith problem set (finetune --arith-level; default {CotBenchSettings.level})",
+    )
     cot.add_argument("--depths", type=_ints, default=(4, 8), help="xladder δ values (default 4,8)")
     cot.add_argument(
         "--seeds",
@@ -159,8 +166,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     acc.add_argument(
         "--epochs",
         type=int,
-        default=AccuracyBenchSettings.epochs,
-        help=f"ladder-cache's passes over the same examples (default {AccuracyBenchSettings.epochs})",
+        default=None,
+        help=f"ladder-cache's passes over the same examples (default {AccuracyBenchSettings.epochs}); --cot: "
+        f"ladder and xladder take --train-steps / E batches E times from the backbone-state cache (default "
+        f"{CotBenchSettings.epochs})",
     )
 
 
@@ -190,6 +199,8 @@ def cot_settings_from_args(args: argparse.Namespace) -> CotBenchSettings:
         depths=args.depths,
         seeds=args.seeds,
         steps=args.train_steps,
+        epochs=CotBenchSettings.epochs if args.epochs is None else args.epochs,
+        level=args.arith_level,
         batch_size=args.train_batch or CotBenchSettings.batch_size,
         seq_len=(args.seq_lens or (CotBenchSettings.seq_len,))[0],
         eval_samples=args.eval_samples or CotBenchSettings.eval_samples,
@@ -207,7 +218,7 @@ def accuracy_settings_from_args(args: argparse.Namespace) -> AccuracyBenchSettin
         model=(args.models or ("embedded",))[0],
         methods=args.methods or ACCURACY_METHODS,
         budgets=args.budgets,
-        epochs=args.epochs,
+        epochs=AccuracyBenchSettings.epochs if args.epochs is None else args.epochs,
         seeds=args.seeds,
         eval_samples=args.eval_samples or AccuracyBenchSettings.eval_samples,
         batch_size=args.train_batch,

@@ -164,7 +164,7 @@ class FlopCounter:
         """Each optimizer step's micro-batches in the run's first pass over its data."""
         from ladder_kernels.train.data import BatchStream, encode_example, load_dataset
 
-        key = (cfg.task, cfg.data, cfg.cot)
+        key = (cfg.task, cfg.data, cfg.cot, cfg.arith_level)
         if key not in self._datasets:
             self._datasets[key] = load_dataset(*key)
         dataset = self._datasets[key]

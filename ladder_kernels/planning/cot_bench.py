@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ladder_kernels.defaults import COT_FORMATS
+from ladder_kernels.defaults import ARITH_LEVELS, COT_FORMATS
 from ladder_kernels.planning.bench import command_line
 from ladder_kernels.planning.finetune_cells import (
     figure_png,
@@ -37,6 +37,7 @@ CSV_FIELDS = (
     "depth",
     "seed",
     "steps",
+    "epochs",
     "trainable_parameters",
     "exact_match",
     "exact_match_zero_shot",
@@ -58,7 +59,9 @@ class CotBenchSettings:
     formats: tuple = COT_FORMATS
     depths: tuple = (4, 8)  # xLadder's δ values
     seeds: tuple = (0, 1, 2)
-    steps: int = 200
+    steps: int = 200  # optimizer steps of every run
+    epochs: int = 1  # > 1: Ladder / xLadder take steps / epochs batches E times from the backbone-state cache
+    level: str = "standard"  # the arith problem set (--arith-level)
     batch_size: int = 16
     seq_len: int = 112  # the longest full-format arith example is 102 SmolLM2 tokens
     eval_samples: int = 300
@@ -82,10 +85,14 @@ class CotBenchSettings:
                 isinstance(v, bool) or not isinstance(v, int) or v < (name == "depths") for v in values
             ):
                 raise ValueError(f"bench --cot: {name} must be non-empty integers >= {int(name == 'depths')}")
-        for name in ("steps", "batch_size", "seq_len", "eval_samples"):
+        if self.level not in ARITH_LEVELS:
+            raise ValueError(f"bench --cot: level must be one of {', '.join(ARITH_LEVELS)}, got {self.level!r}")
+        for name in ("steps", "epochs", "batch_size", "seq_len", "eval_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"bench --cot: {name} must be an integer >= 1, got {value!r}")
+        if self.steps % self.epochs:
+            raise ValueError(f"bench --cot: steps ({self.steps}) must be a multiple of epochs ({self.epochs})")
         self.out_dir, self.runs_dir = Path(self.out_dir), Path(self.runs_dir)
 
 
@@ -132,23 +139,29 @@ def time_cells(s: CotBenchSettings, rows: list[dict]) -> list[Cell]:
         if not per_step:
             continue
         steps = max(1, round(budget / statistics.mean(per_step)))
+        if method != "qlora":  # whole passes over the cached batches
+            steps = s.epochs * max(1, round(steps / s.epochs))
         seeds = s.seeds if method != "qlora" else s.seeds[:1]
         cells += [Cell("time", cot, method, depth, seed, steps) for seed in seeds]
     return cells
 
 
 def cell_config(s: CotBenchSettings, cell: Cell) -> FinetuneConfig:
+    """Equal optimizer steps for every method; with epochs E, Ladder and xLadder see steps / E batches E times
+    (from the backbone-state cache) and QLoRA, which has no cache, `steps` batches once."""
+    epochs = 1 if cell.method == "qlora" else s.epochs
     return FinetuneConfig(
         model=s.model,
         task="arith",
         cot=cell.cot,
+        arith_level=s.level,
         method=cell.method,
         xladder_depth=cell.depth or None,
         match_params="ladder" if cell.method == "xladder" else None,
         seq_len=s.seq_len,
         batch_size=s.batch_size,
-        steps=cell.steps,
-        epochs=1,  # equal optimizer steps on equal data for every method
+        steps=cell.steps // epochs,
+        epochs=epochs,
         eval_samples=s.eval_samples,
         dtype=s.dtype,
         seed=cell.seed,
@@ -166,6 +179,7 @@ def _row(cell: Cell, summary: dict, run_dir: Path) -> dict:
         "depth": cell.depth,
         "seed": cell.seed,
         "steps": summary["steps"],
+        "epochs": summary["epochs"],
         "trainable_parameters": summary["trainable_parameters"],
         "exact_match": summary["accuracy_after"],
         "exact_match_zero_shot": summary["accuracy_before"],

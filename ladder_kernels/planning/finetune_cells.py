@@ -4,17 +4,19 @@ finetune` run (train.run.TrainingRun) in its own folder, read back from its summ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ladder_kernels.errors import ConfigError
 from ladder_kernels.io import write_bytes_atomic, write_text_atomic
 from ladder_kernels.planning.bench import library_versions
 from ladder_kernels.planning.bench_report import csv_text
-from ladder_kernels.train.config import FinetuneConfig
-from ladder_kernels.train.run_dir import SUMMARY_JSON
+from ladder_kernels.train.config import RESUMABLE_CHANGES, FinetuneConfig, flag
+from ladder_kernels.train.run_dir import SUMMARY_JSON, saved_config
 
 
 def finished(run_dir: Path) -> bool:
@@ -30,6 +32,17 @@ def finetune_cell(cfg: FinetuneConfig, zero_shot: Optional[dict] = None, label: 
 
     out = Path(cfg.output_dir)
     if finished(out):
+        saved, wanted = saved_config(out), cfg.in_effect()  # the saved config has its defaults filled in
+        changed = [
+            f"{flag(f.name)} {getattr(saved, f.name)!r} (this bench: {getattr(wanted, f.name)!r})"
+            for f in dataclasses.fields(cfg)
+            if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(wanted, f.name)
+        ]
+        if changed:  # a finished run of other settings must not stand in for this cell
+            raise ConfigError(
+                f"{label}: {out} holds a finished run with other settings: {', '.join(changed)}; "
+                "give another --runs-dir or remove that folder"
+            )
         return json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
     if out.exists():
         shutil.rmtree(out)

@@ -24,6 +24,7 @@ from ladder_kernels.defaults import (
     LADDER_METHODS,
     MATCH_PARAMS_TOLERANCE,
     STATE_CACHE_FOLDER,
+    ArithLevel,
     CoTFormat,
     FinetuneDType,
     FinetuneMethod,
@@ -198,6 +199,11 @@ class FinetuneConfig:
         "arith (embedded data): the answer format trained on: full (every step), short (only the last step) or "
         "none (the answer alone); each ends 'The answer is N.'",
     )
+    arith_level: ArithLevel = _opt(
+        "standard",
+        "arith (embedded data): the problem set: standard (2-3 operations on numbers up to 40, products included) "
+        "or easy (exactly 2 operations, amounts up to 9, answers under 60)",
+    )
     match_params: Optional[str] = _opt(
         None,
         "ladder, xladder: a trainable-parameter count to match, within 5%: a number, or 'ladder' / 'xladder' (the "
@@ -270,6 +276,8 @@ class FinetuneConfig:
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
         if self.cot != "full" and (self.task != "arith" or self.data != "embedded"):
             raise ConfigError(f"--cot {self.cot} applies to --task arith on its embedded data only")
+        if self.arith_level != "standard" and (self.task != "arith" or self.data != "embedded"):
+            raise ConfigError(f"--arith-level {self.arith_level} applies to --task arith on its embedded data only")
         if self.match_params is not None:
             if self.method == "qlora":
                 raise ConfigError("--match-params applies to --method ladder and xladder (it sizes the side network)")

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ladder_kernels.defaults import CHAT_ROWS_PER_CLASS, COT_FORMATS, MAX_CLASSES, TASKS
+from ladder_kernels.defaults import ARITH_LEVELS, CHAT_ROWS_PER_CLASS, COT_FORMATS, MAX_CLASSES, TASKS
 from ladder_kernels.errors import DataError
 from ladder_kernels.train.chat import Messages, chat_label_first_tokens, chat_prompt_ids, encode_chat, parse_messages
 
@@ -118,28 +118,32 @@ _NAMES = ("Ana", "Ben", "Chen", "Dina", "Eli", "Fatima", "Gus", "Hana", "Ivan", 
 _ITEMS = ("apples", "books", "coins", "stickers", "marbles", "pencils", "cards", "shells", "stamps", "cookies")
 
 
-def arith_problem(rng: random.Random, cot: str = "full") -> Example:
-    """One short word problem (two or three operations) with an answer ending 'The answer is N.': every step
-    (cot 'full'), only the last step ('short') or no step ('none'). The question does not depend on `cot`."""
+def arith_problem(rng: random.Random, cot: str = "full", level: str = "standard") -> Example:
+    """One short word problem with an answer ending 'The answer is N.': every step (cot 'full'), only the last step
+    ('short') or no step ('none'). The question does not depend on `cot`. `level` 'standard': two or three
+    operations on numbers up to 40, products included; 'easy': exactly two, amounts up to 9, products by 2 or 3."""
     if cot not in COT_FORMATS:
         raise DataError(f"--cot must be one of {', '.join(COT_FORMATS)}, got {cot!r}")
+    if level not in ARITH_LEVELS:
+        raise DataError(f"--arith-level must be one of {', '.join(ARITH_LEVELS)}, got {level!r}")
+    easy = level == "easy"
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    start = rng.randint(2, 40)
+    start = rng.randint(2, 20 if easy else 40)
     sentences, steps, value = [f"{name} has {start} {item}."], [], start
-    for _ in range(rng.randint(2, 3)):
-        kind = rng.choice(("buy", "give", "times") if value <= 30 else ("buy", "give"))
+    for _ in range(2 if easy else rng.randint(2, 3)):
+        kind = rng.choice(("buy", "give", "times") if value <= (10 if easy else 30) else ("buy", "give"))
         if kind == "buy":
-            n = rng.randint(1, 30)
+            n = rng.randint(1, 9 if easy else 30)
             sentences.append(f"{name} gets {n} more.")
             steps.append(f"{value} + {n} = {value + n}.")
             value += n
         elif kind == "give" and value > 1:
-            n = rng.randint(1, value - 1)
+            n = rng.randint(1, min(value - 1, 9) if easy else value - 1)
             sentences.append(f"{name} gives away {n}.")
             steps.append(f"{value} - {n} = {value - n}.")
             value -= n
         else:
-            n = rng.randint(2, 4)
+            n = rng.randint(2, 3 if easy else 4)
             sentences.append(f"Then the number of {item} is multiplied by {n}.")
             steps.append(f"{value} * {n} = {value * n}.")
             value *= n
@@ -150,16 +154,16 @@ def arith_problem(rng: random.Random, cot: str = "full") -> Example:
 
 @functools.cache
 def generate_arith(
-    n_train: int = 20000, n_heldout: int = 1000, cot: str = "full"
+    n_train: int = 20000, n_heldout: int = 1000, cot: str = "full", level: str = "standard"
 ) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     """Deterministic pools; no held-out question appears in the training pool. Every `cot` format draws the same
     questions in the same order (only the completions differ), so formats are compared on the same problems."""
     rng = random.Random(SPLIT_SEED)
-    heldout = list({ex.prompt: ex for ex in (arith_problem(rng, cot) for _ in range(n_heldout))}.values())
+    heldout = list({ex.prompt: ex for ex in (arith_problem(rng, cot, level) for _ in range(n_heldout))}.values())
     seen = {ex.prompt for ex in heldout}
     train = []
     while len(train) < n_train:
-        ex = arith_problem(rng, cot)
+        ex = arith_problem(rng, cot, level)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             train.append(ex)
@@ -280,15 +284,16 @@ def _class_labels(examples: Sequence[Example], source: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def load_dataset(task: str, data: str | None = None, cot: str = "full") -> Dataset:
-    """The task's embedded dataset (`data` None or 'embedded'; `cot`: the arith answer format), or a user file
-    split deterministically."""
+def load_dataset(task: str, data: str | None = None, cot: str = "full", level: str = "standard") -> Dataset:
+    """The task's embedded dataset (`data` None or 'embedded'; `cot`, `level`: the arith answer format and problem
+    set), or a user file split deterministically."""
     if task not in TASKS:
         raise DataError(f"--task must be one of {TASKS}, got {task!r}")
     if data in (None, EMBEDDED_DATA):
         if task == "arith":
-            train, heldout = generate_arith(cot=cot)
-            source = "embedded:arith-generator" + ("" if cot == "full" else f" (--cot {cot})")
+            train, heldout = generate_arith(cot=cot, level=level)
+            options = [f"--cot {cot}"] * (cot != "full") + [f"--arith-level {level}"] * (level != "standard")
+            source = "embedded:arith-generator" + (f" ({', '.join(options)})" if options else "")
             return Dataset(task, train, heldout, None, source)
         examples = _dedup([Example(sentiment_prompt(t), " " + lab) for t, lab in load_embedded_sentiment()])
         train, heldout = _split(examples, EMBEDDED_HELDOUT)

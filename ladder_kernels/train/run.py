@@ -117,7 +117,7 @@ class TrainingRun:
         self.cfg, self.resume, self.out = cfg, resume, Path(cfg.output_dir)
         self.command = cfg.command_line() + (" --resume" if resume else "")
         check_output_dir(self.out, resume)
-        self.dataset = load_dataset(cfg.task, cfg.data, cfg.cot)
+        self.dataset = load_dataset(cfg.task, cfg.data, cfg.cot, cfg.arith_level)
         if cfg.n_eval > len(self.dataset.heldout) and self.rank == 0:
             print(
                 f"note: --eval-samples {cfg.n_eval} > {len(self.dataset.heldout)} held-out examples; evaluating all "

@@ -41,18 +41,37 @@ def test_embedded_sentiment_split_is_deterministic_disjoint_and_three_class():
     assert ex.completion in {" negative", " neutral", " positive"}
 
 
-def test_arith_generator_answers_are_right_and_heldout_unseen():
-    train, heldout = generate_arith(n_train=300, n_heldout=50)
+def _replayed_steps(ex):
+    """The completion's "a op b = c." steps as (a, op, b, c), each checked true and chained to the previous one."""
+    steps, value = [], None
+    for s in (s.strip() for s in ex.completion.split(".") if "=" in s):
+        lhs, rhs = s.split("=")
+        a, op, b = lhs.split()
+        assert eval(lhs) == int(rhs)  # noqa: S307 - generated arithmetic only
+        assert value is None or int(a) == value
+        value = int(rhs)
+        steps.append((int(a), op, int(b), value))
+    assert final_answer(ex.completion) == str(value)
+    return steps
+
+
+@pytest.mark.parametrize("level", ["standard", "easy"])
+def test_arith_generator_answers_are_right_and_heldout_unseen(level):
+    train, heldout = generate_arith(n_train=300, n_heldout=50, level=level)
     assert not {ex.prompt for ex in heldout} & {ex.prompt for ex in train}
-    for ex in train[:100]:
-        # replay the steps: every "a op b = c." must be true, and the last result is the answer
-        steps = [s.strip() for s in ex.completion.split(".") if "=" in s]
-        value = None
-        for s in steps:
-            lhs, rhs = s.split("=")
-            assert eval(lhs) == int(rhs)  # noqa: S307 - generated arithmetic only
-            value = int(rhs)
-        assert final_answer(ex.completion) == str(value)
+    counts = {len(_replayed_steps(ex)) for ex in train[:200]}
+    assert counts == ({2} if level == "easy" else {2, 3})
+
+
+def test_arith_easy_level_keeps_its_numbers_small():
+    train, _ = generate_arith(n_train=500, n_heldout=10, level="easy")
+    for ex in train:
+        steps = _replayed_steps(ex)
+        assert 2 <= steps[0][0] <= 20
+        for _, op, b, value in steps:
+            assert (2 <= b <= 3) if op == "*" else (1 <= b <= 9)
+            assert 0 < value < 60
+    assert {op for ex in train for _, op, _, _ in _replayed_steps(ex)} == {"+", "-", "*"}
 
 
 def test_final_answer_extraction():
@@ -247,3 +266,11 @@ def test_arith_cot_format_is_checked():
 
     with pytest.raises(DataError, match="--cot must be one of full, short, none"):
         arith_problem(random.Random(0), "brief")
+    with pytest.raises(DataError, match="--arith-level must be one of standard, easy, got 'hard'"):
+        arith_problem(random.Random(0), "full", "hard")
+
+
+def test_arith_level_names_its_source_and_draws_other_problems():
+    easy = load_dataset("arith", cot="none", level="easy")
+    assert easy.source == "embedded:arith-generator (--cot none, --arith-level easy)"
+    assert easy.heldout[0].prompt != load_dataset("arith", cot="none").heldout[0].prompt
