@@ -1,9 +1,10 @@
 """xLadder vs Ladder on `arith` by answer format (`ladder-kernels bench --cot`; the same options).
 
-The full table (hours on 2 CPU cores; bf16 is ~80x slower than fp32 on CPUs without AVX-512, so use --dtype fp32
-there):
-    .venv/bin/python bench/bench_cot.py --dtype fp32
-The reduced run recorded in bench/results/cot_smollm2.*: see the command in cot_smollm2.md.
+The full table, on the easy problem set at 300 optimizer steps (100 batches x 3 cached passes for Ladder / xLadder):
+about 3 minutes a `none` run and 5-6 a `full` one on 2 AVX-512-BF16 cores; bf16 is ~80x slower than fp32 on CPUs
+without native bf16, so use --dtype fp32 there:
+    .venv/bin/python bench/bench_cot.py
+The runs recorded in bench/results/cot_*.md: see the command in each.
 """
 
 import sys

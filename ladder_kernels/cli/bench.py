@@ -116,7 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=(0, 1, 2),
         help="seeds per ladder / xladder cell (--accuracy: per cell; default 0,1,2)",
     )
-    cot.add_argument("--train-steps", type=int, default=200, help="optimizer steps per run (default 200)")
+    cot.add_argument(
+        "--train-steps",
+        type=int,
+        default=CotBenchSettings.steps,
+        help=f"optimizer steps per run (default {CotBenchSettings.steps})",
+    )
     cot.add_argument(
         "--train-batch",
         type=int,
