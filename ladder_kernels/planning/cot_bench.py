@@ -267,6 +267,19 @@ def label(g: dict) -> str:
     return f"xladder δ={g['depth']}" if g["method"] == "xladder" else g["method"]
 
 
+def passes_note(rows: list[dict]) -> list[str]:
+    """What the steps column counts when Ladder / xLadder trained several passes from the backbone-state cache."""
+    passes = sorted({int(r["epochs"]) for r in rows if r["method"] != "qlora"})
+    if passes == [1]:
+        return []
+    return [
+        f"Ladder and xLadder take steps / E batches E times (E = {', '.join(map(str, passes))}) from the "
+        "backbone-state cache; QLoRA takes `steps` batches once. The s/step of a run whose cache was already on disk "
+        "leaves out the cache build.",
+        "",
+    ]
+
+
 def markdown(rows: list[dict], command: str) -> str:
     groups = aggregate(rows)
     lines = [
@@ -279,6 +292,7 @@ def markdown(rows: list[dict], command: str) -> str:
         "MLP width chosen by `--match-params ladder`); QLoRA is one seed. `steps`: equal optimizer steps; `time`: "
         "equal training wall time (each method's steps fit the Ladder runs' mean training time).",
         "",
+        *passes_note(rows),
         "| budget | format | method | seeds | exact match | tokens / answer | trainable params | steps | s/step | "
         "eval s | zero-shot |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -54,6 +54,7 @@ def test_cot_bench_on_a_tiny_model(tmp_path, monkeypatch):
     assert len(table) == len(rows) and table[0]["command"] == "test"
     md = paths[1].read_text()
     assert "| steps | none | xladder δ=2 | 2 |" in md and "| time | none | qlora | 1 |" in md
+    assert "Ladder and xLadder take steps / E batches E times (E = 2)" in md
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     forbid_training(monkeypatch)
