@@ -118,6 +118,24 @@ _NAMES = ("Ana", "Ben", "Chen", "Dina", "Eli", "Fatima", "Gus", "Hana", "Ivan", 
 _ITEMS = ("apples", "books", "coins", "stickers", "marbles", "pencils", "cards", "shells", "stamps", "cookies")
 
 
+@dataclass(frozen=True)
+class ArithRanges:
+    """One --arith-level's numbers: the start, how many operations, and each operation's amount."""
+
+    start_max: int
+    operations: tuple[int, int]  # (fewest, most); a fixed count draws no random number
+    times_below: int  # a product is drawn only while the value is at most this
+    buy_max: int
+    give_max: int | None  # None: up to the value minus one
+    times_max: int
+
+
+ARITH_RANGES = {
+    "standard": ArithRanges(start_max=40, operations=(2, 3), times_below=30, buy_max=30, give_max=None, times_max=4),
+    "easy": ArithRanges(start_max=20, operations=(2, 2), times_below=10, buy_max=9, give_max=9, times_max=3),
+}
+
+
 def arith_problem(rng: random.Random, cot: str = "full", level: str = "standard") -> Example:
     """One short word problem with an answer ending 'The answer is N.': every step (cot 'full'), only the last step
     ('short') or no step ('none'). The question does not depend on `cot`. `level` 'standard': two or three
@@ -126,24 +144,25 @@ def arith_problem(rng: random.Random, cot: str = "full", level: str = "standard"
         raise DataError(f"--cot must be one of {', '.join(COT_FORMATS)}, got {cot!r}")
     if level not in ARITH_LEVELS:
         raise DataError(f"--arith-level must be one of {', '.join(ARITH_LEVELS)}, got {level!r}")
-    easy = level == "easy"
+    r = ARITH_RANGES[level]
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    start = rng.randint(2, 20 if easy else 40)
+    start = rng.randint(2, r.start_max)
     sentences, steps, value = [f"{name} has {start} {item}."], [], start
-    for _ in range(2 if easy else rng.randint(2, 3)):
-        kind = rng.choice(("buy", "give", "times") if value <= (10 if easy else 30) else ("buy", "give"))
+    fewest, most = r.operations
+    for _ in range(fewest if fewest == most else rng.randint(fewest, most)):
+        kind = rng.choice(("buy", "give", "times") if value <= r.times_below else ("buy", "give"))
         if kind == "buy":
-            n = rng.randint(1, 9 if easy else 30)
+            n = rng.randint(1, r.buy_max)
             sentences.append(f"{name} gets {n} more.")
             steps.append(f"{value} + {n} = {value + n}.")
             value += n
         elif kind == "give" and value > 1:
-            n = rng.randint(1, min(value - 1, 9) if easy else value - 1)
+            n = rng.randint(1, value - 1 if r.give_max is None else min(value - 1, r.give_max))
             sentences.append(f"{name} gives away {n}.")
             steps.append(f"{value} - {n} = {value - n}.")
             value -= n
         else:
-            n = rng.randint(2, 3 if easy else 4)
+            n = rng.randint(2, r.times_max)
             sentences.append(f"Then the number of {item} is multiplied by {n}.")
             steps.append(f"{value} * {n} = {value * n}.")
             value *= n

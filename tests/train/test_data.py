@@ -271,6 +271,10 @@ def test_arith_cot_format_is_checked():
 
 
 def test_arith_level_names_its_source_and_draws_other_problems():
+    from ladder_kernels.defaults import ARITH_LEVELS
+    from ladder_kernels.train.data import ARITH_RANGES
+
+    assert tuple(ARITH_RANGES) == ARITH_LEVELS  # every level the CLI offers has its numbers
     easy = load_dataset("arith", cot="none", level="easy")
     assert easy.source == "embedded:arith-generator (--cot none, --arith-level easy)"
     assert easy.heldout[0].prompt != load_dataset("arith", cot="none").heldout[0].prompt
