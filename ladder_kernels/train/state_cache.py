@@ -454,6 +454,7 @@ def cache_summary(cache: StateCache, built: float, replayed: int, batches: int) 
         "storage": cache.header["storage"],
         "reused": cache.reused,
         "build_seconds": built,
+        "first_build_seconds": cache.header["backbone_seconds"],  # when the cache was made, by this run or another
         "backbone_seconds_per_batch": per_batch,
         "replayed_batches": replayed,
         "backbone_seconds_saved": per_batch * replayed - built,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from ladder_kernels.backends import cpu_has_native_bf16
 from ladder_kernels.defaults import CPU_BF16_ENV
 from ladder_kernels.errors import ConfigError, RunDirError, TrainingError
+from ladder_kernels.planning.cot_bench import cold_train_seconds
 from ladder_kernels.train.checkpoint import load_checkpoint
 from ladder_kernels.train.config import FinetuneConfig
 from ladder_kernels.train.run import TrainingRun
@@ -263,6 +264,11 @@ def test_epochs_train_from_one_backbone_pass_reuse_the_cache_and_resume_exactly(
         _cfg(tiny_model, keyword_data, tmp_path / "sweep", lr=2e-2, **kw), monkeypatch
     )
     assert in_build == [] and sweep["state_cache"]["reused"] and sweep["state_cache"]["path"] == cache["path"]
+    # the reused cache still reports what its build cost (bench --cot's equal-time budgets add it back)
+    assert sweep["state_cache"]["build_seconds"] == 0
+    assert 0 < sweep["state_cache"]["first_build_seconds"] == cache["first_build_seconds"] <= cache["build_seconds"]
+    assert cold_train_seconds(sweep) == sweep["train_seconds"] + cache["first_build_seconds"]
+    assert cold_train_seconds(straight) == straight["train_seconds"]
     assert after_sweep == [after[0] - 4] * 12  # the zero-shot evaluation's forwards only
     assert not _same(_adapter(tmp_path / "sweep"), _adapter(tmp_path / "straight"))
 
