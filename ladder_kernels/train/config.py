@@ -274,10 +274,12 @@ class FinetuneConfig:
             raise ConfigError(f"--cache-dir must be a folder path, got {self.cache_dir!r}")
         if self.ladder_every is not None and self.method != "ladder":
             raise ConfigError(f"--ladder-every applies to --method ladder only, not {self.method}")
-        if self.cot != "full" and (self.task != "arith" or self.data != "embedded"):
-            raise ConfigError(f"--cot {self.cot} applies to --task arith on its embedded data only")
-        if self.arith_level != "standard" and (self.task != "arith" or self.data != "embedded"):
-            raise ConfigError(f"--arith-level {self.arith_level} applies to --task arith on its embedded data only")
+        if self.task != "arith" or self.data != "embedded":  # the generator's options, not a data file's
+            for name, default in (("cot", "full"), ("arith_level", "standard")):
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{flag(name)} {getattr(self, name)} applies to --task arith on its embedded data only"
+                    )
         if self.match_params is not None:
             if self.method == "qlora":
                 raise ConfigError("--match-params applies to --method ladder and xladder (it sizes the side network)")

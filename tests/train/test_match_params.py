@@ -78,5 +78,8 @@ def test_match_params_errors_name_the_option():
             FinetuneConfig(match_params=bad).validate()
     with pytest.raises(ConfigError, match="--match-params applies to --method ladder and xladder"):
         FinetuneConfig(method="qlora", match_params="ladder").validate()
-    with pytest.raises(ConfigError, match="--cot short applies to --task arith"):
+    with pytest.raises(ConfigError, match="--cot short applies to --task arith on its embedded data only"):
         FinetuneConfig(cot="short").validate()
+    with pytest.raises(ConfigError, match="--arith-level easy applies to --task arith on its embedded data only"):
+        FinetuneConfig(task="arith", data="arith.jsonl", arith_level="easy").validate()
+    FinetuneConfig(task="arith", cot="none", arith_level="easy").validate()  # the generator takes both
