@@ -443,8 +443,7 @@ def open_or_build(
 
 
 def cache_summary(cache: StateCache, built: float, replayed: int, batches: int) -> dict:
-    """The summary's `state_cache` entry. Time saved: the backbone seconds per batch of the caching pass, times
-    the batches trained from the cache, less this session's caching pass."""
+    """The summary's `state_cache` entry; time saved: caching-pass seconds per batch x batches replayed - this build."""
     per_batch = cache.header["backbone_seconds"] / max(1, batches)
     return {
         "path": str(cache.path),
