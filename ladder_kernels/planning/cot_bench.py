@@ -140,7 +140,7 @@ def time_cells(s: CotBenchSettings, rows: list[dict]) -> list[Cell]:
     cells = []
     for method, depth in [("xladder", d) for d in s.depths] + ([("qlora", 0)] if s.qlora else []):
         mine = [r for r in ours if r["method"] == method and r["depth"] == depth]
-        per_step = [float(r["cold_train_seconds"]) / int(r["steps"]) for r in mine]
+        per_step = [cold_seconds_per_step(r) for r in mine]
         if not per_step:
             continue
         steps = max(1, round(budget / statistics.mean(per_step)))
@@ -186,6 +186,10 @@ def cold_train_seconds(summary: dict) -> float:
     if first is None:
         first = cache["backbone_seconds_per_batch"] * summary["steps"] / summary["epochs"]
     return float(summary["train_seconds"]) + first
+
+
+def cold_seconds_per_step(row: dict) -> float:
+    return float(row["cold_train_seconds"]) / int(row["steps"])
 
 
 def _row(cell: Cell, summary: dict, run_dir: Path) -> dict:
@@ -271,7 +275,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "tokens": statistics.mean(float(r["mean_generated_tokens"]) for r in rs),
                 "params": statistics.mean(int(r["trainable_parameters"]) for r in rs),
                 "steps": statistics.mean(int(r["steps"]) for r in rs),
-                "seconds_per_step": statistics.mean(float(r["cold_train_seconds"]) / int(r["steps"]) for r in rs),
+                "seconds_per_step": statistics.mean(cold_seconds_per_step(r) for r in rs),
                 "eval_seconds": statistics.mean(float(r["eval_seconds"]) for r in rs),
                 "n_eval": int(rs[0]["n_eval"]),
                 "zero_shot": float(rs[0]["exact_match_zero_shot"]),
