@@ -335,7 +335,7 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def plot_png(rows: list[dict]) -> bytes:
+def plot_png(rows: list[dict], tag: str = "") -> bytes:
     """Exact match (mean ± std over seeds) against generated tokens per answer; colour = format, marker = method."""
     import matplotlib
 
@@ -361,7 +361,8 @@ def plot_png(rows: list[dict]) -> bytes:
         )
     ax.set_xlabel("generated tokens per answer (mean)")
     ax.set_ylabel("held-out exact match (%)")
-    ax.set_title("arith: exact match vs answer length (mean ± std over seeds)")
+    run = f"arith ({tag})" if tag else "arith"
+    ax.set_title(f"{run}: exact match vs answer length (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return figure_png(fig, dpi=120)
@@ -369,5 +370,5 @@ def plot_png(rows: list[dict]) -> bytes:
 
 def write_cot_results(rows: list[dict], out_dir: Path, tag: str, command: str) -> list[Path]:
     return write_bench_files(
-        out_dir, f"cot_{tag}", runs_csv_text(rows, CSV_FIELDS, command), markdown(rows, command), plot_png(rows)
+        out_dir, f"cot_{tag}", runs_csv_text(rows, CSV_FIELDS, command), markdown(rows, command), plot_png(rows, tag)
     )
