@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import statistics
 import sys
 import threading
@@ -131,13 +132,17 @@ class BenchSettings:
 
 
 def command_line() -> str:
-    """This process's command, with the environment switches that change what it measures."""
-    switches = [
-        f"{k}={os.environ[k]}"
-        for k in ("LADDER_KERNELS_NO_CPU_EXT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
-        if k in os.environ
-    ]
-    return " ".join(switches + [sys.argv[0]] + sys.argv[1:])
+    """This process's command, quoted for a shell (an empty argument stays ''), with the environment switches that
+    change what it measures (thread counts included: they set every timing)."""
+    names = (
+        "LADDER_KERNELS_NO_CPU_EXT",
+        "TRITON_INTERPRET",
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+        "OMP_WAIT_POLICY",
+    )
+    switches = [f"{k}={shlex.quote(os.environ[k])}" for k in names if k in os.environ]
+    return " ".join(switches + [shlex.join(sys.argv)])
 
 
 # --- models and inputs ---------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ untimed, median/min/max) and its report (ratios to qlora, agreement between two 
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import torch
 
 from ladder_kernels.planning import bench
@@ -71,3 +74,14 @@ def test_agreement_between_two_runs():
     assert abs(pair["difference"] - 0.2) < 1e-12
     assert "within 20%" in agreement_markdown(now, before, "run1.csv")
     assert "NOT within 10%" in agreement_markdown(now, before, "run1.csv", tolerance=0.1)
+
+
+def test_command_line_quotes_its_arguments_and_records_the_thread_switches(monkeypatch):
+    """The recorded command reruns as it ran: an empty argument stays '' (it used to vanish, shifting the next
+    option into its place) and the thread settings that set every timing are in front."""
+    monkeypatch.setattr(sys, "argv", ["ladder-kernels", "bench", "--equal-time-format", "", "--tag", "a b"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    command = bench.command_line()
+    assert command.startswith("OMP_NUM_THREADS=1 ")
+    assert shlex.split(command)[-5:] == ["bench", "--equal-time-format", "", "--tag", "a b"]
