@@ -346,10 +346,11 @@ def plot_png(rows: list[dict], tag: str = "") -> bytes:
     markers = {"ladder": "o", "qlora": "^"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     depth_markers = ("s", "D", "P", "X", "v")
-    depths = sorted({g["depth"] for g in aggregate(rows) if g["method"] == "xladder"})
+    groups = aggregate(rows)
+    depths = sorted({g["depth"] for g in groups if g["method"] == "xladder"})
     # methods of one format generate about as many tokens: each is drawn a little aside so none hides another
-    methods = sorted({(g["budget"], g["method"], g["depth"]) for g in aggregate(rows)})
-    for g in aggregate(rows):
+    methods = sorted({(g["budget"], g["method"], g["depth"]) for g in groups})
+    for g in groups:
         marker = markers.get(g["method"]) or depth_markers[depths.index(g["depth"]) % len(depth_markers)]
         aside = 0.25 * (methods.index((g["budget"], g["method"], g["depth"])) - (len(methods) - 1) / 2)
         ax.errorbar(
