@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -383,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results[name].append(sweep.run(VARIANTS[name], order))
                 bar.update(1)
                 bar.set_postfix(variant=name, acc=f"{results[name][-1]['accuracy']:.3f}")
-    command = command_line() if argv is None else " ".join(["bench/sweep_cached.py", *argv])
+    command = command_line() if argv is None else shlex.join(["bench/sweep_cached.py", *argv])
     text = report(results, cfg, len(sweep.heldout), command, time.perf_counter() - start)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
